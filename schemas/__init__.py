@@ -1,0 +1,1 @@
+"""Pydantic models of cul8er: task payloads, plans, platform contract. No I/O here."""

@@ -1,0 +1,99 @@
+"""Keyword arguments of the public tasks (DESIGN §4). One model per task, strict, no extras."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "ChangePlan",
+    "CreateTenant",
+    "DeprovisionTenant",
+    "GetTenant",
+    "PUBLIC_TASKS",
+    "ResumeTenant",
+    "SuspendTenant",
+    "WorkflowStatus",
+]
+
+#: A tenant id: a DNS-label-like slug, so it fits instance names and schema names.
+TenantId = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$")]
+PlanName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+PluginName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Reason = Annotated[str, StringConstraints(max_length=500)]
+MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetaValue = Annotated[str, StringConstraints(max_length=1000)] | int | float | bool | None
+
+
+class _Payload(BaseModel):
+    # strict: "3" is not a number and 3 is not a name; extra="forbid": a typo is an error.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Idempotent(_Payload):
+    #: A repeated call with the same key returns the first call's result.
+    idempotency_key: IdempotencyKey | None = None
+
+
+class CreateTenant(_Idempotent):
+    """``cul8er.tenants.create``: sign a tenant up on a plan and provision it."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    plan: PlanName
+    tenant_id: TenantId | None = None
+    platform: PluginName | None = None
+    provisioner: PluginName | None = None
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=50)
+
+
+class ChangePlan(_Idempotent):
+    """``cul8er.tenants.change_plan``: move a tenant to another plan; resources follow."""
+
+    tenant_id: TenantId
+    plan: PlanName
+
+
+class SuspendTenant(_Idempotent):
+    """``cul8er.tenants.suspend``: stop a tenant's instances, keeping its data."""
+
+    tenant_id: TenantId
+    reason: Reason = ""
+
+
+class ResumeTenant(_Idempotent):
+    """``cul8er.tenants.resume``: start a suspended tenant again."""
+
+    tenant_id: TenantId
+    reason: Reason = ""
+
+
+class DeprovisionTenant(_Idempotent):
+    """``cul8er.tenants.deprovision``: remove everything of a tenant and free its subnet."""
+
+    tenant_id: TenantId
+
+
+class GetTenant(_Payload):
+    """``cul8er.tenants.get``: a tenant's status, plan, instances and subnet."""
+
+    tenant_id: TenantId
+
+
+class WorkflowStatus(_Payload):
+    """``cul8er.workflows.status``: a workflow's status, steps and error."""
+
+    workflow_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+
+
+#: Public task name → its payload model (``cul8er schema export`` writes one schema each).
+PUBLIC_TASKS: dict[str, type[BaseModel]] = {
+    "cul8er.tenants.create": CreateTenant,
+    "cul8er.tenants.change_plan": ChangePlan,
+    "cul8er.tenants.suspend": SuspendTenant,
+    "cul8er.tenants.resume": ResumeTenant,
+    "cul8er.tenants.deprovision": DeprovisionTenant,
+    "cul8er.tenants.get": GetTenant,
+    "cul8er.workflows.status": WorkflowStatus,
+}

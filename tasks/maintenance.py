@@ -1,0 +1,90 @@
+"""Ledger housekeeping on beat (tick, reconcile) and the public workflow status task."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from sqlalchemy import select
+
+from schemas.tasks import WorkflowStatus
+from tasks import workflows as _declared  # noqa: F401  (registers the workflow kinds)
+from workers import ledger
+from workers.app import app
+from workers.db import session_scope
+from workers.errors import NotFoundError
+from workers.models import StepRun, WorkflowRun
+from workers.public import Outcome, public_task
+from workers.settings import get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+__all__ = ["describe_run"]
+
+log = structlog.get_logger(__name__)
+
+
+@app.task(name="cul8er.workflows.tick", ignore_result=True, acks_late=True)
+def tick() -> int:
+    """Dispatch every step whose wait or retry is due; returns how many."""
+    with session_scope() as session:
+        due = ledger.due_waits(session)
+    for run_id, phase, tasks in due:
+        ledger.dispatch(app, run_id, phase, tasks)
+    if due:
+        log.info("waits_dispatched", count=len(due))
+    return len(due)
+
+
+@app.task(name="cul8er.workflows.reconcile", ignore_result=True, acks_late=True)
+def reconcile() -> int:
+    """Re-dispatch runs that stopped making progress (lost message, killed worker)."""
+    with session_scope() as session:
+        stalled = ledger.stalled_runs(session, grace=get_settings().reconcile_grace)
+    for run_id, phase, tasks in stalled:
+        ledger.dispatch(app, run_id, phase, tasks)
+    if stalled:
+        log.warning("workflows_resumed", count=len(stalled))
+    return len(stalled)
+
+
+def describe_run(session: Session, run: WorkflowRun) -> dict[str, Any]:
+    """A run and its steps as JSON (shared by the task and the CLI)."""
+    steps = session.scalars(
+        select(StepRun).where(StepRun.run_id == run.id).order_by(StepRun.id)
+    ).all()
+    return {
+        "workflow_id": run.id,
+        "kind": run.kind,
+        "tenant_id": run.tenant_id,
+        "status": run.status,
+        "phase": run.phase,
+        "current_step": run.current_step,
+        "error": run.error,
+        "created_at": run.created_at.isoformat(),
+        "updated_at": run.updated_at.isoformat(),
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "steps": [
+            {
+                "name": s.name,
+                "phase": s.phase,
+                "status": s.status,
+                "attempts": s.attempts,
+                "output": s.output,
+                "error": s.error,
+                "started_at": s.started_at.isoformat() if s.started_at else None,
+                "finished_at": s.finished_at.isoformat() if s.finished_at else None,
+            }
+            for s in steps
+        ],
+    }
+
+
+@public_task("cul8er.workflows.status", WorkflowStatus, idempotent=False)
+def status(session: Session, payload: WorkflowStatus) -> Outcome:
+    """A workflow's status, steps and error."""
+    run = session.get(WorkflowRun, payload.workflow_id)
+    if run is None:
+        raise NotFoundError(f"workflow {payload.workflow_id} does not exist")
+    return Outcome(data=describe_run(session, run), tenant_id=run.tenant_id)

@@ -1,0 +1,380 @@
+"""The steps of the tenant workflows. Each is idempotent: deterministic names, upserts.
+
+Platform calls happen outside database transactions, so a slow engine never
+holds a database lock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from schemas.platform import InstanceInfo, InstanceSpec
+from workers import datastore
+from workers.db import session_scope
+from workers.errors import ConfigError, NotFoundError, PoolExhaustedError, TransientError
+from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant, utcnow
+from workers.plans import get_plan
+from workers.registry import get_platform
+from workers.settings import get_settings
+from workers.steps import step
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from workers.contracts import Platform
+    from workers.workflow import StepContext
+
+__all__: list[str] = []
+
+log = structlog.get_logger(__name__)
+
+#: Prefix length of the subnet each tenant gets.
+TENANT_PREFIX = 24
+
+
+def instance_name(tenant_id: str, role: str, ordinal: int) -> str:
+    """The deterministic instance name ``t-{tenant}-{role}-{n}``."""
+    return f"t-{tenant_id}-{role}-{ordinal}"
+
+
+def _tenant(session: Session, tenant_id: str | None) -> Tenant:
+    tenant = session.get(Tenant, tenant_id) if tenant_id else None
+    if tenant is None:
+        raise NotFoundError(f"tenant {tenant_id!r} does not exist")
+    return tenant
+
+
+def _platform_of(ctx: StepContext) -> tuple[Platform, list[str]]:
+    """The tenant's platform and the names of its instances, in order."""
+    with session_scope() as session:
+        tenant = _tenant(session, ctx.tenant_id)
+        names = list(
+            session.scalars(
+                select(Instance.name)
+                .where(Instance.tenant_id == tenant.id)
+                .order_by(Instance.role, Instance.ordinal)
+            )
+        )
+        platform_name = tenant.platform
+    return get_platform(platform_name, get_settings()), names
+
+
+def _record_instance(tenant_id: str, info: InstanceInfo, *, role: str, ordinal: int) -> None:
+    with session_scope() as session:
+        row = session.scalars(
+            select(Instance).where(Instance.tenant_id == tenant_id, Instance.name == info.name)
+        ).first()
+        if row is None:
+            row = Instance(tenant_id=tenant_id, name=info.name, role=role, ordinal=ordinal)
+            session.add(row)
+        row.platform = info.platform
+        row.status = info.status
+        row.endpoint = info.endpoint
+        row.provider_id = info.provider_id
+        row.limits = {
+            "requested": info.limits_requested.model_dump(mode="json"),
+            "applied": info.limits_applied,
+        }
+
+
+def _set_status(
+    tenant_id: str | None, run_id: str, status: str, *, reason: str | None = None, **changes: Any
+) -> dict[str, Any]:
+    """Move the tenant to ``status`` and release it from this run (idempotent)."""
+    with session_scope() as session:
+        tenant = _tenant(session, tenant_id)
+        if tenant.active_workflow_id not in (run_id, None):
+            # Another run owns the tenant now; this one must not overwrite it.
+            return {"status": tenant.status, "skipped": True}
+        if tenant.active_workflow_id == run_id or tenant.status != status:
+            old = tenant.status
+            tenant.status = status
+            tenant.status_reason = reason
+            tenant.active_workflow_id = None
+            tenant.generation += 1
+            for key, value in changes.items():
+                setattr(tenant, key, value)
+            session.add(
+                AuditEvent(
+                    tenant_id=tenant.id,
+                    kind="tenant.status_changed",
+                    data={"from": old, "to": status, "workflow_id": run_id, "reason": reason},
+                )
+            )
+            log.info("tenant_status_changed", old=old, new=status)
+        return {"status": status}
+
+
+# -- network ----------------------------------------------------------------------------------
+
+
+@step("cul8er.tenants.allocate_network")
+def allocate_network(ctx: StepContext) -> dict[str, Any]:
+    """Give the tenant a /24 of the pool that no other tenant has."""
+    settings = get_settings()
+    pool = ipaddress.ip_network(settings.network_pool)
+    if pool.prefixlen > TENANT_PREFIX:
+        raise ConfigError(f"network pool {pool} is smaller than a /{TENANT_PREFIX}")
+    try:
+        with session_scope() as session:
+            tenant = _tenant(session, ctx.tenant_id)
+            held = session.scalars(
+                select(NetworkAllocation.cidr).where(NetworkAllocation.tenant_id == tenant.id)
+            ).first()
+            if held is not None:
+                return {"subnet": held}
+            used = set(session.scalars(select(NetworkAllocation.cidr)))
+            free = next(
+                (str(n) for n in pool.subnets(new_prefix=TENANT_PREFIX) if str(n) not in used),
+                None,
+            )
+            if free is None:
+                total = 2 ** (TENANT_PREFIX - pool.prefixlen)
+                raise PoolExhaustedError(
+                    f"subnet pool {pool} is exhausted: all {total} /{TENANT_PREFIX} are allocated"
+                )
+            session.add(NetworkAllocation(cidr=free, tenant_id=tenant.id))
+            tenant.resources = {**tenant.resources, "subnet": free}
+    except IntegrityError as exc:
+        # Another tenant took the same /24 at the same moment: try again for the next one.
+        raise TransientError("subnet taken concurrently") from exc
+    log.info("subnet_allocated", subnet=free)
+    return {"subnet": free}
+
+
+@step("cul8er.tenants.release_network")
+def release_network(ctx: StepContext) -> dict[str, Any]:
+    """Free the tenant's /24 for later tenants."""
+    with session_scope() as session:
+        released = session.execute(
+            delete(NetworkAllocation).where(NetworkAllocation.tenant_id == ctx.tenant_id)
+        ).rowcount
+        tenant = _tenant(session, ctx.tenant_id)
+        tenant.resources = {k: v for k, v in tenant.resources.items() if k != "subnet"}
+    return {"released": bool(released)}
+
+
+# -- instances --------------------------------------------------------------------------------
+
+
+@step("cul8er.tenants.create_instances")
+def create_instances(ctx: StepContext) -> dict[str, Any]:
+    """Create the plan's instances under their deterministic names."""
+    settings = get_settings()
+    plan = get_plan(ctx.input["plan"], settings.plans_file)
+    with session_scope() as session:
+        tenant = _tenant(session, ctx.tenant_id)
+        tenant_id, platform_name = tenant.id, tenant.platform
+    platform = get_platform(platform_name, settings)
+    names = []
+    for ordinal in range(plan.instances):
+        spec = InstanceSpec(
+            name=instance_name(tenant_id, "app", ordinal),
+            tenant_id=tenant_id,
+            role="app",
+            ordinal=ordinal,
+            image=plan.image,
+            limits=plan.instance_limits(),
+            labels={"cul8er.tenant": tenant_id, "cul8er.plan": plan.name},
+        )
+        info = platform.create_instance(spec)
+        _record_instance(tenant_id, info, role="app", ordinal=ordinal)
+        names.append(info.name)
+    return {"instances": names}
+
+
+@step("cul8er.tenants.destroy_instances")
+def destroy_instances(ctx: StepContext) -> dict[str, Any]:
+    """Destroy every instance of the tenant, known to the database or found on the platform."""
+    platform, names = _platform_of(ctx)
+    found = [info.name for info in platform.list_instances(ctx.tenant_id)]
+    destroyed = sorted({*names, *found})
+    for name in destroyed:
+        platform.destroy_instance(name)
+    with session_scope() as session:
+        session.execute(delete(Instance).where(Instance.tenant_id == ctx.tenant_id))
+    return {"destroyed": destroyed}
+
+
+def _apply_plan_limits(ctx: StepContext, plan_name: str) -> dict[str, Any]:
+    settings = get_settings()
+    limits = get_plan(plan_name, settings.plans_file).instance_limits()
+    platform, names = _platform_of(ctx)
+    applied = {}
+    for name in names:
+        info = platform.set_limits(name, limits)
+        _record_instance(ctx.tenant_id or "", info, role="app", ordinal=int(name.rsplit("-", 1)[1]))
+        applied[name] = info.limits_applied
+    return {"plan": plan_name, "applied": applied}
+
+
+@step("cul8er.tenants.apply_limits")
+def apply_limits(ctx: StepContext) -> dict[str, Any]:
+    """Apply the plan's CPU and memory limits to every instance, live."""
+    return _apply_plan_limits(ctx, ctx.input["plan"])
+
+
+@step("cul8er.tenants.restore_limits")
+def restore_limits(ctx: StepContext) -> dict[str, Any]:
+    """Put the previous plan's limits back after a failed plan change."""
+    return _apply_plan_limits(ctx, ctx.input["previous_plan"])
+
+
+@step("cul8er.tenants.stop_instances")
+def stop_instances(ctx: StepContext) -> dict[str, Any]:
+    """Stop every instance, keeping its data."""
+    platform, names = _platform_of(ctx)
+    for name in names:
+        platform.stop_instance(name)
+    with session_scope() as session:
+        for row in session.scalars(select(Instance).where(Instance.tenant_id == ctx.tenant_id)):
+            row.status, row.endpoint = "stopped", None
+    return {"stopped": names}
+
+
+@step("cul8er.tenants.start_instances")
+def start_instances(ctx: StepContext) -> dict[str, Any]:
+    """Start every instance again (its endpoint may change)."""
+    platform, names = _platform_of(ctx)
+    for name in names:
+        info = platform.start_instance(name)
+        _record_instance(ctx.tenant_id or "", info, role="app", ordinal=int(name.rsplit("-", 1)[1]))
+    return {"started": names}
+
+
+# -- data store -------------------------------------------------------------------------------
+
+
+@step("cul8er.tenants.create_datastore")
+def create_datastore(ctx: StepContext) -> dict[str, Any]:
+    """Create the tenant's own database (a schema on PostgreSQL, a file on SQLite)."""
+    settings = get_settings()
+    store = datastore.create_store(settings, ctx.tenant_id or "")
+    with session_scope() as session:
+        tenant = _tenant(session, ctx.tenant_id)
+        tenant.resources = {**tenant.resources, "datastore": store}
+    return {"datastore": store}
+
+
+@step("cul8er.tenants.drop_datastore")
+def drop_datastore(ctx: StepContext) -> dict[str, Any]:
+    """Drop the tenant's database and everything in it."""
+    datastore.drop_store(get_settings(), ctx.tenant_id or "")
+    with session_scope() as session:
+        tenant = _tenant(session, ctx.tenant_id)
+        tenant.resources = {k: v for k, v in tenant.resources.items() if k != "datastore"}
+    return {"dropped": True}
+
+
+# -- health -----------------------------------------------------------------------------------
+
+
+def probe(endpoint: str, *, timeout: float) -> tuple[bool, str]:
+    """GET ``/health`` on a loopback endpoint; returns (healthy, detail)."""
+    host = endpoint.rsplit(":", 1)[0]
+    if not ipaddress.ip_address(host).is_loopback:
+        # Health traffic stays on this machine: instances publish their port on loopback.
+        return False, f"endpoint {endpoint} is not on loopback"
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout) as response:
+            body = response.read(1024)
+            return response.status == 200, body.decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return False, f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return False, str(exc)
+
+
+@step("cul8er.tenants.health_check")
+def health_check(ctx: StepContext) -> dict[str, Any]:
+    """Every instance answers ``/health`` with 200, or the step retries."""
+    settings = get_settings()
+    with session_scope() as session:
+        rows = session.execute(
+            select(Instance.name, Instance.endpoint).where(Instance.tenant_id == ctx.tenant_id)
+        ).all()
+    results: dict[str, str] = {}
+    deadline = time.monotonic() + settings.health_window
+    for name, endpoint in rows:
+        healthy, detail = False, "no endpoint"
+        while endpoint:
+            healthy, detail = probe(endpoint, timeout=settings.health_timeout)
+            if healthy or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if not healthy:
+            raise TransientError(f"instance {name} is not healthy: {detail[:200]}")
+        results[name] = "healthy"
+    return {"instances": results}
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+@step("cul8er.tenants.activate")
+def activate(ctx: StepContext) -> dict[str, Any]:
+    """The tenant is provisioned: active."""
+    return _set_status(ctx.tenant_id, ctx.run_id, "active")
+
+
+@step("cul8er.tenants.mark_active")
+def mark_active(ctx: StepContext) -> dict[str, Any]:
+    """The tenant runs again: active."""
+    return _set_status(ctx.tenant_id, ctx.run_id, "active")
+
+
+@step("cul8er.tenants.mark_suspended")
+def mark_suspended(ctx: StepContext) -> dict[str, Any]:
+    """The tenant's instances are stopped: suspended."""
+    return _set_status(
+        ctx.tenant_id, ctx.run_id, "suspended", reason=ctx.input.get("reason") or None
+    )
+
+
+@step("cul8er.tenants.commit_plan")
+def commit_plan(ctx: StepContext) -> dict[str, Any]:
+    """The new plan's limits hold and the instances are healthy: record the plan."""
+    with session_scope() as session:
+        tenant = _tenant(session, ctx.tenant_id)
+        status = tenant.status
+    return {
+        **_set_status(ctx.tenant_id, ctx.run_id, status, plan=ctx.input["plan"]),
+        "plan": ctx.input["plan"],
+    }
+
+
+@step("cul8er.tenants.mark_terminated")
+def mark_terminated(ctx: StepContext) -> dict[str, Any]:
+    """Everything of the tenant is gone: terminated."""
+    return _set_status(ctx.tenant_id, ctx.run_id, "terminated")
+
+
+def _error_text(ctx: StepContext) -> str:
+    error = ctx.error or {}
+    return f"{error.get('step', '?')}: {error.get('message', 'unknown error')}"[:1000]
+
+
+@step("cul8er.tenants.mark_failed")
+def mark_failed(ctx: StepContext) -> dict[str, Any]:
+    """After compensation: the tenant is failed, with the error as its reason."""
+    return _set_status(ctx.tenant_id, ctx.run_id, "failed", reason=_error_text(ctx))
+
+
+@step("cul8er.tenants.release_tenant")
+def release_tenant(ctx: StepContext) -> dict[str, Any]:
+    """After a failed change: the tenant keeps its status, with the error as its reason."""
+    with session_scope() as session:
+        tenant = _tenant(session, ctx.tenant_id)
+        status = tenant.status
+        if tenant.active_workflow_id == ctx.run_id:
+            tenant.active_workflow_id = None
+            tenant.status_reason = _error_text(ctx)
+    return {"status": status, "error": ctx.error}

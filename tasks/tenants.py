@@ -1,0 +1,233 @@
+"""The public tenant tasks: other services call these by name (DESIGN §4)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from schemas.tasks import (
+    ChangePlan,
+    CreateTenant,
+    DeprovisionTenant,
+    GetTenant,
+    ResumeTenant,
+    SuspendTenant,
+)
+from tasks import workflows as wf
+from workers import ledger
+from workers.errors import ConflictError, NotFoundError, ValidationFailedError
+from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant, WorkflowRun, utcnow
+from workers.plans import get_plan
+from workers.public import Outcome, public_task
+from workers.registry import BUILTIN_PLATFORMS
+from workers.settings import get_settings
+from workers.workflow import FORWARD
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from workers.workflow import Workflow
+
+__all__: list[str] = []
+
+#: Provisioners this release knows; plugins add more later.
+PROVISIONERS = ("container_per_tenant",)
+
+
+def slugify(name: str) -> str:
+    """A tenant id from a display name: ``"Acme Corp."`` → ``"acme-corp"``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-")
+    if slug and not slug[0].isalpha():
+        slug = ("t-" + slug)[:40].strip("-")
+    if not re.fullmatch(r"[a-z][a-z0-9-]{1,38}[a-z0-9]", slug):
+        message = "cannot derive a tenant id from this name; pass tenant_id"
+        raise ValidationFailedError(message, errors=[{"field": "name", "message": message}])
+    return slug
+
+
+def _field_error(field: str, message: str) -> ValidationFailedError:
+    return ValidationFailedError(message, errors=[{"field": field, "message": message}])
+
+
+def _start(
+    session: Session, tenant: Tenant, workflow: Workflow, input: dict[str, Any]
+) -> Outcome:
+    """Start ``workflow`` on ``tenant``, which it owns until the run ends."""
+    run = ledger.new_run(
+        session,
+        kind=workflow.kind,
+        tenant_id=tenant.id,
+        input=input,
+        grace=get_settings().reconcile_grace,
+    )
+    tenant.active_workflow_id = run.id
+    session.add(
+        AuditEvent(tenant_id=tenant.id, kind=f"{workflow.kind}.requested", data={**input})
+    )
+    return Outcome(
+        data={"workflow_id": run.id, "tenant_id": tenant.id, "status": tenant.status},
+        tenant_id=tenant.id,
+        dispatch=[(run.id, FORWARD, workflow.forward_tasks)],
+    )
+
+
+def _owned(session: Session, tenant_id: str, *, allowed: tuple[str, ...], action: str) -> Tenant:
+    """The tenant, if it exists, is in an ``allowed`` status and no run owns it."""
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFoundError(f"tenant {tenant_id!r} does not exist")
+    if tenant.active_workflow_id is not None:
+        raise ConflictError(
+            f"tenant {tenant_id!r} is busy with workflow {tenant.active_workflow_id}; "
+            f"{action} after it finishes"
+        )
+    if tenant.status not in allowed:
+        raise ConflictError(
+            f"cannot {action} tenant {tenant_id!r} in status {tenant.status!r} "
+            f"(allowed: {', '.join(allowed)})"
+        )
+    return tenant
+
+
+@public_task("cul8er.tenants.create", CreateTenant)
+def create(session: Session, payload: CreateTenant) -> Outcome:
+    """Sign a tenant up on a plan and start its provision workflow."""
+    settings = get_settings()
+    plan = get_plan(payload.plan, settings.plans_file)
+    platform = payload.platform or settings.default_platform
+    if platform not in BUILTIN_PLATFORMS:
+        raise _field_error(
+            "platform", f"unknown platform {platform!r}; known: {', '.join(BUILTIN_PLATFORMS)}"
+        )
+    if payload.provisioner not in (None, *PROVISIONERS):
+        raise _field_error(
+            "provisioner",
+            f"unknown provisioner {payload.provisioner!r}; known: {', '.join(PROVISIONERS)}",
+        )
+    tenant_id = payload.tenant_id or slugify(payload.name)
+    if session.get(Tenant, tenant_id) is not None:
+        raise ConflictError(f"tenant {tenant_id!r} exists already")
+    now = utcnow()
+    tenant = Tenant(
+        id=tenant_id,
+        name=payload.name,
+        plan=plan.name,
+        status="provisioning",
+        platform=platform,
+        placement=payload.provisioner or PROVISIONERS[0],
+        resources={},
+        meta=dict(payload.metadata),
+        billing_anchor=now.date(),
+        generation=1,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(tenant)
+    session.flush()  # surface a concurrent insert of the same id here, not at commit
+    return _start(session, tenant, wf.PROVISION, {"plan": plan.name})
+
+
+@public_task("cul8er.tenants.change_plan", ChangePlan)
+def change_plan(session: Session, payload: ChangePlan) -> Outcome:
+    """Move a tenant to another plan; its instances follow the new limits."""
+    plan = get_plan(payload.plan, get_settings().plans_file)
+    tenant = _owned(session, payload.tenant_id, allowed=("active",), action="change the plan of")
+    if tenant.plan == plan.name:
+        raise ConflictError(f"tenant {tenant.id!r} is on plan {plan.name!r} already")
+    count = len(session.scalars(select(Instance.id).where(Instance.tenant_id == tenant.id)).all())
+    if plan.max_instances is not None and count > plan.max_instances:
+        raise ConflictError(
+            f"tenant {tenant.id!r} runs {count} instances; plan {plan.name!r} allows "
+            f"{plan.max_instances}"
+        )
+    return _start(
+        session, tenant, wf.CHANGE_PLAN, {"plan": plan.name, "previous_plan": tenant.plan}
+    )
+
+
+@public_task("cul8er.tenants.suspend", SuspendTenant)
+def suspend(session: Session, payload: SuspendTenant) -> Outcome:
+    """Stop a tenant's instances, keeping its data."""
+    tenant = _owned(session, payload.tenant_id, allowed=("active",), action="suspend")
+    return _start(session, tenant, wf.SUSPEND, {"reason": payload.reason})
+
+
+@public_task("cul8er.tenants.resume", ResumeTenant)
+def resume(session: Session, payload: ResumeTenant) -> Outcome:
+    """Start a suspended tenant's instances again."""
+    tenant = _owned(session, payload.tenant_id, allowed=("suspended",), action="resume")
+    return _start(session, tenant, wf.RESUME, {"reason": payload.reason})
+
+
+@public_task("cul8er.tenants.deprovision", DeprovisionTenant)
+def deprovision(session: Session, payload: DeprovisionTenant) -> Outcome:
+    """Remove everything of a tenant and free its subnet."""
+    tenant = _owned(
+        session,
+        payload.tenant_id,
+        allowed=("active", "suspended", "failed"),
+        action="deprovision",
+    )
+    tenant.status = "deprovisioning"
+    return _start(session, tenant, wf.DEPROVISION, {})
+
+
+def describe_tenant(session: Session, tenant: Tenant) -> dict[str, Any]:
+    """A tenant as JSON: status, plan, instances, subnet (shared by the task and the CLI)."""
+    subnet = session.scalars(
+        select(NetworkAllocation.cidr).where(NetworkAllocation.tenant_id == tenant.id)
+    ).first()
+    instances = session.scalars(
+        select(Instance).where(Instance.tenant_id == tenant.id).order_by(Instance.name)
+    ).all()
+    return {
+        "tenant_id": tenant.id,
+        "name": tenant.name,
+        "plan": tenant.plan,
+        "status": tenant.status,
+        "status_reason": tenant.status_reason,
+        "platform": tenant.platform,
+        "placement": tenant.placement,
+        "subnet": subnet,
+        "generation": tenant.generation,
+        "active_workflow_id": tenant.active_workflow_id,
+        "metadata": tenant.meta,
+        "resources": tenant.resources,
+        "billing_anchor": tenant.billing_anchor.isoformat(),
+        "created_at": tenant.created_at.isoformat(),
+        "updated_at": tenant.updated_at.isoformat(),
+        "instances": [
+            {
+                "name": i.name,
+                "role": i.role,
+                "status": i.status,
+                "endpoint": i.endpoint,
+                "platform": i.platform,
+                "limits": i.limits,
+            }
+            for i in instances
+        ],
+    }
+
+
+def latest_run(session: Session, tenant_id: str) -> WorkflowRun | None:
+    """The tenant's most recent workflow run."""
+    return session.scalars(
+        select(WorkflowRun)
+        .where(WorkflowRun.tenant_id == tenant_id)
+        .order_by(WorkflowRun.created_at.desc())
+        .limit(1)
+    ).first()
+
+
+@public_task("cul8er.tenants.get", GetTenant, idempotent=False)
+def get(session: Session, payload: GetTenant) -> Outcome:
+    """A tenant's status, plan, instances and subnet."""
+    tenant = session.get(Tenant, payload.tenant_id)
+    if tenant is None:
+        raise NotFoundError(f"tenant {payload.tenant_id!r} does not exist")
+    return Outcome(data=describe_tenant(session, tenant), tenant_id=tenant.id)
+
+

@@ -1,0 +1,81 @@
+"""Settings, read once from ``CUL8ER_*`` environment variables and an optional ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of cul8er; the defaults are the embedded single-machine stack."""
+
+    model_config = SettingsConfigDict(env_prefix="CUL8ER_", env_file=".env", extra="ignore")
+
+    #: Where the embedded parts live: SQLite file, embedded Redis, local instances.
+    data_dir: Path = Path("var")
+    #: ``None`` starts (or reuses) the embedded Redis under ``data_dir``.
+    broker_url: str | None = None
+    #: ``None`` uses the broker for Redis brokers and ``rpc://`` for AMQP brokers.
+    result_backend: str | None = None
+    #: ``None`` is ``sqlite:///{data_dir}/cul8er.db``.
+    database_url: str | None = None
+    #: A YAML plan catalog replacing the built-in one.
+    plans_file: Path | None = None
+    #: Extra task modules every worker imports (third-party workflows, benchmarks).
+    imports: list[str] = Field(default_factory=list)
+
+    default_platform: str = "local"
+    #: Each tenant gets one /24 of this pool.
+    network_pool: str = "10.100.0.0/16"
+
+    #: How often beat dispatches due waits and retries (seconds).
+    tick_interval: float = 2.0
+    #: How often beat looks for workflows that stopped making progress (seconds).
+    reconcile_interval: float = 15.0
+    #: A run with no progress for this long past its step's deadline is re-dispatched.
+    reconcile_grace: float = 120.0
+    #: Retries shorter than this wait in the broker; longer ones wait in the ledger.
+    max_broker_countdown: float = 5.0
+    #: Attempts of one step before a TransientError becomes a failure.
+    step_max_attempts: int = 6
+    retry_backoff_base: float = 1.0
+    retry_backoff_max: float = 300.0
+    #: Hard and soft Celery time limits of one step (seconds).
+    step_time_limit: float = 300.0
+    #: How long one health probe waits for an answer (seconds).
+    health_timeout: float = 2.0
+    #: How long the health step keeps probing inside one attempt (seconds).
+    health_window: float = 5.0
+    #: How long a local instance may take to start listening (seconds).
+    instance_start_timeout: float = 20.0
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Workers, beat and the CLI may start in different folders; pin the path once.
+        return value.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL, the SQLite file under ``data_dir`` unless one is set."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'cul8er.db'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        """Whether the broker is the embedded Redis that cul8er runs itself."""
+        return self.broker_url is None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, loaded on first use."""
+    return Settings()

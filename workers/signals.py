@@ -1,0 +1,39 @@
+"""Celery signal handlers: logging set-up, per-task log context, fork safety."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import signals
+
+from workers.db import dispose_engines
+from workers.logging import configure_logging
+from workers.settings import get_settings
+
+__all__: list[str] = []
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_kwargs: Any) -> None:
+    # Connecting here stops Celery from configuring logging its own way.
+    settings = get_settings()
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_kwargs: Any) -> None:
+    # A prefork child must not share the parent's pooled database connections.
+    dispose_engines()
+
+
+@signals.task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_kwargs: Any) -> None:
+    # Prefork children reuse processes: start every task from a clean context.
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id=task_id, task_name=getattr(task, "name", None))
+
+
+@signals.task_postrun.connect
+def _unbind_task(**_kwargs: Any) -> None:
+    structlog.contextvars.clear_contextvars()

@@ -1,0 +1,162 @@
+"""Step tasks: the Celery side of the ledger.
+
+``@step("cul8er.tenants.allocate_network")`` turns a plain function of a
+:class:`~workers.workflow.StepContext` into a Celery task that claims its
+ledger row, runs the function once, stores the output and lets the chain go on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from celery import Task
+
+from workers import ledger
+from workers.app import app
+from workers.db import session_scope
+from workers.errors import Cul8erError, TransientError
+from workers.settings import get_settings
+from workers.workflow import StepContext
+
+__all__ = ["StepFunction", "StepTask", "backoff", "step"]
+
+log = structlog.get_logger(__name__)
+
+StepFunction = Callable[[StepContext], "dict[str, Any] | None"]
+
+
+def backoff(attempt: int, *, base: float, cap: float) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+    delay: float = min(cap, base * 2 ** max(0, attempt - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+class StepTask(Task):  # type: ignore[misc]
+    """Shared defaults of every step task.
+
+    acks_late with reject_on_worker_lost: a worker that dies mid-step gets the
+    message redelivered, and the ledger row makes the rerun safe. Retries are
+    decided here from the ledger's attempt count (TransientError), not by
+    ``autoretry_for``: short waits go back to the broker as a countdown, long
+    ones wait in the ledger for the tick.
+    """
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+
+    def execute(self, fn: StepFunction, run_id: str, phase: str) -> dict[str, Any] | None:
+        """Claim the step, run ``fn`` once, record the outcome."""
+        settings = get_settings()
+        structlog.contextvars.bind_contextvars(workflow_id=run_id, step=self.name)
+        with session_scope() as session:
+            claim = ledger.claim_step(
+                session,
+                run_id=run_id,
+                phase=phase,
+                name=self.name,
+                task_id=self.request.id,
+                lease=settings.step_time_limit + 30,
+            )
+        if claim.outcome != "claimed":
+            return self._not_claimed(claim, run_id)
+        ctx = claim.context
+        assert ctx is not None
+        structlog.contextvars.bind_contextvars(tenant_id=ctx.tenant_id)
+        try:
+            output = fn(ctx) or {}
+        except TransientError as exc:
+            return self._transient(ctx, exc)
+        except Cul8erError as exc:
+            return self._fail(ctx, exc.to_dict())
+        except Exception as exc:
+            # A bug, not a plan: fail the step and compensate rather than loop on it.
+            log.exception("step_crashed")
+            return self._fail(ctx, {"code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+        with session_scope() as session:
+            recorded = ledger.complete_step(
+                session,
+                run_id=run_id,
+                phase=ctx.phase,
+                name=self.name,
+                output=output,
+                grace=settings.reconcile_grace,
+            )
+        if not recorded:
+            self._stop_chain()
+        log.info("step_done", attempt=ctx.attempt)
+        return output
+
+    def _not_claimed(self, claim: ledger.Claim, run_id: str) -> dict[str, Any] | None:
+        # Another delivery ran (or runs) this step and continues the chain itself.
+        # Only a redelivery that finds the next step untouched carries the chain on,
+        # which covers a worker killed between recording the step and sending the next.
+        if not (claim.outcome == "done" and claim.successor_pending):
+            self._stop_chain()
+        log.info("step_skipped", outcome=claim.outcome, workflow_id=run_id)
+        return claim.output
+
+    def _transient(self, ctx: StepContext, exc: TransientError) -> None:
+        settings = get_settings()
+        if ctx.attempt >= settings.step_max_attempts:
+            message = f"gave up after {ctx.attempt} attempts: {exc}"
+            return self._fail(ctx, {"code": exc.code, "message": message})
+        delay = backoff(ctx.attempt, base=settings.retry_backoff_base, cap=settings.retry_backoff_max)
+        in_ledger = delay > settings.max_broker_countdown
+        with session_scope() as session:
+            ledger.wait_step(
+                session,
+                run_id=ctx.run_id,
+                phase=ctx.phase,
+                name=self.name,
+                delay=delay,
+                error=exc.to_dict(),
+                in_ledger=in_ledger,
+            )
+        log.warning("step_retrying", attempt=ctx.attempt, delay=round(delay, 2), error=str(exc))
+        if in_ledger:
+            self._stop_chain()
+            return None
+        raise self.retry(countdown=delay, max_retries=None, exc=exc)
+
+    def _fail(self, ctx: StepContext, error: dict[str, Any]) -> None:
+        settings = get_settings()
+        with session_scope() as session:
+            compensations = ledger.fail_step(
+                session,
+                run_id=ctx.run_id,
+                phase=ctx.phase,
+                name=self.name,
+                error=error,
+                grace=settings.reconcile_grace,
+            )
+        log.error("step_failed", error=error)
+        if ctx.phase == "forward":
+            # The forward chain ends here; the compensation chain takes over.
+            self._stop_chain()
+            ledger.dispatch(self.app, ctx.run_id, "compensate", compensations)
+        return None
+
+    def _stop_chain(self) -> None:
+        # Celery sends request.chain's next signature after we return; clearing it
+        # ends this delivery's part of the workflow.
+        self.request.chain = None
+        self.request.callbacks = None
+
+
+def step(name: str) -> Callable[[StepFunction], StepTask]:
+    """Register ``fn`` as the step task ``name``."""
+
+    def register(fn: StepFunction) -> StepTask:
+        def body(self: StepTask, run_id: str, phase: str = "forward") -> dict[str, Any] | None:
+            return self.execute(fn, run_id, phase)
+
+        body.__doc__ = fn.__doc__
+        body.__name__ = fn.__name__
+        task: StepTask = app.task(name=name, base=StepTask, bind=True)(body)
+        return task
+
+    return register
