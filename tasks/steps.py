@@ -20,7 +20,7 @@ from schemas.platform import InstanceInfo, InstanceSpec
 from workers import datastore
 from workers.db import session_scope
 from workers.errors import ConfigError, NotFoundError, PoolExhaustedError, TransientError
-from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant, utcnow
+from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant
 from workers.plans import get_plan
 from workers.registry import get_platform
 from workers.settings import get_settings
@@ -154,9 +154,11 @@ def allocate_network(ctx: StepContext) -> dict[str, Any]:
 def release_network(ctx: StepContext) -> dict[str, Any]:
     """Free the tenant's /24 for later tenants."""
     with session_scope() as session:
-        released = session.execute(
-            delete(NetworkAllocation).where(NetworkAllocation.tenant_id == ctx.tenant_id)
-        ).rowcount
+        released = session.scalars(
+            delete(NetworkAllocation)
+            .where(NetworkAllocation.tenant_id == ctx.tenant_id)
+            .returning(NetworkAllocation.cidr)
+        ).all()
         tenant = _tenant(session, ctx.tenant_id)
         tenant.resources = {k: v for k, v in tenant.resources.items() if k != "subnet"}
     return {"released": bool(released)}

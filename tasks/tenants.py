@@ -51,9 +51,7 @@ def _field_error(field: str, message: str) -> ValidationFailedError:
     return ValidationFailedError(message, errors=[{"field": field, "message": message}])
 
 
-def _start(
-    session: Session, tenant: Tenant, workflow: Workflow, input: dict[str, Any]
-) -> Outcome:
+def _start(session: Session, tenant: Tenant, workflow: Workflow, input: dict[str, Any]) -> Outcome:
     """Start ``workflow`` on ``tenant``, which it owns until the run ends."""
     run = ledger.new_run(
         session,
@@ -63,9 +61,7 @@ def _start(
         grace=get_settings().reconcile_grace,
     )
     tenant.active_workflow_id = run.id
-    session.add(
-        AuditEvent(tenant_id=tenant.id, kind=f"{workflow.kind}.requested", data={**input})
-    )
+    session.add(AuditEvent(tenant_id=tenant.id, kind=f"{workflow.kind}.requested", data={**input}))
     return Outcome(
         data={"workflow_id": run.id, "tenant_id": tenant.id, "status": tenant.status},
         tenant_id=tenant.id,
@@ -229,5 +225,3 @@ def get(session: Session, payload: GetTenant) -> Outcome:
     if tenant is None:
         raise NotFoundError(f"tenant {payload.tenant_id!r} does not exist")
     return Outcome(data=describe_tenant(session, tenant), tenant_id=tenant.id)
-
-

@@ -60,7 +60,9 @@ def _call(task: str, kwargs: dict[str, Any], timeout: float) -> dict[str, Any]:
     try:
         result: dict[str, Any] = app.send_task(task, kwargs=kwargs).get(timeout=timeout)
     except TimeoutError:
-        err.print(f"[red]no answer from a worker within {timeout:.0f} s[/] (is `cul8er up` running?)")
+        err.print(
+            f"[red]no answer from a worker within {timeout:.0f} s[/] (is `cul8er up` running?)"
+        )
         raise typer.Exit(2) from None
     return result
 
@@ -106,14 +108,18 @@ def _follow(run_id: str, *, as_json: bool, timeout: float) -> dict[str, Any]:
             time.sleep(0.25)
 
 
-def _mutate(task: str, kwargs: dict[str, Any], *, wait: bool, as_json: bool, timeout: float) -> None:
+def _mutate(
+    task: str, kwargs: dict[str, Any], *, wait: bool, as_json: bool, timeout: float
+) -> None:
     result = _call(task, kwargs, timeout=30.0)
     _fail_on_error(result, as_json)
     if not wait:
         if as_json:
             _emit(result)
         else:
-            console.print(f"workflow [bold]{result['workflow_id']}[/] started for {result['tenant_id']}")
+            console.print(
+                f"workflow [bold]{result['workflow_id']}[/] started for {result['tenant_id']}"
+            )
         return
     view = _follow(result["workflow_id"], as_json=as_json, timeout=timeout)
     if as_json:
@@ -143,8 +149,18 @@ def up(
     upgrade(settings.sqlalchemy_url)
     celery = [sys.executable, "-m", "celery", "-A", "workers.app"]
     commands = {
-        "worker": [*celery, "worker", "-Q", "lifecycle,metering,health", "-c", str(concurrency),
-                   "-n", "cul8er@%h", "--loglevel", settings.log_level],
+        "worker": [
+            *celery,
+            "worker",
+            "-Q",
+            "lifecycle,metering,health",
+            "-c",
+            str(concurrency),
+            "-n",
+            "cul8er@%h",
+            "--loglevel",
+            settings.log_level,
+        ],
         "beat": [*celery, "beat", "--loglevel", settings.log_level],
     }
     if flower:
@@ -219,7 +235,9 @@ def schema_export(directory: Path) -> None:
 def tenant_create(
     name: str,
     plan: Annotated[str, typer.Option(help="Plan name from the catalog.")] = "starter",
-    tenant_id: Annotated[str | None, typer.Option(help="Tenant id (default: from the name).")] = None,
+    tenant_id: Annotated[
+        str | None, typer.Option(help="Tenant id (default: from the name).")
+    ] = None,
     platform: Annotated[str | None, typer.Option(help="Platform (default from settings).")] = None,
     idempotency_key: str | None = None,
     wait: WaitOpt = False,
@@ -228,8 +246,11 @@ def tenant_create(
 ) -> None:
     """Sign a tenant up on a plan."""
     kwargs: dict[str, Any] = {"name": name, "plan": plan}
-    for key, value in (("tenant_id", tenant_id), ("platform", platform),
-                       ("idempotency_key", idempotency_key)):
+    for key, value in (
+        ("tenant_id", tenant_id),
+        ("platform", platform),
+        ("idempotency_key", idempotency_key),
+    ):
         if value is not None:
             kwargs[key] = value
     _mutate("cul8er.tenants.create", kwargs, wait=wait, as_json=as_json, timeout=timeout)
@@ -237,7 +258,10 @@ def tenant_create(
 
 @tenant_cli.command("change-plan")
 def tenant_change_plan(
-    tenant_id: str, plan: str, wait: WaitOpt = False, as_json: JsonOpt = False,
+    tenant_id: str,
+    plan: str,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
     timeout: TimeoutOpt = 300.0,
 ) -> None:
     """Move a tenant to another plan."""
@@ -247,7 +271,10 @@ def tenant_change_plan(
 
 @tenant_cli.command("suspend")
 def tenant_suspend(
-    tenant_id: str, reason: str = "", wait: WaitOpt = False, as_json: JsonOpt = False,
+    tenant_id: str,
+    reason: str = "",
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
     timeout: TimeoutOpt = 300.0,
 ) -> None:
     """Stop a tenant's instances, keeping its data."""
@@ -257,7 +284,10 @@ def tenant_suspend(
 
 @tenant_cli.command("resume")
 def tenant_resume(
-    tenant_id: str, reason: str = "", wait: WaitOpt = False, as_json: JsonOpt = False,
+    tenant_id: str,
+    reason: str = "",
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
     timeout: TimeoutOpt = 300.0,
 ) -> None:
     """Start a suspended tenant again."""
@@ -284,10 +314,16 @@ def tenant_list(
         query = select(Tenant).order_by(Tenant.created_at.desc())
         if status:
             query = query.where(Tenant.status == status)
-        rows = [
-            {"tenant_id": t.id, "name": t.name, "plan": t.plan, "status": t.status,
-             "platform": t.platform, "subnet": t.resources.get("subnet"),
-             "created_at": t.created_at.isoformat()}
+        rows: list[dict[str, Any]] = [
+            {
+                "tenant_id": t.id,
+                "name": t.name,
+                "plan": t.plan,
+                "status": t.status,
+                "platform": t.platform,
+                "subnet": t.resources.get("subnet"),
+                "created_at": t.created_at.isoformat(),
+            }
             for t in session.scalars(query)
         ]
     if as_json:
@@ -295,8 +331,15 @@ def tenant_list(
         return
     table = Table("tenant", "name", "plan", "status", "platform", "subnet", "created")
     for r in rows:
-        table.add_row(r["tenant_id"], r["name"], r["plan"], r["status"], r["platform"],
-                      r["subnet"] or "-", r["created_at"][:19])
+        table.add_row(
+            r["tenant_id"],
+            r["name"],
+            r["plan"],
+            r["status"],
+            r["platform"],
+            r["subnet"] or "-",
+            r["created_at"][:19],
+        )
     console.print(table)
 
 
@@ -314,14 +357,17 @@ def tenant_show(tenant_id: str, as_json: JsonOpt = False) -> None:
     if as_json:
         _emit(view)
         return
-    console.print(f"[bold]{view['tenant_id']}[/] ({view['name']}): {view['status']} on "
-                  f"{view['plan']}, {view['platform']}, subnet {view['subnet'] or '-'}")
+    console.print(
+        f"[bold]{view['tenant_id']}[/] ({view['name']}): {view['status']} on "
+        f"{view['plan']}, {view['platform']}, subnet {view['subnet'] or '-'}"
+    )
     if view["status_reason"]:
         console.print(f"reason: {view['status_reason']}")
     table = Table("instance", "status", "endpoint", "limits applied")
     for i in view["instances"]:
-        table.add_row(i["name"], i["status"], i["endpoint"] or "-",
-                      json.dumps(i["limits"].get("applied", {})))
+        table.add_row(
+            i["name"], i["status"], i["endpoint"] or "-", json.dumps(i["limits"].get("applied", {}))
+        )
     console.print(table)
 
 
@@ -342,10 +388,16 @@ def workflow_list(
             query = query.where(WorkflowRun.tenant_id == tenant)
         if status:
             query = query.where(WorkflowRun.status == status)
-        rows = [
-            {"workflow_id": r.id, "kind": r.kind, "tenant_id": r.tenant_id, "status": r.status,
-             "current_step": r.current_step, "created_at": r.created_at.isoformat(),
-             "error": (r.error or {}).get("message")}
+        rows: list[dict[str, Any]] = [
+            {
+                "workflow_id": r.id,
+                "kind": r.kind,
+                "tenant_id": r.tenant_id,
+                "status": r.status,
+                "current_step": r.current_step,
+                "created_at": r.created_at.isoformat(),
+                "error": (r.error or {}).get("message"),
+            }
             for r in session.scalars(query)
         ]
     if as_json:
@@ -353,25 +405,41 @@ def workflow_list(
         return
     table = Table("workflow", "kind", "tenant", "status", "step", "created", "error")
     for r in rows:
-        table.add_row(r["workflow_id"], r["kind"], r["tenant_id"] or "-", r["status"],
-                      r["current_step"] or "-", r["created_at"][:19], (r["error"] or "")[:60])
+        table.add_row(
+            r["workflow_id"],
+            r["kind"],
+            r["tenant_id"] or "-",
+            r["status"],
+            r["current_step"] or "-",
+            r["created_at"][:19],
+            (r["error"] or "")[:60],
+        )
     console.print(table)
 
 
 def _print_run(view: dict[str, Any]) -> None:
-    console.print(f"[bold]{view['workflow_id']}[/] {view['kind']} tenant={view['tenant_id']} "
-                  f"status=[bold]{view['status']}[/]")
+    console.print(
+        f"[bold]{view['workflow_id']}[/] {view['kind']} tenant={view['tenant_id']} "
+        f"status=[bold]{view['status']}[/]"
+    )
     if view["error"]:
         error = view["error"]
-        console.print(f"[red]error[/] in {error.get('step')}: {error.get('code')}: "
-                      f"{error.get('message')}")
+        console.print(
+            f"[red]error[/] in {error.get('step')}: {error.get('code')}: {error.get('message')}"
+        )
         for extra in error.get("compensation_errors", []):
             console.print(f"[red]compensation error[/] in {extra['step']}: {extra['message']}")
     table = Table("phase", "step", "status", "attempts", "started", "finished", "error")
     for s in view["steps"]:
-        table.add_row(s["phase"], s["name"].rsplit(".", 1)[-1], s["status"], str(s["attempts"]),
-                      (s["started_at"] or "-")[11:23], (s["finished_at"] or "-")[11:23],
-                      ((s["error"] or {}).get("message") or "")[:80])
+        table.add_row(
+            s["phase"],
+            s["name"].rsplit(".", 1)[-1],
+            s["status"],
+            str(s["attempts"]),
+            (s["started_at"] or "-")[11:23],
+            (s["finished_at"] or "-")[11:23],
+            ((s["error"] or {}).get("message") or "")[:80],
+        )
     console.print(table)
 
 
@@ -398,3 +466,5 @@ def main() -> None:
     cli()
 
 
+if __name__ == "__main__":
+    main()

@@ -54,7 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": True,
-        "task_time_limit": settings.step_time_limit + 30,
+        "task_time_limit": settings.step_time_limit + 5,
         "task_soft_time_limit": settings.step_time_limit,
         "result_expires": 24 * 3600,
         "result_extended": True,

@@ -51,10 +51,13 @@ def create_store(settings: Settings, tenant_id: str) -> dict[str, str]:
         return {"kind": "postgresql-schema", "schema": schema}
     path = _sqlite_path(settings, tenant_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS tenant_info (tenant_id TEXT PRIMARY KEY)")
-        conn.execute("INSERT OR IGNORE INTO tenant_info VALUES (?)", (tenant_id,))
-    conn.close()
+    lite = sqlite3.connect(path)
+    try:
+        with lite:
+            lite.execute("CREATE TABLE IF NOT EXISTS tenant_info (tenant_id TEXT PRIMARY KEY)")
+            lite.execute("INSERT OR IGNORE INTO tenant_info VALUES (?)", (tenant_id,))
+    finally:
+        lite.close()
     return {"kind": "sqlite", "path": str(path)}
 
 

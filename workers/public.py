@@ -43,7 +43,7 @@ class Outcome:
     dispatch: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
 
-class PublicTask(Task):  # type: ignore[misc]
+class PublicTask(Task[Any, Any]):
     """Defaults of public tasks: results kept for the caller, transient errors retried."""
 
     acks_late = True

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     retry_backoff_max: float = 300.0
     #: Hard and soft Celery time limits of one step (seconds).
     step_time_limit: float = 300.0
+
+    @property
+    def step_lease(self) -> float:
+        """How long a claimed step is its delivery's: until Celery's hard limit kills it."""
+        return self.step_time_limit + 10
+
     #: How long one health probe waits for an answer (seconds).
     health_timeout: float = 2.0
     #: How long the health step keeps probing inside one attempt (seconds).

@@ -34,7 +34,7 @@ def backoff(attempt: int, *, base: float, cap: float) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-class StepTask(Task):  # type: ignore[misc]
+class StepTask(Task[Any, Any]):
     """Shared defaults of every step task.
 
     acks_late with reject_on_worker_lost: a worker that dies mid-step gets the
@@ -59,7 +59,7 @@ class StepTask(Task):  # type: ignore[misc]
                 phase=phase,
                 name=self.name,
                 task_id=self.request.id,
-                lease=settings.step_time_limit + 30,
+                lease=settings.step_lease,
             )
         if claim.outcome != "claimed":
             return self._not_claimed(claim, run_id)
@@ -69,13 +69,16 @@ class StepTask(Task):  # type: ignore[misc]
         try:
             output = fn(ctx) or {}
         except TransientError as exc:
-            return self._transient(ctx, exc)
+            self._transient(ctx, exc)
+            return None
         except Cul8erError as exc:
-            return self._fail(ctx, exc.to_dict())
+            self._fail(ctx, exc.to_dict())
+            return None
         except Exception as exc:
             # A bug, not a plan: fail the step and compensate rather than loop on it.
             log.exception("step_crashed")
-            return self._fail(ctx, {"code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+            self._fail(ctx, {"code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+            return None
         with session_scope() as session:
             recorded = ledger.complete_step(
                 session,
@@ -103,8 +106,11 @@ class StepTask(Task):  # type: ignore[misc]
         settings = get_settings()
         if ctx.attempt >= settings.step_max_attempts:
             message = f"gave up after {ctx.attempt} attempts: {exc}"
-            return self._fail(ctx, {"code": exc.code, "message": message})
-        delay = backoff(ctx.attempt, base=settings.retry_backoff_base, cap=settings.retry_backoff_max)
+            self._fail(ctx, {"code": exc.code, "message": message})
+            return
+        delay = backoff(
+            ctx.attempt, base=settings.retry_backoff_base, cap=settings.retry_backoff_max
+        )
         in_ledger = delay > settings.max_broker_countdown
         with session_scope() as session:
             ledger.wait_step(
@@ -119,7 +125,7 @@ class StepTask(Task):  # type: ignore[misc]
         log.warning("step_retrying", attempt=ctx.attempt, delay=round(delay, 2), error=str(exc))
         if in_ledger:
             self._stop_chain()
-            return None
+            return
         raise self.retry(countdown=delay, max_retries=None, exc=exc)
 
     def _fail(self, ctx: StepContext, error: dict[str, Any]) -> None:
@@ -138,7 +144,6 @@ class StepTask(Task):  # type: ignore[misc]
             # The forward chain ends here; the compensation chain takes over.
             self._stop_chain()
             ledger.dispatch(self.app, ctx.run_id, "compensate", compensations)
-        return None
 
     def _stop_chain(self) -> None:
         # Celery sends request.chain's next signature after we return; clearing it

@@ -1,0 +1,27 @@
+"""Task module the benchmark workers import: a 7-step no-op ledger workflow and a bare no-op."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.app import app
+from workers.steps import step
+from workers.workflow import Step, StepContext, Workflow, workflows
+
+#: Steps in the benchmark workflow.
+STEPS = 7
+
+
+def _noop(ctx: StepContext) -> dict[str, Any]:
+    return {"step": ctx.step}
+
+
+NOOP_TASKS = [step(f"bench.noop_{i}")(_noop).name for i in range(STEPS)]
+NOOP = Workflow(kind="bench.noop", steps=tuple(Step(name) for name in NOOP_TASKS))
+workflows(NOOP)
+
+
+@app.task(name="bench.bare_noop", acks_late=True)
+def bare_noop() -> None:
+    """A bare Celery task that does nothing, for the baseline chain."""
+    return None

@@ -1,0 +1,108 @@
+"""Fixtures: real stacks (broker + database + worker processes) per backend.
+
+A service that is missing skips its tests on a laptop and fails them in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.stack import (
+    AMQP_URL,
+    REDIS_URL,
+    Stack,
+    create_pg_database,
+    drop_pg_database,
+    instance_processes,
+    reachable,
+)
+from workers.embedded import EmbeddedRedis
+
+IN_CI = bool(os.environ.get("CI"))
+SERVICES = {"postgres": 5432, "redis": 6379, "rabbitmq": 5672}
+#: Redis database index the tests own (flushed before use).
+TEST_REDIS_DB = 7
+
+
+def require(service: str) -> None:
+    """Skip (locally) or fail (in CI) when a service is not on its loopback port."""
+    if reachable("127.0.0.1", SERVICES[service]):
+        return
+    message = f"{service} is not running on 127.0.0.1:{SERVICES[service]} (scripts/setup.sh services)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _cleanup_instances(data_dir: Path) -> None:
+    from plugins.platforms.local import LocalPlatform
+
+    platform = LocalPlatform(state_dir=data_dir / "instances")
+    for info in platform.list_instances():
+        platform.destroy_instance(info.name)
+    for process in instance_processes(data_dir):
+        with contextlib.suppress(Exception):
+            process.kill()
+
+
+def build_stack(kind: str, data_dir: Path) -> Stack:
+    """A prepared stack of ``kind``: embedded, redis-postgres or rabbitmq."""
+    if kind == "embedded":
+        stack = Stack(kind, data_dir, f"sqlite:///{data_dir / 'cul8er.db'}", None)
+    elif kind == "redis-postgres":
+        require("redis")
+        require("postgres")
+        url = REDIS_URL.format(db=TEST_REDIS_DB)
+        redis.Redis.from_url(url).flushdb()
+        stack = Stack(kind, data_dir, create_pg_database(), url)
+    elif kind == "rabbitmq":
+        require("rabbitmq")
+        require("postgres")
+        stack = Stack(kind, data_dir, create_pg_database(), AMQP_URL, result_backend="rpc://")
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    stack.prepare()
+    return stack
+
+
+def teardown_stack(stack: Stack) -> None:
+    """Stop processes, remove instances, drop the database, stop the embedded broker."""
+    stack.stop()
+    _cleanup_instances(stack.data_dir)
+    if stack.database_url.startswith("postgresql"):
+        drop_pg_database(stack.database_url)
+    if stack.broker_url is None:
+        EmbeddedRedis(stack.data_dir).stop()
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """``create(kind)`` → a fresh stack with no processes; everything is torn down after."""
+    made: list[Stack] = []
+
+    def create(kind: str = "embedded") -> Stack:
+        stack = build_stack(kind, tmp_path / f"{kind}-{len(made)}")
+        made.append(stack)
+        return stack
+
+    yield create
+    for stack in made:
+        teardown_stack(stack)
+
+
+@pytest.fixture(scope="session", params=["embedded", "redis-postgres"])
+def running_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack with a worker and beat running, shared by the lifecycle tests."""
+    stack = build_stack(request.param, tmp_path_factory.mktemp(request.param))
+    try:
+        stack.start_worker("main", concurrency=2)
+        stack.start_beat()
+        yield stack
+    finally:
+        teardown_stack(stack)

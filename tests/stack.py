@@ -1,0 +1,259 @@
+"""A real cul8er stack for tests: worker and beat processes on a real broker and database.
+
+Nothing is mocked: workers are ``celery -A workers.app worker`` subprocesses
+configured only through ``CUL8ER_*`` environment variables, the test talks to
+them the way another service would (``send_task`` by name), and reads the
+database directly to check what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from workers.db import session_scope
+from workers.embedded import EmbeddedRedis
+from workers.migrate import upgrade
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/{db}"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+#: Settings that make the ledger's clocks fast enough for tests.
+FAST_CLOCKS = {
+    "CUL8ER_TICK_INTERVAL": "0.5",
+    "CUL8ER_RECONCILE_INTERVAL": "1",
+    "CUL8ER_RECONCILE_GRACE": "8",
+    "CUL8ER_STEP_TIME_LIMIT": "10",
+    "CUL8ER_STEP_MAX_ATTEMPTS": "3",
+    "CUL8ER_RETRY_BACKOFF_BASE": "0.2",
+    "CUL8ER_HEALTH_WINDOW": "2",
+    "CUL8ER_LOG_FORMAT": "json",
+}
+
+#: Plans the tests add to the built-in catalog.
+TEST_PLANS = """
+  slowboot:
+    cpu_cores: 0.5
+    memory_gb: 0.5
+    max_instances: 1
+    image: "{python} -m plugins.platforms.instance_server --startup-delay 4"
+  unhealthy:
+    cpu_cores: 0.5
+    memory_gb: 0.5
+    max_instances: 1
+    image: "{python} -m plugins.platforms.instance_server --unhealthy"
+  duo:
+    cpu_cores: 1
+    memory_gb: 1
+    instances: 2
+    max_instances: 4
+"""
+
+
+def reachable(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def write_plans(path: Path) -> Path:
+    """The built-in catalog plus the test plans, as a YAML file."""
+    builtin = (ROOT / "workers" / "plans.yaml").read_text()
+    path.write_text(builtin.rstrip() + "\n" + TEST_PLANS)
+    return path
+
+
+@dataclass
+class Stack:
+    """One broker + database + data dir, and the processes started on it."""
+
+    name: str
+    data_dir: Path
+    database_url: str
+    broker_url: str | None  # None: the embedded Redis of data_dir
+    result_backend: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _client: Celery | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment a cul8er process of this stack runs with."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CUL8ER_")}
+        env.update(FAST_CLOCKS)
+        env.update(
+            CUL8ER_DATA_DIR=str(self.data_dir),
+            CUL8ER_DATABASE_URL=self.database_url,
+            CUL8ER_PLANS_FILE=str(self.data_dir / "plans.yaml"),
+        )
+        if self.broker_url:
+            env["CUL8ER_BROKER_URL"] = self.broker_url
+        if self.result_backend:
+            env["CUL8ER_RESULT_BACKEND"] = self.result_backend
+        env.update(self.extra_env)
+        return env
+
+    @property
+    def client(self) -> Celery:
+        """A plain Celery client, as another service would hold (no cul8er config)."""
+        if self._client is None:
+            broker = self.broker_url or EmbeddedRedis(self.data_dir).url
+            backend = self.result_backend or (
+                "rpc://" if broker.startswith("amqp") else broker
+            )
+            self._client = Celery("client", broker=broker, backend=backend)
+            self._client.conf.update(
+                task_serializer="json", accept_content=["json"], result_serializer="json"
+            )
+        return self._client
+
+    def prepare(self) -> None:
+        """Migrate the database and start the embedded broker when there is one."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        write_plans(self.data_dir / "plans.yaml")
+        if self.broker_url is None:
+            EmbeddedRedis(self.data_dir).ensure_running()
+        upgrade(self.database_url)
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = open(self.data_dir / log_name, "ab")  # noqa: SIM115 - the child owns it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.app", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so a test can SIGKILL the whole worker at once
+        )
+        self.processes.append(process)
+        return process
+
+    def start_worker(
+        self, name: str = "w1", *, concurrency: int = 2, wait: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """A real ``celery worker`` on every cul8er queue."""
+        unique = f"{name}-{uuid.uuid4().hex[:6]}@%h"
+        process = self._spawn(
+            ["worker", "-Q", "lifecycle,metering,health", "-c", str(concurrency), "-n", unique,
+             "--without-mingle", "--without-gossip", "-l", "INFO"],
+            f"worker-{name}.log",
+        )
+        if wait:
+            self.wait_for_worker(unique.split("@")[0])
+        return process
+
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        """A real ``celery beat`` with this stack's fast clocks."""
+        schedule = self.data_dir / f"beat-{uuid.uuid4().hex[:6]}"
+        return self._spawn(["beat", "-s", str(schedule), "-l", "INFO"], "beat.log")
+
+    def wait_for_worker(self, prefix: str, timeout: float = 60) -> None:
+        """Block until a worker whose name starts with ``prefix`` answers ping."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            replies = self.client.control.ping(timeout=0.5) or []
+            if any(next(iter(r)).startswith(prefix) for r in replies):
+                return
+        raise AssertionError(f"worker {prefix} did not start; see {self.data_dir}")
+
+    def call(self, task: str, timeout: float = 60, **kwargs: Any) -> dict[str, Any]:
+        """Send a public task by name and return its JSON result."""
+        result: dict[str, Any] = self.client.send_task(task, kwargs=kwargs).get(timeout=timeout)
+        return result
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A database session on this stack's database."""
+        with session_scope(self.database_url) as session:
+            yield session
+
+    def wait_run(self, run_id: str, timeout: float = 90) -> dict[str, Any]:
+        """Poll the ledger until the run ends; returns the run as ``workflows.status`` does."""
+        from tasks.maintenance import describe_run
+        from workers.models import WorkflowRun
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.session() as session:
+                run = session.get(WorkflowRun, run_id)
+                assert run is not None, f"no run {run_id}"
+                view = describe_run(session, run)
+            if view["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+                return view
+            time.sleep(0.1)
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a worker and all its pool processes at once."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Stop every process this stack started."""
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        self.processes.clear()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def instance_processes(data_dir: Path, name: str | None = None) -> list[psutil.Process]:
+    """Live local-platform instance processes of this data dir (optionally one name)."""
+    state = str(data_dir / "instances")
+    found = []
+    for proc in psutil.process_iter(["environ", "status"]):
+        env = proc.info.get("environ") or {}
+        if env.get("CUL8ER_INSTANCE_STATE") != state or proc.info["status"] == "zombie":
+            continue
+        if name is None or env.get("CUL8ER_INSTANCE") == name:
+            found.append(proc)
+    return found
+
+
+def create_pg_database() -> str:
+    """A fresh PostgreSQL database; returns its SQLAlchemy URL."""
+    import psycopg
+
+    name = f"cul8er_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    """Drop a database made by :func:`create_pg_database`."""
+    import psycopg
+
+    from workers.db import get_engine
+
+    get_engine(url).dispose()
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
