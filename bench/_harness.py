@@ -61,7 +61,7 @@ def workers(env: dict[str, str], *, concurrency: int = 2, beat: bool = False) ->
     full = {k: v for k, v in os.environ.items() if not k.startswith("CUL8ER_")}
     full.update(CUL8ER_DATA_DIR=str(data), CUL8ER_LOG_LEVEL="WARNING", **env)
     base = [sys.executable, "-m", "celery", "-A", "workers.app"]
-    commands = [[*base, "worker", "-Q", "lifecycle,metering,health", "-c", str(concurrency),
+    commands = [[*base, "worker", "-Q", "lifecycle,metering,health,celery", "-c", str(concurrency),
                  "--without-mingle", "--without-gossip", "-l", "WARNING", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"]]
     if beat:
         commands.append([*base, "beat", "-s", str(data / "beat"), "-l", "WARNING"])

@@ -151,7 +151,7 @@ class Stack:
         """A real ``celery worker`` on every cul8er queue."""
         unique = f"{name}-{uuid.uuid4().hex[:6]}@%h"
         process = self._spawn(
-            ["worker", "-Q", "lifecycle,metering,health", "-c", str(concurrency), "-n", unique,
+            ["worker", "-Q", "lifecycle,metering,health,celery", "-c", str(concurrency), "-n", unique,
              "--without-mingle", "--without-gossip", "-l", "INFO"],
             f"worker-{name}.log",
         )

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
 from workers.models import Tenant, WorkflowRun
+from workers.queues import WORKER_QUEUES
 from workers.settings import get_settings
 
 __all__ = ["cli", "main"]
@@ -153,7 +154,7 @@ def up(
             *celery,
             "worker",
             "-Q",
-            "lifecycle,metering,health",
+            WORKER_QUEUES,
             "-c",
             str(concurrency),
             "-n",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Queue"]
+__all__ = ["WORKER_QUEUES", "Queue"]
 
 
 class Queue(StrEnum):
@@ -16,3 +16,10 @@ class Queue(StrEnum):
     METERING = "metering"
     #: Health probes and sweeps; cheap, latency-sensitive.
     HEALTH = "health"
+    #: Celery's default queue: where a plain client's ``send_task`` by name lands
+    #: when it knows nothing of cul8er's routes. Every general worker serves it.
+    DEFAULT = "celery"
+
+
+#: What ``cul8er up`` and a general worker consume (``-Q``).
+WORKER_QUEUES = ",".join(q.value for q in Queue)
