@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["WORKER_QUEUES", "Queue"]
+__all__ = ["Queue", "WORKER_QUEUES"]
 
 
 class Queue(StrEnum):

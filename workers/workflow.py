@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from workers.errors import ConfigError
 
-__all__ = ["FORWARD", "COMPENSATE", "Step", "StepContext", "Workflow", "get_workflow", "workflows"]
+__all__ = ["COMPENSATE", "FORWARD", "Step", "StepContext", "Workflow", "get_workflow", "workflows"]
 
 #: The phase that does the work.
 FORWARD: Final = "forward"

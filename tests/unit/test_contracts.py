@@ -82,5 +82,5 @@ def test_all_is_sorted_and_names_exist(module_name: str) -> None:
     exported = getattr(module, "__all__", None)
     if exported is None:
         pytest.skip(f"{module_name} is not a public module")
-    assert list(exported) == sorted(exported, key=str.lower) or list(exported) == sorted(exported)
+    assert list(exported) == sorted(exported)
     assert all(hasattr(module, name) for name in exported)

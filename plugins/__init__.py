@@ -1,0 +1,1 @@
+"""cul8er's built-in plugins, grouped by type."""

@@ -1,0 +1,673 @@
+"""The ``local`` platform: each instance is a detached process on this host, limited by cgroups.
+
+The process table is the source of truth. Every instance process carries two
+environment variables, ``CUL8ER_INSTANCE`` and ``CUL8ER_INSTANCE_STATE``, so a
+restarted worker finds it again, and a process spawned by a worker that was
+killed before it recorded anything is adopted rather than started twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import http.client
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import psutil
+import structlog
+from pydantic import ValidationError
+
+from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
+from workers.errors import NotFoundError, PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from workers.settings import Settings
+
+__all__ = ["LocalPlatform"]
+
+log = structlog.get_logger(__name__)
+
+#: Valid instance names; they are also file and cgroup names.
+NAME_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
+#: Environment variable naming the instance in its process.
+INSTANCE_ENV: Final = "CUL8ER_INSTANCE"
+#: Environment variable naming the state dir that owns the instance process.
+STATE_ENV: Final = "CUL8ER_INSTANCE_STATE"
+#: Variables copied from the worker's environment into an instance's.
+PASSTHROUGH_ENV: Final = ("PATH", "HOME", "LANG", "PYTHONPATH")
+#: The address instances listen on.
+HOST: Final = "127.0.0.1"
+#: Where cgroup hierarchies are mounted.
+CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
+#: The cgroup folder holding one group per instance.
+CGROUP_PARENT: Final = "cul8er"
+#: The CFS period for CPU quotas (microseconds).
+CFS_PERIOD_US: Final = 100_000
+#: The smallest CFS quota the kernel accepts (microseconds).
+MIN_CFS_QUOTA_US: Final = 1_000
+#: How long a stop waits after SIGTERM before SIGKILL (seconds).
+STOP_GRACE_SECONDS: Final = 5.0
+#: How often waits poll (seconds).
+POLL_SECONDS: Final = 0.05
+#: How long a stats call waits for an instance's ``/metrics`` (seconds).
+METRICS_TIMEOUT: Final = 1.0
+#: Lines of ``instance.log`` quoted when an instance dies while starting.
+LOG_TAIL_LINES: Final = 20
+#: The folder that holds the ``plugins`` package: the instances' working directory.
+PROJECT_ROOT: Final = Path(__file__).resolve().parents[2]
+
+#: Processes this worker spawned, kept so they can be reaped instead of lingering as zombies.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+#: An opener that never sends loopback requests through an HTTP proxy.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise PermanentError(f"invalid instance name {name!r}: must match {NAME_PATTERN.pattern}")
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid``'s exit status if it is this process's child; others are not ours to reap."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            _CHILDREN.pop(pid, None)
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Whether ``proc`` still runs; a zombie does not."""
+    _reap(proc.pid)
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON through a temporary file, so readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _disk_bytes(directory: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for file in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, file)).st_size
+    return total
+
+
+class _Cgroups:
+    """One instance's cgroups: v2, v1 (separate ``cpu`` and ``memory`` trees), or none."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._mode: str | None = None
+
+    @property
+    def mode(self) -> str:
+        """``cgroup-v2``, ``cgroup-v1``, or ``none`` when cgroups are not writable here."""
+        if self._mode is None:
+            self._mode = self._detect()
+        return self._mode
+
+    def _detect(self) -> str:
+        try:
+            if (self.root / "cgroup.controllers").exists():
+                parent = self.root / CGROUP_PARENT
+                parent.mkdir(exist_ok=True)
+                for folder in (self.root, parent):
+                    (folder / "cgroup.subtree_control").write_text("+cpu +memory")
+                enabled = (parent / "cgroup.subtree_control").read_text().split()
+                if {"cpu", "memory"} <= set(enabled):
+                    return "cgroup-v2"
+            elif (self.root / "cpu" / "cpu.cfs_quota_us").exists() and (
+                self.root / "memory" / "memory.limit_in_bytes"
+            ).exists():
+                for tree in ("cpu", "memory"):
+                    (self.root / tree / CGROUP_PARENT).mkdir(exist_ok=True)
+                return "cgroup-v1"
+        except OSError as exc:
+            log.warning("cgroups_not_writable", root=str(self.root), error=str(exc))
+        return "none"
+
+    def dirs(self, name: str) -> list[Path]:
+        """The instance's cgroup folders (none without cgroups)."""
+        if self.mode == "cgroup-v2":
+            return [self.root / CGROUP_PARENT / name]
+        if self.mode == "cgroup-v1":
+            return [self.root / tree / CGROUP_PARENT / name for tree in ("cpu", "memory")]
+        return []
+
+    def apply(self, name: str, *, cpu_quota_us: int | None, memory_bytes: int | None) -> None:
+        """Create the instance's cgroups and write its CPU quota and memory limit."""
+        for directory in self.dirs(name):
+            directory.mkdir(parents=True, exist_ok=True)
+        if self.mode == "cgroup-v2":
+            group = self.root / CGROUP_PARENT / name
+            quota = "max" if cpu_quota_us is None else str(cpu_quota_us)
+            (group / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+            (group / "memory.max").write_text("max" if memory_bytes is None else str(memory_bytes))
+        elif self.mode == "cgroup-v1":
+            cpu, memory = self.dirs(name)
+            (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (cpu / "cpu.cfs_quota_us").write_text(str(-1 if cpu_quota_us is None else cpu_quota_us))
+            limit = -1 if memory_bytes is None else memory_bytes
+            (memory / "memory.limit_in_bytes").write_text(str(limit))
+
+    def procs_files(self, name: str) -> list[Path]:
+        """The ``cgroup.procs`` files a process writes its pid to, to join the instance."""
+        return [directory / "cgroup.procs" for directory in self.dirs(name)]
+
+    def join(self, name: str, pid: int) -> None:
+        """Move ``pid`` into the instance's cgroups."""
+        for procs in self.procs_files(name):
+            procs.write_text(str(pid))
+
+    def remove(self, name: str) -> None:
+        """Remove the instance's cgroups; a group still busy after a moment is left, and logged."""
+        for directory in self.dirs(name):
+            deadline = time.monotonic() + 2.0
+            while directory.exists():
+                try:
+                    directory.rmdir()
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    # Exiting tasks leave the group a moment after SIGKILL.
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        log.warning("cgroup_not_removed", path=str(directory), error=str(exc))
+                        break
+                    time.sleep(POLL_SECONDS)
+
+
+class LocalPlatform:
+    """Instances as detached processes on this host, under cgroup limits where writable."""
+
+    name: ClassVar[str] = "local"
+
+    def __init__(self, *, state_dir: Path, start_timeout: float = 20.0) -> None:
+        # The path is part of every instance's environment marker, so pin it once.
+        self.state_dir = Path(state_dir).expanduser().resolve()
+        self.start_timeout = start_timeout
+        self._cgroups = _Cgroups(CGROUP_ROOT)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalPlatform:
+        """The platform for these settings: instances under ``data_dir/instances``."""
+        return cls(
+            state_dir=settings.data_dir / "instances",
+            start_timeout=settings.instance_start_timeout,
+        )
+
+    # -- the Platform contract ------------------------------------------------------------
+
+    def create_instance(self, spec: InstanceSpec) -> InstanceInfo:
+        """Create and start ``spec.name``; an existing instance of that name is returned."""
+        _check_name(spec.name)
+        with self._locked(spec.name):
+            proc = self._find(spec.name)
+            stored = self._read_spec(spec.name)
+            if proc is not None:
+                return self._adopt(stored or spec, proc, write_spec=stored is None)
+            self._instance_dir(spec.name).mkdir(parents=True, exist_ok=True)
+            _write_json(self._instance_dir(spec.name) / "spec.json", spec.model_dump(mode="json"))
+            pid = self._spawn(spec)
+            log.info("instance_created", instance=spec.name, pid=pid, tenant_id=spec.tenant_id)
+            return self._info(spec, pid)
+
+    def destroy_instance(self, name: str) -> None:
+        """Kill the instance and remove its cgroups, folder and lock; a missing one is success."""
+        _check_name(name)
+        with self._locked(name) as lock_path:
+            killed = self._kill(name, grace=0.0)
+            self._cgroups.remove(name)
+            shutil.rmtree(self._instance_dir(name), ignore_errors=True)
+            # Unlinked while held: waiters on the old file notice and take the new one.
+            lock_path.unlink(missing_ok=True)
+        log.info("instance_destroyed", instance=name, killed=killed)
+
+    def start_instance(self, name: str) -> InstanceInfo:
+        """Start a stopped instance from its ``spec.json``; a running one is returned as it is."""
+        _check_name(name)
+        with self._locked(name):
+            spec = self._require_spec(name)
+            proc = self._find(name)
+            if proc is not None:
+                return self._adopt(spec, proc, write_spec=False)
+            pid = self._spawn(spec)
+            log.info("instance_started", instance=name, pid=pid)
+            return self._info(spec, pid)
+
+    def stop_instance(self, name: str) -> None:
+        """SIGTERM the instance's process group, SIGKILL after a grace; data is kept."""
+        _check_name(name)
+        with self._locked(name):
+            killed = self._kill(name, grace=STOP_GRACE_SECONDS)
+        if killed:
+            log.info("instance_stopped", instance=name, processes=killed)
+
+    def exec(self, name: str, command: list[str], *, timeout: float = 30.0) -> ExecResult:
+        """Run ``command`` in the instance's ``data/`` folder, environment and cgroups."""
+        _check_name(name)
+        spec = self._require_spec(name)
+        if not command:
+            raise PermanentError("exec needs a command")
+        data = self._instance_dir(name) / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = self._wrap(name, list(command), memory_mb=spec.limits.memory_mb)
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=data,
+                env=self._env(spec, instance=False),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TransientError(f"exec in {name} timed out after {timeout}s") from exc
+        except OSError as exc:
+            raise PermanentError(f"cannot exec {command[0]!r} in {name}: {exc}") from exc
+        log.info("instance_exec", instance=name, command=command[0], exit_code=done.returncode)
+        return ExecResult(exit_code=done.returncode, stdout=done.stdout, stderr=done.stderr)
+
+    def stats(self, name: str) -> InstanceStats:
+        """CPU seconds and RSS of the process tree, bytes on disk, and the service's traffic."""
+        _check_name(name)
+        self._require_spec(name)
+        proc = self._find(name)
+        cpu_seconds, memory_bytes, rx_bytes, tx_bytes = 0.0, 0, 0, 0
+        if proc is not None:
+            cpu_seconds, memory_bytes = self._usage(proc)
+            port = self._read_port(name)
+            if port is not None:
+                rx_bytes, tx_bytes = self._traffic(name, port)
+        return InstanceStats(
+            cpu_seconds=cpu_seconds,
+            memory_bytes=memory_bytes,
+            disk_bytes=_disk_bytes(self._instance_dir(name)),
+            rx_bytes=rx_bytes,
+            tx_bytes=tx_bytes,
+        )
+
+    def set_limits(self, name: str, limits: Limits) -> InstanceInfo:
+        """Change a running instance's cgroup limits in place; a stopped one only records them."""
+        _check_name(name)
+        with self._locked(name):
+            spec = self._require_spec(name).model_copy(update={"limits": limits})
+            proc = self._find(name)
+            if proc is not None:
+                self._enforce(name, limits, proc.pid)
+            directory = self._instance_dir(name)
+            _write_json(directory / "spec.json", spec.model_dump(mode="json"))
+            _write_json(directory / "limits.json", self._plan(limits))
+            log.info(
+                "instance_limits_set",
+                instance=name,
+                running=proc is not None,
+                **limits.model_dump(),
+            )
+            return self._info(spec, proc.pid if proc else None)
+
+    def list_instances(self, tenant_id: str | None = None) -> list[InstanceInfo]:
+        """Every instance folder with a ``spec.json``, optionally only one tenant's."""
+        if not self.state_dir.is_dir():
+            return []
+        found = self._scan()
+        infos = []
+        for directory in sorted(self.state_dir.iterdir()):
+            if not directory.is_dir() or not NAME_PATTERN.match(directory.name):
+                continue
+            spec = self._read_spec(directory.name)
+            if spec is None or (tenant_id is not None and spec.tenant_id != tenant_id):
+                continue
+            proc = self._leader(found.get(directory.name, []))
+            infos.append(self._info(spec, proc.pid if proc else None))
+        return infos
+
+    # -- processes ------------------------------------------------------------------------
+
+    def _scan(self, name: str | None = None) -> dict[str, list[psutil.Process]]:
+        """Live instance processes of this state dir, by instance name."""
+        state = str(self.state_dir)
+        found: dict[str, list[psutil.Process]] = {}
+        for proc in psutil.process_iter(["environ", "status"]):
+            env = proc.info.get("environ") or {}
+            instance = env.get(INSTANCE_ENV)
+            if env.get(STATE_ENV) != state or instance is None:
+                continue
+            if name is not None and instance != name:
+                continue
+            if proc.info.get("status") == psutil.STATUS_ZOMBIE:
+                _reap(proc.pid)
+                continue
+            found.setdefault(instance, []).append(proc)
+        return found
+
+    @staticmethod
+    def _leader(procs: list[psutil.Process]) -> psutil.Process | None:
+        """The instance's main process: its session leader, else the oldest."""
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                if os.getsid(proc.pid) == proc.pid:
+                    return proc
+        live = [proc for proc in procs if _alive(proc)]
+        return min(live, key=lambda proc: proc.create_time()) if live else None
+
+    def _find(self, name: str) -> psutil.Process | None:
+        return self._leader(self._scan(name).get(name, []))
+
+    def _spawn(self, spec: InstanceSpec) -> int:
+        """Start the instance process under its limits and wait until it listens."""
+        directory = self._instance_dir(spec.name)
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        (directory / "port").unlink(missing_ok=True)
+        self._enforce(spec.name, spec.limits, None)
+        argv = self._wrap(
+            spec.name,
+            [*self._command(spec), "--name", spec.name, "--dir", str(directory), "--port", "0"],
+        )
+        with (directory / "instance.log").open("ab") as output:
+            try:
+                child = subprocess.Popen(
+                    argv,
+                    cwd=PROJECT_ROOT,
+                    env=self._env(spec, instance=True),
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise PermanentError(f"cannot start instance {spec.name}: {exc}") from exc
+        _CHILDREN[child.pid] = child
+        self._enforce(spec.name, spec.limits, child.pid)
+        _write_json(directory / "limits.json", self._plan(spec.limits))
+        log.info("instance_spawned", instance=spec.name, pid=child.pid, argv=argv)
+        self._wait_port(spec.name, child.pid)
+        return child.pid
+
+    def _adopt(self, spec: InstanceSpec, proc: psutil.Process, *, write_spec: bool) -> InstanceInfo:
+        """Return a live instance, finishing what a killed worker left undone."""
+        directory = self._instance_dir(spec.name)
+        directory.mkdir(parents=True, exist_ok=True)
+        if write_spec:
+            _write_json(directory / "spec.json", spec.model_dump(mode="json"))
+        if not (directory / "limits.json").exists():
+            self._enforce(spec.name, spec.limits, proc.pid)
+            _write_json(directory / "limits.json", self._plan(spec.limits))
+        self._wait_port(spec.name, proc.pid)
+        log.info("instance_found", instance=spec.name, pid=proc.pid)
+        return self._info(spec, proc.pid)
+
+    def _wait_port(self, name: str, pid: int) -> int:
+        """The port the instance wrote; it may be booting still, or die trying."""
+        deadline = time.monotonic() + self.start_timeout
+        # Kept before polling: reaping drops the child from _CHILDREN, with its exit code.
+        child = _CHILDREN.get(pid)
+        try:
+            proc: psutil.Process | None = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            proc = None
+        while True:
+            port = self._read_port(name)
+            if port is not None:
+                return port
+            if proc is None or not _alive(proc):
+                code = child.returncode if child is not None else None
+                raise PermanentError(
+                    f"instance {name} exited before listening (exit code {code}): "
+                    f"{self._log_tail(name)}"
+                )
+            if time.monotonic() > deadline:
+                raise TransientError(f"instance {name} did not listen within {self.start_timeout}s")
+            time.sleep(POLL_SECONDS)
+
+    def _kill(self, name: str, *, grace: float) -> int:
+        """Stop every process of the instance: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        procs = self._scan(name).get(name, [])
+        if not procs:
+            return 0
+        if grace > 0:
+            self._signal(procs, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while any(_alive(proc) for proc in procs) and time.monotonic() < deadline:
+                time.sleep(POLL_SECONDS)
+        self._signal([proc for proc in procs if _alive(proc)], signal.SIGKILL)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while any(_alive(proc) for proc in procs):
+            if time.monotonic() > deadline:
+                raise TransientError(f"instance {name} did not die after SIGKILL")
+            time.sleep(POLL_SECONDS)
+        return len(procs)
+
+    @staticmethod
+    def _signal(procs: list[psutil.Process], signum: signal.Signals) -> None:
+        own_group = os.getpgrp()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                group = os.getpgid(proc.pid)
+                # Never signal our own group: only instances get a session of their own.
+                if group == proc.pid and group != own_group:
+                    os.killpg(group, signum)
+                else:
+                    os.kill(proc.pid, signum)
+
+    @staticmethod
+    def _usage(proc: psutil.Process) -> tuple[float, int]:
+        """CPU seconds (with reaped children) and RSS bytes of the process tree."""
+        cpu_seconds, rss = 0.0, 0
+        try:
+            times = proc.cpu_times()
+            cpu_seconds = times.user + times.system + times.children_user + times.children_system
+            rss = proc.memory_info().rss
+            children = proc.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0.0, 0
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                times = child.cpu_times()
+                cpu_seconds += times.user + times.system
+                rss += child.memory_info().rss
+        return cpu_seconds, rss
+
+    @staticmethod
+    def _traffic(name: str, port: int) -> tuple[int, int]:
+        """Bytes in and out as the instance's ``/metrics`` counts them; 0 if it won't say."""
+        url = f"http://{HOST}:{port}/metrics"
+        try:
+            with _DIRECT.open(url, timeout=METRICS_TIMEOUT) as response:
+                data = json.load(response)
+            return int(data.get("rx_bytes", 0)), int(data.get("tx_bytes", 0))
+        except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
+            log.debug("instance_metrics_unreachable", instance=name, port=port, error=str(exc))
+            return 0, 0
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def _plan(self, limits: Limits) -> dict[str, float | int | str | None]:
+        """What ``limits`` amount to on this host (``None`` is unlimited)."""
+        host_cores = float(os.cpu_count() or 1)
+        cores = None if limits.cpu_cores is None else min(limits.cpu_cores, host_cores)
+        storage = None if limits.storage_gb is None else "unenforced"
+        method = self._cgroups.mode
+        if method == "none":
+            return {
+                "cpu_cores": None if cores is None else "unenforced",
+                "memory_mb": limits.memory_mb,
+                "storage": storage,
+                "method": "rlimit",
+            }
+        return {
+            "cpu_cores": cores,
+            "memory_mb": limits.memory_mb,
+            "storage": storage,
+            "method": method,
+        }
+
+    def _enforce(self, name: str, limits: Limits, pid: int | None) -> None:
+        """Write the limits to the cgroups (and move ``pid`` in), or set RLIMIT_AS on ``pid``."""
+        memory_bytes = None if limits.memory_mb is None else limits.memory_mb * 1024 * 1024
+        try:
+            if self._cgroups.mode != "none":
+                cores = self._plan(limits)["cpu_cores"]
+                quota = None
+                if cores is not None:
+                    quota = max(MIN_CFS_QUOTA_US, int(float(cores) * CFS_PERIOD_US))
+                self._cgroups.apply(name, cpu_quota_us=quota, memory_bytes=memory_bytes)
+                if pid is not None:
+                    self._cgroups.join(name, pid)
+            elif pid is not None:
+                value = resource.RLIM_INFINITY if memory_bytes is None else memory_bytes
+                process = psutil.Process(pid)
+                # Only the soft limit: raising a hard limit again would need CAP_SYS_RESOURCE.
+                _soft, hard = process.rlimit(resource.RLIMIT_AS)
+                if hard != resource.RLIM_INFINITY:
+                    value = min(value, hard) if value != resource.RLIM_INFINITY else hard
+                process.rlimit(resource.RLIMIT_AS, (value, hard))
+        except psutil.NoSuchProcess:
+            log.info("instance_exited_before_limits", instance=name, pid=pid)
+        except OSError as exc:
+            if exc.errno in (errno.EBUSY, errno.EINVAL, errno.EPERM):
+                raise PermanentError(f"cannot apply limits {limits} to {name}: {exc}") from exc
+            raise TransientError(f"cannot apply limits to {name}: {exc}") from exc
+        except psutil.AccessDenied as exc:
+            raise PermanentError(f"cannot apply limits {limits} to {name}: {exc}") from exc
+
+    # -- files and commands ---------------------------------------------------------------
+
+    def _instance_dir(self, name: str) -> Path:
+        return self.state_dir / name
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        """Hold the instance's exclusive lock; the kernel drops it if we are killed."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / f"{name}.lock"
+        # A create holds the lock while the instance boots, so wait longer than that.
+        deadline = time.monotonic() + self.start_timeout + 2 * STOP_GRACE_SECONDS + 30
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError as exc:
+                        if time.monotonic() > deadline:
+                            raise TransientError(f"instance {name} is busy (locked)") from exc
+                        time.sleep(POLL_SECONDS)
+                try:
+                    current = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    current = False
+                if current:
+                    yield path
+                    return
+            finally:
+                os.close(fd)
+
+    def _read_spec(self, name: str) -> InstanceSpec | None:
+        path = self._instance_dir(name) / "spec.json"
+        try:
+            return InstanceSpec.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValidationError as exc:
+            raise PermanentError(f"corrupt {path}: {exc}") from exc
+
+    def _require_spec(self, name: str) -> InstanceSpec:
+        spec = self._read_spec(name)
+        if spec is None:
+            raise NotFoundError(f"no local instance named {name!r}")
+        return spec
+
+    def _read_port(self, name: str) -> int | None:
+        try:
+            return int((self._instance_dir(name) / "port").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _log_tail(self, name: str) -> str:
+        try:
+            with (self._instance_dir(name) / "instance.log").open("rb") as file:
+                file.seek(0, os.SEEK_END)
+                file.seek(max(0, file.tell() - 8192))
+                text = file.read().decode(errors="replace")
+        except FileNotFoundError:
+            return "(no instance.log)"
+        return "\n".join(text.splitlines()[-LOG_TAIL_LINES:]) or "(instance.log is empty)"
+
+    @staticmethod
+    def _command(spec: InstanceSpec) -> list[str]:
+        if spec.image is None:
+            return [sys.executable, "-m", "plugins.platforms.instance_server"]
+        argv = shlex.split(spec.image.replace("{python}", sys.executable))
+        if not argv:
+            raise PermanentError(f"instance {spec.name} has an empty image command")
+        return argv
+
+    def _env(self, spec: InstanceSpec, *, instance: bool) -> dict[str, str]:
+        """The instance's environment; only the instance process itself gets the state marker."""
+        env = {key: os.environ[key] for key in PASSTHROUGH_ENV if key in os.environ}
+        env.update(spec.env)
+        env[INSTANCE_ENV] = spec.name
+        if instance:
+            env[STATE_ENV] = str(self.state_dir)
+        else:
+            # An exec'd command must not look like the instance to the process scan.
+            env.pop(STATE_ENV, None)
+        return env
+
+    def _wrap(self, name: str, argv: list[str], *, memory_mb: int | None = None) -> list[str]:
+        """Prefix ``argv`` with a shell that joins the instance's cgroups, then execs it."""
+        files = self._cgroups.procs_files(name)
+        steps = [f"{{ echo $$ > {shlex.quote(str(file))}; }} 2>/dev/null" for file in files]
+        if not files and memory_mb is not None:
+            steps.append(f"ulimit -S -v {memory_mb * 1024} 2>/dev/null")
+        if not steps:
+            return argv
+        return ["/bin/sh", "-c", "; ".join([*steps, 'exec "$@"']), "sh", *argv]
+
+    def _info(self, spec: InstanceSpec, pid: int | None) -> InstanceInfo:
+        port = self._read_port(spec.name) if pid is not None else None
+        try:
+            applied = json.loads((self._instance_dir(spec.name) / "limits.json").read_text())
+        except (FileNotFoundError, ValueError):
+            applied = {}
+        return InstanceInfo(
+            name=spec.name,
+            tenant_id=spec.tenant_id,
+            platform=self.name,
+            status="running" if pid is not None else "stopped",
+            endpoint=f"{HOST}:{port}" if port is not None else None,
+            provider_id=str(pid) if pid is not None else None,
+            limits_requested=spec.limits,
+            limits_applied=applied,
+            labels=spec.labels,
+        )
