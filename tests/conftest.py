@@ -6,6 +6,7 @@ A service that is missing skips its tests on a laptop and fails them in CI.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +27,9 @@ from workers.embedded import EmbeddedRedis
 
 IN_CI = bool(os.environ.get("CI"))
 SERVICES = {"postgres": 5432, "redis": 6379, "rabbitmq": 5672}
-#: Redis database index the tests own (flushed before use).
-TEST_REDIS_DB = 7
+#: Redis database indexes the tests own, one per stack (each flushed before use), so the
+#: workers of two stacks never take each other's messages.
+_redis_dbs = itertools.cycle(range(4, 16))
 
 
 def require(service: str) -> None:
@@ -58,7 +60,7 @@ def build_stack(kind: str, data_dir: Path) -> Stack:
     elif kind == "redis-postgres":
         require("redis")
         require("postgres")
-        url = REDIS_URL.format(db=TEST_REDIS_DB)
+        url = REDIS_URL.format(db=next(_redis_dbs))
         redis.Redis.from_url(url).flushdb()
         stack = Stack(kind, data_dir, create_pg_database(), url)
     elif kind == "rabbitmq":

@@ -65,16 +65,31 @@ def rejection(exc: PermanentError) -> dict[str, Any]:
     return {"ok": False, "error": error}
 
 
-def _validation_error(task_name: str, exc: ValidationError) -> ValidationFailedError:
-    errors = [
-        {
-            "field": ".".join(str(part) for part in err["loc"]) or "kwargs",
-            "message": err["msg"][:MAX_MESSAGE],
-        }
-        for err in exc.errors(include_input=False, include_url=False)
-    ][:20]
-    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return ValidationFailedError(f"invalid arguments for {task_name}: {summary}", errors=errors)
+def _field_path(data: Any, loc: tuple[int | str, ...]) -> str:
+    """The path of the offending input, without pydantic's union-member tags."""
+    parts: list[str] = []
+    current = data
+    for part in loc:
+        if isinstance(current, dict):
+            parts.append(str(part))
+            if part not in current:
+                break  # a missing field: the path ends at its name
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
+            parts.append(str(part))
+            current = current[part]
+        else:
+            break  # what follows names a type tried, not a place in the input
+    return ".".join(parts) or "kwargs"
+
+
+def _validation_error(task_name: str, data: Any, exc: ValidationError) -> ValidationFailedError:
+    errors: dict[str, str] = {}
+    for err in exc.errors(include_input=False, include_url=False):
+        errors.setdefault(_field_path(data, err["loc"]), err["msg"][:MAX_MESSAGE])
+    listed = [{"field": f, "message": m} for f, m in list(errors.items())[:20]]
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in listed)
+    return ValidationFailedError(f"invalid arguments for {task_name}: {summary}", errors=listed)
 
 
 def public_task(
@@ -97,7 +112,7 @@ def public_task(
                 try:
                     payload = model.model_validate(kwargs)
                 except ValidationError as exc:
-                    raise _validation_error(name, exc) from None
+                    raise _validation_error(name, kwargs, exc) from None
                 if not idempotent:
                     with session_scope() as session:
                         return {"ok": True, **service(session, payload).data}

@@ -19,7 +19,7 @@ CASES = [
     ("cul8er.tenants.create", {"name": HUGE, "plan": "free"}, {"name"}),
     ("cul8er.tenants.create", {"name": "Acme", "plan": "free", "tenant_id": "Bad Id!"}, {"tenant_id"}),
     ("cul8er.tenants.create", {"name": "Acme", "plan": "free", "platform": "mainframe"}, {"platform"}),
-    ("cul8er.tenants.create", {"name": "Acme", "plan": "free", "metadata": {"k": HUGE}}, {"metadata.k.str"}),
+    ("cul8er.tenants.create", {"name": "Acme", "plan": "free", "metadata": {"k": HUGE}}, {"metadata.k"}),
     ("cul8er.tenants.change_plan", {"tenant_id": "acme"}, {"plan"}),
     ("cul8er.tenants.change_plan", {"tenant_id": ["acme"], "plan": "pro"}, {"tenant_id"}),
     ("cul8er.tenants.suspend", {"tenant_id": "acme", "reason": HUGE}, {"reason"}),
