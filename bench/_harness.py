@@ -61,13 +61,33 @@ def workers(env: dict[str, str], *, concurrency: int = 2, beat: bool = False) ->
     full = {k: v for k, v in os.environ.items() if not k.startswith("CUL8ER_")}
     full.update(CUL8ER_DATA_DIR=str(data), CUL8ER_LOG_LEVEL="WARNING", **env)
     base = [sys.executable, "-m", "celery", "-A", "workers.app"]
-    commands = [[*base, "worker", "-Q", "lifecycle,metering,health,celery", "-c", str(concurrency),
-                 "--without-mingle", "--without-gossip", "-l", "WARNING", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"]]
+    commands = [
+        [
+            *base,
+            "worker",
+            "-Q",
+            "lifecycle,metering,health,celery",
+            "-c",
+            str(concurrency),
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "WARNING",
+            "-n",
+            f"bench-{uuid.uuid4().hex[:6]}@%h",
+        ]
+    ]
     if beat:
         commands.append([*base, "beat", "-s", str(data / "beat"), "-l", "WARNING"])
     procs = [
-        subprocess.Popen(cmd, cwd=ROOT, env=full, start_new_session=True,
-                         stdout=open(data / "worker.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=full,
+            start_new_session=True,
+            stdout=open(data / "worker.log", "ab"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+        )
         for cmd in commands
     ]
     try:

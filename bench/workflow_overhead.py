@@ -28,7 +28,9 @@ def bare_chain(client: Celery, runs: int) -> list[float]:
     samples = []
     for i in range(runs + 5):
         started = time.perf_counter()
-        chain(*[client.signature("bench.bare_noop", immutable=True) for _ in range(7)]).apply_async().get(timeout=30)
+        chain(
+            *[client.signature("bench.bare_noop", immutable=True) for _ in range(7)]
+        ).apply_async().get(timeout=30)
         if i >= 5:  # warm-up
             samples.append((time.perf_counter() - started) * 1000)
     return samples
@@ -75,12 +77,15 @@ def provisions(client: Celery, database_url: str, count: int) -> list[float]:
     for i in range(count):
         tenant = f"bench{i:03d}"
         started = time.perf_counter()
-        created = client.send_task("cul8er.tenants.create",
-                                   kwargs={"name": tenant, "plan": "free", "tenant_id": tenant}).get(timeout=30)
+        created = client.send_task(
+            "cul8er.tenants.create", kwargs={"name": tenant, "plan": "free", "tenant_id": tenant}
+        ).get(timeout=30)
         assert created["ok"], created
         assert wait(created["workflow_id"]) == "succeeded"
         samples.append((time.perf_counter() - started) * 1000)
-        gone = client.send_task("cul8er.tenants.deprovision", kwargs={"tenant_id": tenant}).get(timeout=30)
+        gone = client.send_task("cul8er.tenants.deprovision", kwargs={"tenant_id": tenant}).get(
+            timeout=30
+        )
         assert wait(gone["workflow_id"]) == "succeeded"
     return samples
 
@@ -98,11 +103,17 @@ def main() -> None:
         from workers.migrate import upgrade
 
         upgrade(database_url)
-        env = {"CUL8ER_BROKER_URL": REDIS, "CUL8ER_DATABASE_URL": database_url,
-               "CUL8ER_IMPORTS": '["bench.noop"]'}
+        env = {
+            "CUL8ER_BROKER_URL": REDIS,
+            "CUL8ER_DATABASE_URL": database_url,
+            "CUL8ER_IMPORTS": '["bench.noop"]',
+        }
         client = Celery("bench", broker=REDIS, backend=REDIS)
-        client.conf.update(task_serializer="json", accept_content=["json"],
-                           task_routes={"cul8er.*": {"queue": "lifecycle"}, "bench.*": {"queue": "lifecycle"}})
+        client.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            task_routes={"cul8er.*": {"queue": "lifecycle"}, "bench.*": {"queue": "lifecycle"}},
+        )
         with workers(env, concurrency=2):
             wait_ready(client)
             # Interleave so both see the same machine noise.
@@ -113,11 +124,19 @@ def main() -> None:
             b, l_ = percentiles(bare), percentiles(led)
             emit("bare celery chain of 7 no-op tasks (ms)", b)
             emit("ledger workflow of 7 no-op steps (ms)", l_)
-            emit("ledger / bare ratio", {"p50": round(l_["p50"] / b["p50"], 2),
-                                         "p99": round(l_["p99"] / b["p99"], 2), "target_p50": 1.5})
+            emit(
+                "ledger / bare ratio",
+                {
+                    "p50": round(l_["p50"] / b["p50"], 2),
+                    "p99": round(l_["p99"] / b["p99"], 2),
+                    "target_p50": 1.5,
+                },
+            )
             if args.provisions:
-                emit("provision workflow on the local platform, free plan (ms)",
-                     percentiles(provisions(client, database_url, args.provisions)))
+                emit(
+                    "provision workflow on the local platform, free plan (ms)",
+                    percentiles(provisions(client, database_url, args.provisions)),
+                )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def require(service: str) -> None:
     """Skip (locally) or fail (in CI) when a service is not on its loopback port."""
     if reachable("127.0.0.1", SERVICES[service]):
         return
-    message = f"{service} is not running on 127.0.0.1:{SERVICES[service]} (scripts/setup.sh services)"
+    message = (
+        f"{service} is not running on 127.0.0.1:{SERVICES[service]} (scripts/setup.sh services)"
+    )
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
@@ -99,7 +101,9 @@ def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
 
 
 @pytest.fixture(scope="session", params=["embedded", "redis-postgres"])
-def running_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def running_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """A stack with a worker and beat running, shared by the lifecycle tests."""
     stack = build_stack(request.param, tmp_path_factory.mktemp(request.param))
     try:

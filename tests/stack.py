@@ -115,9 +115,7 @@ class Stack:
         """A plain Celery client, as another service would hold (no cul8er config)."""
         if self._client is None:
             broker = self.broker_url or EmbeddedRedis(self.data_dir).url
-            backend = self.result_backend or (
-                "rpc://" if broker.startswith("amqp") else broker
-            )
+            backend = self.result_backend or ("rpc://" if broker.startswith("amqp") else broker)
             self._client = Celery("client", broker=broker, backend=backend)
             self._client.conf.update(
                 task_serializer="json", accept_content=["json"], result_serializer="json"
@@ -151,8 +149,19 @@ class Stack:
         """A real ``celery worker`` on every cul8er queue."""
         unique = f"{name}-{uuid.uuid4().hex[:6]}@%h"
         process = self._spawn(
-            ["worker", "-Q", "lifecycle,metering,health,celery", "-c", str(concurrency), "-n", unique,
-             "--without-mingle", "--without-gossip", "-l", "INFO"],
+            [
+                "worker",
+                "-Q",
+                "lifecycle,metering,health,celery",
+                "-c",
+                str(concurrency),
+                "-n",
+                unique,
+                "--without-mingle",
+                "--without-gossip",
+                "-l",
+                "INFO",
+            ],
             f"worker-{name}.log",
         )
         if wait:

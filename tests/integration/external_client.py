@@ -27,8 +27,12 @@ app.conf.update(task_serializer="json", accept_content=["json"], result_serializ
 
 created = app.send_task(
     "cul8er.tenants.create",
-    kwargs={"name": "External Inc", "plan": "starter", "tenant_id": tenant_id,
-            "idempotency_key": f"signup-{tenant_id}"},
+    kwargs={
+        "name": "External Inc",
+        "plan": "starter",
+        "tenant_id": tenant_id,
+        "idempotency_key": f"signup-{tenant_id}",
+    },
 ).get(timeout=60)
 assert created["ok"], created
 deadline = time.monotonic() + 120
@@ -40,5 +44,12 @@ while True:
         break
     time.sleep(0.3)
 tenant = app.send_task("cul8er.tenants.get", kwargs={"tenant_id": tenant_id}).get(timeout=30)
-print(json.dumps({"workflow": status["status"], "tenant": tenant["status"],
-                  "modules": sorted(m for m in sys.modules if m.split(".")[0] in {"workers", "tasks"})}))
+print(
+    json.dumps(
+        {
+            "workflow": status["status"],
+            "tenant": tenant["status"],
+            "modules": sorted(m for m in sys.modules if m.split(".")[0] in {"workers", "tasks"}),
+        }
+    )
+)

@@ -17,9 +17,21 @@ CASES = [
     ("cul8er.tenants.create", {"name": "Acme"}, {"plan"}),
     ("cul8er.tenants.create", {"name": "Acme", "plan": "free", "colour": "red"}, {"colour"}),
     ("cul8er.tenants.create", {"name": HUGE, "plan": "free"}, {"name"}),
-    ("cul8er.tenants.create", {"name": "Acme", "plan": "free", "tenant_id": "Bad Id!"}, {"tenant_id"}),
-    ("cul8er.tenants.create", {"name": "Acme", "plan": "free", "platform": "mainframe"}, {"platform"}),
-    ("cul8er.tenants.create", {"name": "Acme", "plan": "free", "metadata": {"k": HUGE}}, {"metadata.k"}),
+    (
+        "cul8er.tenants.create",
+        {"name": "Acme", "plan": "free", "tenant_id": "Bad Id!"},
+        {"tenant_id"},
+    ),
+    (
+        "cul8er.tenants.create",
+        {"name": "Acme", "plan": "free", "platform": "mainframe"},
+        {"platform"},
+    ),
+    (
+        "cul8er.tenants.create",
+        {"name": "Acme", "plan": "free", "metadata": {"k": HUGE}},
+        {"metadata.k"},
+    ),
     ("cul8er.tenants.change_plan", {"tenant_id": "acme"}, {"plan"}),
     ("cul8er.tenants.change_plan", {"tenant_id": ["acme"], "plan": "pro"}, {"tenant_id"}),
     ("cul8er.tenants.suspend", {"tenant_id": "acme", "reason": HUGE}, {"reason"}),
@@ -32,7 +44,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("task", "kwargs", "fields"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("task", "kwargs", "fields"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_bad_input_is_rejected_with_the_field(running_stack: Stack, task, kwargs, fields) -> None:
     # When a public task gets bad input
     async_result = running_stack.client.send_task(task, kwargs=kwargs)
@@ -54,7 +68,9 @@ def test_positional_arguments_are_refused(running_stack: Stack) -> None:
 
 
 def test_unknown_tenant_and_workflow_are_not_found(running_stack: Stack) -> None:
-    assert running_stack.call("cul8er.tenants.get", tenant_id="nobody")["error"]["code"] == "not_found"
+    assert (
+        running_stack.call("cul8er.tenants.get", tenant_id="nobody")["error"]["code"] == "not_found"
+    )
     missing = running_stack.call("cul8er.workflows.status", workflow_id="0" * 32)
     assert missing["error"]["code"] == "not_found"
     refused = running_stack.call("cul8er.tenants.suspend", tenant_id="nobody")

@@ -19,7 +19,11 @@ HERE = Path(__file__).parent
 def cli(stack: Stack, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],
-        env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -30,7 +34,10 @@ def test_external_celery_only_client_creates_a_tenant(running_stack: Stack) -> N
     # When a script with only celery sends cul8er.tenants.create by name
     done = subprocess.run(
         [sys.executable, str(HERE / "external_client.py"), broker, broker, tenant_id],
-        capture_output=True, text=True, timeout=240, cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd="/",
     )
     # Then it sees the workflow succeed and the tenant become active, importing no cul8er code
     assert done.returncode == 0, done.stderr
@@ -44,8 +51,18 @@ def test_cli_drives_a_tenant_through_its_life(running_stack: Stack) -> None:
     stack = running_stack
     tenant_id = f"cli{uuid.uuid4().hex[:8]}"
     # create --wait --json returns the finished workflow
-    made = cli(stack, "tenant", "create", "CLI Co", "--plan", "free", "--tenant-id", tenant_id,
-               "--wait", "--json")
+    made = cli(
+        stack,
+        "tenant",
+        "create",
+        "CLI Co",
+        "--plan",
+        "free",
+        "--tenant-id",
+        tenant_id,
+        "--wait",
+        "--json",
+    )
     assert made.returncode == 0, made.stderr
     assert json.loads(made.stdout)["status"] == "succeeded"
     # list and show, as JSON and as tables
@@ -55,11 +72,21 @@ def test_cli_drives_a_tenant_through_its_life(running_stack: Stack) -> None:
     assert tenant_id in shown.stdout and "active" in shown.stdout and "127.0.0.1:" in shown.stdout
     runs = json.loads(cli(stack, "workflow", "list", "--tenant", tenant_id, "--json").stdout)
     assert [r["kind"] for r in runs] == ["tenant.provision"]
-    assert json.loads(cli(stack, "workflow", "list", "--status", "failed", "--tenant", tenant_id,
-                          "--json").stdout) == []
+    assert (
+        json.loads(
+            cli(
+                stack, "workflow", "list", "--status", "failed", "--tenant", tenant_id, "--json"
+            ).stdout
+        )
+        == []
+    )
     # change-plan, suspend, resume, delete, each waiting for the end
-    for args in (["change-plan", tenant_id, "starter"], ["suspend", tenant_id],
-                 ["resume", tenant_id], ["delete", tenant_id]):
+    for args in (
+        ["change-plan", tenant_id, "starter"],
+        ["suspend", tenant_id],
+        ["resume", tenant_id],
+        ["delete", tenant_id],
+    ):
         step = cli(stack, "tenant", *args, "--wait")
         assert step.returncode == 0, (args, step.stdout, step.stderr)
         assert "succeeded" in step.stdout
@@ -70,7 +97,9 @@ def test_cli_drives_a_tenant_through_its_life(running_stack: Stack) -> None:
     assert refused.returncode == 1 and "conflict" in refused.stderr
 
 
-def test_schema_export_writes_one_schema_per_public_task(tmp_path: Path, running_stack: Stack) -> None:
+def test_schema_export_writes_one_schema_per_public_task(
+    tmp_path: Path, running_stack: Stack
+) -> None:
     out = cli(running_stack, "schema", "export", str(tmp_path / "schemas"))
     assert out.returncode == 0, out.stderr
     names = sorted(p.name for p in (tmp_path / "schemas").iterdir())
@@ -83,7 +112,11 @@ def test_schema_export_writes_one_schema_per_public_task(tmp_path: Path, running
 def test_plain_celery_inspect_works(running_stack: Stack) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "registered", "--json"],
-        env=running_stack.env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=running_stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     registered = json.loads(out.stdout)

@@ -18,7 +18,16 @@ from tasks import workflows as wf
 from tests.stack import Stack, instance_processes
 from workers import ledger
 from workers.datastore import store_exists
-from workers.models import AuditEvent, Instance, NetworkAllocation, Operation, StepRun, Tenant, WorkflowRun, utcnow
+from workers.models import (
+    AuditEvent,
+    Instance,
+    NetworkAllocation,
+    Operation,
+    StepRun,
+    Tenant,
+    WorkflowRun,
+    utcnow,
+)
 from workers.settings import Settings
 from workers.workflow import Workflow
 
@@ -39,7 +48,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 
 def _insert_run(stack: Stack, workflow: Workflow, tenant_id: str, input: dict) -> str:
     with stack.session() as session:
-        run = ledger.new_run(session, kind=workflow.kind, tenant_id=tenant_id, input=input, grace=3600)
+        run = ledger.new_run(
+            session, kind=workflow.kind, tenant_id=tenant_id, input=input, grace=3600
+        )
         tenant = session.get(Tenant, tenant_id)
         assert tenant is not None
         tenant.active_workflow_id = run.id
@@ -65,7 +76,9 @@ def _deliver_twice(stack: Stack, run_id: str, task: str, phase: str = "forward")
     raise AssertionError(f"{task} did not finish: {status}")
 
 
-def _drive(stack: Stack, run_id: str, workflow: Workflow, checks: dict[str, Callable[[], None]]) -> None:
+def _drive(
+    stack: Stack, run_id: str, workflow: Workflow, checks: dict[str, Callable[[], None]]
+) -> None:
     for task in workflow.forward_tasks:
         _deliver_twice(stack, run_id, task)
         checks.get(task.rsplit(".", 1)[1], lambda: None)()
@@ -94,52 +107,111 @@ def test_every_tenant_step_twice_leaves_one_side_effect(stack: Stack) -> None:
 
     # Given a tenant row and a provision run that nobody dispatched
     with stack.session() as session:
-        session.add(Tenant(id=tenant_id, name="Twice", plan="free", status="provisioning",
-                           platform="local", resources={}, meta={}, billing_anchor=utcnow().date()))
+        session.add(
+            Tenant(
+                id=tenant_id,
+                name="Twice",
+                plan="free",
+                status="provisioning",
+                platform="local",
+                resources={},
+                meta={},
+                billing_anchor=utcnow().date(),
+            )
+        )
     run_id = _insert_run(stack, wf.PROVISION, tenant_id, {"plan": "free"})
 
     # When each provision step is delivered twice at once
     # Then each leaves exactly one side effect
-    _drive(stack, run_id, wf.PROVISION, {
-        "allocate_network": lambda: (
-            count(NetworkAllocation, NetworkAllocation.tenant_id == tenant_id) == 1 or _fail("subnet")
-        ),
-        "create_instances": lambda: (
-            (len(instance_processes(stack.data_dir, name)) == 1
-             and count(Instance, Instance.tenant_id == tenant_id) == 1) or _fail("instance")
-        ),
-        "create_datastore": lambda: store_exists(settings, tenant_id) or _fail("store"),
-        "activate": lambda: status() == "active" or _fail("status"),
-    })
-    assert count(AuditEvent, AuditEvent.tenant_id == tenant_id, AuditEvent.kind == "tenant.status_changed") == 1
+    _drive(
+        stack,
+        run_id,
+        wf.PROVISION,
+        {
+            "allocate_network": lambda: (
+                count(NetworkAllocation, NetworkAllocation.tenant_id == tenant_id) == 1
+                or _fail("subnet")
+            ),
+            "create_instances": lambda: (
+                (
+                    len(instance_processes(stack.data_dir, name)) == 1
+                    and count(Instance, Instance.tenant_id == tenant_id) == 1
+                )
+                or _fail("instance")
+            ),
+            "create_datastore": lambda: store_exists(settings, tenant_id) or _fail("store"),
+            "activate": lambda: status() == "active" or _fail("status"),
+        },
+    )
+    assert (
+        count(
+            AuditEvent,
+            AuditEvent.tenant_id == tenant_id,
+            AuditEvent.kind == "tenant.status_changed",
+        )
+        == 1
+    )
 
     # And the same for change plan, suspend, resume and deprovision
     with stack.session() as session:
         session.get(Tenant, tenant_id).plan  # noqa: B018 - loaded to exist
-    run_id = _insert_run(stack, wf.CHANGE_PLAN, tenant_id, {"plan": "starter", "previous_plan": "free"})
+    run_id = _insert_run(
+        stack, wf.CHANGE_PLAN, tenant_id, {"plan": "starter", "previous_plan": "free"}
+    )
     _drive(stack, run_id, wf.CHANGE_PLAN, {})
     with stack.session() as session:
         assert session.get(Tenant, tenant_id).plan == "starter"
 
     run_id = _insert_run(stack, wf.SUSPEND, tenant_id, {"reason": "test"})
-    _drive(stack, run_id, wf.SUSPEND, {
-        "stop_instances": lambda: instance_processes(stack.data_dir, name) == [] or _fail("stopped"),
-    })
+    _drive(
+        stack,
+        run_id,
+        wf.SUSPEND,
+        {
+            "stop_instances": lambda: (
+                instance_processes(stack.data_dir, name) == [] or _fail("stopped")
+            ),
+        },
+    )
     assert status() == "suspended"
 
     run_id = _insert_run(stack, wf.RESUME, tenant_id, {"reason": ""})
-    _drive(stack, run_id, wf.RESUME, {
-        "start_instances": lambda: len(instance_processes(stack.data_dir, name)) == 1 or _fail("started"),
-    })
+    _drive(
+        stack,
+        run_id,
+        wf.RESUME,
+        {
+            "start_instances": lambda: (
+                len(instance_processes(stack.data_dir, name)) == 1 or _fail("started")
+            ),
+        },
+    )
     assert status() == "active"
 
     run_id = _insert_run(stack, wf.DEPROVISION, tenant_id, {})
-    _drive(stack, run_id, wf.DEPROVISION, {
-        "destroy_instances": lambda: instance_processes(stack.data_dir, name) == [] or _fail("destroyed"),
-        "release_network": lambda: count(NetworkAllocation, NetworkAllocation.tenant_id == tenant_id) == 0 or _fail("released"),
-    })
+    _drive(
+        stack,
+        run_id,
+        wf.DEPROVISION,
+        {
+            "destroy_instances": lambda: (
+                instance_processes(stack.data_dir, name) == [] or _fail("destroyed")
+            ),
+            "release_network": lambda: (
+                count(NetworkAllocation, NetworkAllocation.tenant_id == tenant_id) == 0
+                or _fail("released")
+            ),
+        },
+    )
     assert status() == "terminated"
-    assert count(AuditEvent, AuditEvent.tenant_id == tenant_id, AuditEvent.kind == "tenant.status_changed") == 5
+    assert (
+        count(
+            AuditEvent,
+            AuditEvent.tenant_id == tenant_id,
+            AuditEvent.kind == "tenant.status_changed",
+        )
+        == 5
+    )
 
 
 def _fail(what: str) -> bool:
@@ -158,23 +230,28 @@ def test_public_task_redelivered_and_repeated_key_make_one_workflow(stack: Stack
     # Then there is one tenant and one provision run
     assert result["ok"], result
     with stack.session() as session:
-        runs = session.scalars(select(WorkflowRun.id).where(WorkflowRun.tenant_id == tenant_id)).all()
+        runs = session.scalars(
+            select(WorkflowRun.id).where(WorkflowRun.tenant_id == tenant_id)
+        ).all()
     assert runs == [result["workflow_id"]]
 
     # Given two calls with one idempotency key at the same moment
     key = uuid.uuid4().hex
     other = f"t{uuid.uuid4().hex[:8]}"
     calls = [
-        stack.client.send_task("cul8er.tenants.create",
-                               kwargs={"name": "Keyed", "plan": "free", "tenant_id": other,
-                                       "idempotency_key": key})
+        stack.client.send_task(
+            "cul8er.tenants.create",
+            kwargs={"name": "Keyed", "plan": "free", "tenant_id": other, "idempotency_key": key},
+        )
         for _ in range(2)
     ]
     results = [c.get(timeout=30) for c in calls]
     # Then both answer with the same workflow and only one exists
     assert results[0] == results[1] and results[0]["ok"]
     with stack.session() as session:
-        assert session.scalars(select(WorkflowRun.id).where(WorkflowRun.tenant_id == other)).all() == [results[0]["workflow_id"]]
+        assert session.scalars(
+            select(WorkflowRun.id).where(WorkflowRun.tenant_id == other)
+        ).all() == [results[0]["workflow_id"]]
         assert session.get(Operation, f"cul8er.tenants.create:{key}") is not None
     for run_id in (result["workflow_id"], results[0]["workflow_id"]):
         assert stack.wait_run(run_id)["status"] == "succeeded"
@@ -189,8 +266,18 @@ def test_compensation_steps_twice_leave_nothing(stack: Stack) -> None:
     created = stack.call("cul8er.tenants.create", name="Undo", plan="free", tenant_id=tenant_id)
     assert stack.wait_run(created["workflow_id"])["status"] == "succeeded"
     with stack.session() as session:
-        session.add(Tenant(id=tenant_id + "x", name="x", plan="free", status="provisioning",
-                           platform="local", resources={}, meta={}, billing_anchor=utcnow().date()))
+        session.add(
+            Tenant(
+                id=tenant_id + "x",
+                name="x",
+                plan="free",
+                status="provisioning",
+                platform="local",
+                resources={},
+                meta={},
+                billing_anchor=utcnow().date(),
+            )
+        )
     run_id = _insert_run(stack, wf.PROVISION, tenant_id + "x", {"plan": "free"})
     for task in wf.PROVISION.forward_tasks[:4]:
         _deliver_twice(stack, run_id, task)
@@ -200,8 +287,14 @@ def test_compensation_steps_twice_leave_nothing(stack: Stack) -> None:
             .where(StepRun.run_id == run_id, StepRun.name == "cul8er.tenants.health_check")
             .values(status="running", attempts=1)
         )
-        tasks = ledger.fail_step(session, run_id=run_id, phase="forward", name="cul8er.tenants.health_check",
-                                 error={"code": "permanent", "message": "forced"}, grace=3600)
+        tasks = ledger.fail_step(
+            session,
+            run_id=run_id,
+            phase="forward",
+            name="cul8er.tenants.health_check",
+            error={"code": "permanent", "message": "forced"},
+            grace=3600,
+        )
     # When each compensation is delivered twice at once
     for task in tasks:
         _deliver_twice(stack, run_id, task, phase="compensate")
@@ -209,7 +302,12 @@ def test_compensation_steps_twice_leave_nothing(stack: Stack) -> None:
     with stack.session() as session:
         assert session.get(WorkflowRun, run_id).status == "failed"
         assert session.get(Tenant, tenant_id + "x").status == "failed"
-        assert session.scalars(select(NetworkAllocation).where(NetworkAllocation.tenant_id == tenant_id + "x")).all() == []
+        assert (
+            session.scalars(
+                select(NetworkAllocation).where(NetworkAllocation.tenant_id == tenant_id + "x")
+            ).all()
+            == []
+        )
         assert session.get(Tenant, tenant_id).status == "active"
     assert instance_processes(stack.data_dir, f"t-{tenant_id}x-app-0") == []
     assert len(instance_processes(stack.data_dir, f"t-{tenant_id}-app-0")) == 1

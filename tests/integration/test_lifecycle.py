@@ -51,14 +51,20 @@ def test_tenant_lifecycle_end_to_end(running_stack: Stack) -> None:
 
     # Given a new tenant on the starter plan
     # When it is created
-    created = start(stack, "cul8er.tenants.create", name="Acme", plan="starter", tenant_id=tenant_id)
+    created = start(
+        stack, "cul8er.tenants.create", name="Acme", plan="starter", tenant_id=tenant_id
+    )
     run = stack.wait_run(created["workflow_id"])
 
     # Then its provision workflow succeeded, step by step, in order
     assert run["status"] == "succeeded", run
     assert [s["name"].rsplit(".", 1)[1] for s in run["steps"]] == [
-        "allocate_network", "create_instances", "apply_limits",
-        "create_datastore", "health_check", "activate",
+        "allocate_network",
+        "create_instances",
+        "apply_limits",
+        "create_datastore",
+        "health_check",
+        "activate",
     ]
     # and the tenant is active with a /24 of the pool and a data store
     got = start(stack, "cul8er.tenants.get", tenant_id=tenant_id)
@@ -115,9 +121,9 @@ def test_tenant_lifecycle_end_to_end(running_stack: Stack) -> None:
     assert not store_exists(settings, tenant_id)
     with stack.session() as session:
         statuses = session.scalars(
-            select(AuditEvent.data).where(
-                AuditEvent.tenant_id == tenant_id, AuditEvent.kind == "tenant.status_changed"
-            ).order_by(AuditEvent.id)
+            select(AuditEvent.data)
+            .where(AuditEvent.tenant_id == tenant_id, AuditEvent.kind == "tenant.status_changed")
+            .order_by(AuditEvent.id)
         ).all()
     assert [s["to"] for s in statuses] == ["active", "active", "suspended", "active", "terminated"]
 
@@ -167,7 +173,9 @@ def test_failing_step_compensates_everything(running_stack: Stack, tmp_path) -> 
     stack = running_stack
     tenant_id = new_id()
     # Given a plan whose instances never become healthy
-    created = start(stack, "cul8er.tenants.create", name="Broken", plan="unhealthy", tenant_id=tenant_id)
+    created = start(
+        stack, "cul8er.tenants.create", name="Broken", plan="unhealthy", tenant_id=tenant_id
+    )
     # When its provision runs out of health-check attempts
     run = stack.wait_run(created["workflow_id"])
     # Then the run failed at the health check and compensated in reverse order
@@ -189,12 +197,18 @@ def test_failing_step_compensates_everything(running_stack: Stack, tmp_path) -> 
     # and the error is readable in `cul8er workflow show`
     shown = subprocess.run(
         [sys.executable, "-m", "workers.cli", "workflow", "show", created["workflow_id"]],
-        env=stack.env, capture_output=True, text=True, timeout=60,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert shown.returncode == 0, shown.stderr
     assert "not healthy" in shown.stdout and "health_check" in shown.stdout
     as_json = subprocess.run(
         [sys.executable, "-m", "workers.cli", "workflow", "show", created["workflow_id"], "--json"],
-        env=stack.env, capture_output=True, text=True, timeout=60,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert json.loads(as_json.stdout)["status"] == "failed"

@@ -30,7 +30,9 @@ def test_worker_killed_mid_provision_finishes_on_another_worker(stack_factory, k
     stack.start_beat()
     tenant_id = f"t{uuid.uuid4().hex[:8]}"
     name = f"t-{tenant_id}-app-0"
-    created = stack.call("cul8er.tenants.create", name="Phoenix", plan="slowboot", tenant_id=tenant_id)
+    created = stack.call(
+        "cul8er.tenants.create", name="Phoenix", plan="slowboot", tenant_id=tenant_id
+    )
     assert created["ok"], created
     run_id = created["workflow_id"]
     deadline = time.monotonic() + 30
@@ -71,10 +73,21 @@ def test_lost_message_is_resumed_by_reconcile(stack_factory) -> None:
 
     tenant_id = f"t{uuid.uuid4().hex[:8]}"
     with stack.session() as session:
-        session.add(Tenant(id=tenant_id, name="Lost", plan="free", status="provisioning",
-                           platform="local", resources={}, meta={}, billing_anchor=utcnow().date()))
-        run = ledger.new_run(session, kind=wf.PROVISION.kind, tenant_id=tenant_id,
-                             input={"plan": "free"}, grace=1)
+        session.add(
+            Tenant(
+                id=tenant_id,
+                name="Lost",
+                plan="free",
+                status="provisioning",
+                platform="local",
+                resources={},
+                meta={},
+                billing_anchor=utcnow().date(),
+            )
+        )
+        run = ledger.new_run(
+            session, kind=wf.PROVISION.kind, tenant_id=tenant_id, input={"plan": "free"}, grace=1
+        )
         session.get(Tenant, tenant_id).active_workflow_id = run.id
         run_id = run.id
     # When a worker and beat run

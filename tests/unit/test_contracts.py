@@ -19,12 +19,36 @@ from workers.registry import check_platform
 
 def test_seed_plans_have_the_seed_quotas() -> None:
     plans = load_catalog().plans
-    assert [plans[p].cpu_cores for p in ("free", "starter", "pro", "enterprise")] == [0.5, 2, 8, None]
-    assert [plans[p].memory_gb for p in ("free", "starter", "pro", "enterprise")] == [0.5, 4, 16, None]
-    assert [plans[p].storage_gb for p in ("free", "starter", "pro", "enterprise")] == [1, 20, 100, None]
-    assert [plans[p].max_instances for p in ("free", "starter", "pro", "enterprise")] == [1, 3, 10, None]
+    assert [plans[p].cpu_cores for p in ("free", "starter", "pro", "enterprise")] == [
+        0.5,
+        2,
+        8,
+        None,
+    ]
+    assert [plans[p].memory_gb for p in ("free", "starter", "pro", "enterprise")] == [
+        0.5,
+        4,
+        16,
+        None,
+    ]
+    assert [plans[p].storage_gb for p in ("free", "starter", "pro", "enterprise")] == [
+        1,
+        20,
+        100,
+        None,
+    ]
+    assert [plans[p].max_instances for p in ("free", "starter", "pro", "enterprise")] == [
+        1,
+        3,
+        10,
+        None,
+    ]
     assert [plans[p].max_requests_per_month for p in ("free", "starter", "pro", "enterprise")] == [
-        10_000, 100_000, 1_000_000, None]
+        10_000,
+        100_000,
+        1_000_000,
+        None,
+    ]
     assert plans["pro"].monthly_price > plans["starter"].monthly_price > plans["free"].monthly_price
 
 
@@ -41,10 +65,14 @@ def test_payloads_are_strict_and_closed() -> None:
     with pytest.raises(ValidationError):
         CreateTenant.model_validate({"name": "a", "plan": "free", "extra": 1})
     assert CreateTenant.model_validate({"name": "a", "plan": "free"}).idempotency_key is None
-    assert all(m.model_json_schema()["additionalProperties"] is False for m in PUBLIC_TASKS.values())
+    assert all(
+        m.model_json_schema()["additionalProperties"] is False for m in PUBLIC_TASKS.values()
+    )
 
 
-@pytest.mark.parametrize(("name", "slug"), [("Acme Corp.", "acme-corp"), ("42 Things", "t-42-things")])
+@pytest.mark.parametrize(
+    ("name", "slug"), [("Acme Corp.", "acme-corp"), ("42 Things", "t-42-things")]
+)
 def test_tenant_ids_from_names(name: str, slug: str) -> None:
     assert slugify(name) == slug
 
@@ -72,8 +100,11 @@ def test_the_local_platform_fulfils_the_contract() -> None:
 
 
 def _modules(package) -> list[str]:  # noqa: ANN001
-    return [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
-            if "migrations" not in m.name]
+    return [
+        m.name
+        for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+        if "migrations" not in m.name
+    ]
 
 
 @pytest.mark.parametrize("module_name", _modules(workers) + _modules(schemas))

@@ -34,10 +34,14 @@ def new_run(db: str, grace: float = 60) -> str:
 
 def claim(db: str, run_id: str, name: str, phase: str = "forward") -> ledger.Claim:
     with session_scope(db) as session:
-        return ledger.claim_step(session, run_id=run_id, phase=phase, name=name, task_id="t", lease=30)
+        return ledger.claim_step(
+            session, run_id=run_id, phase=phase, name=name, task_id="t", lease=30
+        )
 
 
-def complete(db: str, run_id: str, name: str, phase: str = "forward", output: dict | None = None) -> bool:
+def complete(
+    db: str, run_id: str, name: str, phase: str = "forward", output: dict | None = None
+) -> bool:
     with session_scope(db) as session:
         return ledger.complete_step(
             session, run_id=run_id, phase=phase, name=name, output=output or {"ok": name}, grace=60
@@ -96,8 +100,14 @@ def test_failure_compensates_completed_steps_in_reverse(db: str) -> None:
     claim(db, run_id, STEPS[4])
     # When the health check fails for good
     with session_scope(db) as session:
-        tasks = ledger.fail_step(session, run_id=run_id, phase="forward", name=STEPS[4],
-                                 error={"code": "permanent", "message": "boom"}, grace=60)
+        tasks = ledger.fail_step(
+            session,
+            run_id=run_id,
+            phase="forward",
+            name=STEPS[4],
+            error={"code": "permanent", "message": "boom"},
+            grace=60,
+        )
     # Then the completed steps with compensations are undone newest first, then on_failure
     assert tasks == [
         "cul8er.tenants.drop_datastore",
@@ -109,7 +119,11 @@ def test_failure_compensates_completed_steps_in_reverse(db: str) -> None:
     assert claim(db, run_id, STEPS[5]).outcome == "inactive"
     for name in tasks:
         ctx = claim(db, run_id, name, phase="compensate").context
-        assert ctx is not None and ctx.error == {"step": STEPS[4], "code": "permanent", "message": "boom"}
+        assert ctx is not None and ctx.error == {
+            "step": STEPS[4],
+            "code": "permanent",
+            "message": "boom",
+        }
         complete(db, run_id, name, phase="compensate")
     with session_scope(db) as session:
         assert session.get(WorkflowRun, run_id).status == "failed"  # type: ignore[union-attr]
@@ -121,13 +135,25 @@ def test_a_failed_compensation_is_recorded_and_the_rest_go_on(db: str) -> None:
     complete(db, run_id, STEPS[0])
     claim(db, run_id, STEPS[1])
     with session_scope(db) as session:
-        tasks = ledger.fail_step(session, run_id=run_id, phase="forward", name=STEPS[1],
-                                 error={"code": "permanent", "message": "no"}, grace=60)
+        tasks = ledger.fail_step(
+            session,
+            run_id=run_id,
+            phase="forward",
+            name=STEPS[1],
+            error={"code": "permanent", "message": "no"},
+            grace=60,
+        )
     assert tasks == ["cul8er.tenants.release_network", "cul8er.tenants.mark_failed"]
     claim(db, run_id, tasks[0], phase="compensate")
     with session_scope(db) as session:
-        ledger.fail_step(session, run_id=run_id, phase="compensate", name=tasks[0],
-                         error={"code": "transient", "message": "db gone"}, grace=60)
+        ledger.fail_step(
+            session,
+            run_id=run_id,
+            phase="compensate",
+            name=tasks[0],
+            error={"code": "transient", "message": "db gone"},
+            grace=60,
+        )
     assert claim(db, run_id, tasks[1], phase="compensate").outcome == "claimed"
     complete(db, run_id, tasks[1], phase="compensate")
     with session_scope(db) as session:
@@ -140,16 +166,26 @@ def test_a_ledger_wait_is_dispatched_once_when_due(db: str) -> None:
     run_id = new_run(db)
     claim(db, run_id, STEPS[0])
     with session_scope(db) as session:
-        ledger.wait_step(session, run_id=run_id, phase="forward", name=STEPS[0], delay=60,
-                         error=None, in_ledger=True)
+        ledger.wait_step(
+            session,
+            run_id=run_id,
+            phase="forward",
+            name=STEPS[0],
+            delay=60,
+            error=None,
+            in_ledger=True,
+        )
     # Not due yet: nothing to dispatch, and an early delivery cannot take it
     with session_scope(db) as session:
         assert ledger.due_waits(session) == []
     assert claim(db, run_id, STEPS[0]).outcome == "busy"
     # When it is due, one tick takes it and a second tick finds nothing
     with session_scope(db) as session:
-        session.execute(update(StepRun).where(StepRun.name == STEPS[0]).values(
-            due_at=utcnow() - dt.timedelta(seconds=1)))
+        session.execute(
+            update(StepRun)
+            .where(StepRun.name == STEPS[0])
+            .values(due_at=utcnow() - dt.timedelta(seconds=1))
+        )
     with session_scope(db) as session:
         assert ledger.due_waits(session) == [(run_id, "forward", STEPS)]
     with session_scope(db) as session:
@@ -168,10 +204,16 @@ def test_stalled_runs_are_taken_once_and_live_leases_are_left_alone(db: str) -> 
         assert ledger.stalled_runs(session, grace=60) == []
     # An expired lease (worker killed) makes the run stalled again
     with session_scope(db) as session:
-        session.execute(update(StepRun).where(StepRun.run_id == leased).values(
-            lease_until=utcnow() - dt.timedelta(seconds=1)))
-        session.execute(update(WorkflowRun).where(WorkflowRun.id == leased).values(
-            deadline_at=utcnow() - dt.timedelta(seconds=1)))
+        session.execute(
+            update(StepRun)
+            .where(StepRun.run_id == leased)
+            .values(lease_until=utcnow() - dt.timedelta(seconds=1))
+        )
+        session.execute(
+            update(WorkflowRun)
+            .where(WorkflowRun.id == leased)
+            .values(deadline_at=utcnow() - dt.timedelta(seconds=1))
+        )
     with session_scope(db) as session:
         assert ledger.stalled_runs(session, grace=60) == [(leased, "forward", STEPS)]
     assert claim(db, leased, STEPS[0]).context.attempt == 2  # type: ignore[union-attr]
