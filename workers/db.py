@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -85,10 +85,16 @@ def dispose_engines() -> None:
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
+def session_scope(url: str | None = None, *, durable: bool = True) -> Iterator[Session]:
     """One transaction: commit on success, roll back on error.
 
     A lost or locked database surfaces as ``TransientError`` so the step retries.
+
+    ``durable=False`` is for the ledger's own bookkeeping (claims, completions):
+    on PostgreSQL the commit does not wait for the WAL flush. A crash of the
+    database server can then forget the last few hundred milliseconds of step
+    records, never half of one, and a forgotten record only makes an idempotent
+    step run again. It saves an fsync per step on the hot path.
     """
     if url is None:
         from workers.settings import get_settings
@@ -97,6 +103,8 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
     get_engine(url)
     session = _makers[(os.getpid(), url)]()
     try:
+        if not durable and url.startswith("postgresql"):
+            session.execute(text("SET LOCAL synchronous_commit TO OFF"))
         yield session
         session.commit()
     except OperationalError as exc:

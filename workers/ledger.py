@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import structlog
 from celery import chain
-from sqlalchemy import case, select, update
+from sqlalchemy import bindparam, case, select, update
 
-from workers.models import StepRun, WorkflowRun, utcnow
+from workers.models import StepRun, UTCDateTime, WorkflowRun, utcnow
 from workers.workflow import COMPENSATE, FORWARD, StepContext, get_workflow
 
 if TYPE_CHECKING:
     from celery import Celery
-    from sqlalchemy import CursorResult, Update
+    from celery.result import AsyncResult
+    from sqlalchemy import CursorResult, Table, Update
     from sqlalchemy.orm import Session
 
 __all__ = [
@@ -92,14 +93,20 @@ def new_run(
     return run
 
 
-def dispatch(app: Celery, run_id: str, phase: str, tasks: list[str]) -> None:
-    """Send the remaining ``tasks`` of a phase as one chain of immutable signatures."""
+def dispatch(app: Celery, run_id: str, phase: str, tasks: list[str]) -> AsyncResult[Any] | None:
+    """Send the remaining ``tasks`` of a phase as one chain of immutable signatures.
+
+    Returns the result of the chain's last step, whose result alone is kept, so
+    a caller can wait for the phase to end without polling the database.
+    """
     if not tasks:
-        return
+        return None
     kwargs = {"run_id": run_id, "phase": phase}
     signatures = [app.signature(name, kwargs=kwargs, immutable=True) for name in tasks]
-    chain(*signatures).apply_async()
+    signatures[-1].options["ignore_result"] = False
+    result: AsyncResult[Any] = chain(*signatures).apply_async()
     log.debug("workflow_dispatched", workflow_id=run_id, phase=phase, first=tasks[0])
+    return result
 
 
 @dataclass(frozen=True)
@@ -113,77 +120,175 @@ class Claim:
     successor_pending: bool = False
 
 
+_steps = cast("Table", StepRun.__table__)
+_runs = cast("Table", WorkflowRun.__table__)
+
+# The hot path's statements are built once, with bind parameters, and run on the
+# Core connection: no per-call expression building, no ORM bookkeeping.
+
+#: Everything a delivery needs to decide and to run: the run and all its steps.
+_READ_RUN = (
+    select(
+        _steps.c.phase,
+        _steps.c.position,
+        _steps.c.name,
+        _steps.c.status,
+        _steps.c.output,
+        _steps.c.attempts,
+        _steps.c.task_id,
+        _steps.c.lease_until,
+        _steps.c.due_at,
+        _runs.c.kind,
+        _runs.c.tenant_id,
+        _runs.c.input,
+        _runs.c.error,
+        _runs.c.status.label("run_status"),
+        _runs.c.phase.label("run_phase"),
+    )
+    .join(_runs, _runs.c.id == _steps.c.run_id)
+    .where(_steps.c.run_id == bindparam("b_run_id"))
+    .order_by(_steps.c.phase, _steps.c.position)
+)
+
+#: Take a step that nobody holds; only one delivery can change the row.
+_CLAIM = (
+    update(_steps)
+    .where(
+        _steps.c.run_id == bindparam("b_run_id"),
+        _steps.c.phase == bindparam("b_phase"),
+        _steps.c.name == bindparam("b_name"),
+        _steps.c.status.not_in(FINISHED),
+        # A live lease belongs to another delivery that is running the step now.
+        ~(
+            (_steps.c.status == "running")
+            & (_steps.c.lease_until > bindparam("b_now", type_=UTCDateTime()))
+        ),
+        ~(
+            (_steps.c.status == "waiting")
+            & (_steps.c.due_at > bindparam("b_now", type_=UTCDateTime()))
+        ),
+    )
+    .values(
+        status="running",
+        attempts=_steps.c.attempts + 1,
+        lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
+        task_id=bindparam("b_task_id"),
+        started_at=bindparam("b_now", type_=UTCDateTime()),
+    )
+)
+
+#: Record a running step's output.
+_COMPLETE = (
+    update(_steps)
+    .where(
+        _steps.c.run_id == bindparam("b_run_id"),
+        _steps.c.phase == bindparam("b_phase"),
+        _steps.c.name == bindparam("b_name"),
+        _steps.c.status == "running",
+    )
+    .values(
+        status="done",
+        output=bindparam("b_output"),
+        finished_at=bindparam("b_now", type_=UTCDateTime()),
+        lease_until=None,
+    )
+)
+
+#: Hand the next step to the chain message that will carry it (see complete_step).
+_HAND_OVER = (
+    update(_steps)
+    .where(
+        _steps.c.run_id == bindparam("b_run_id"),
+        _steps.c.phase == bindparam("b_phase"),
+        _steps.c.name == bindparam("b_name"),
+        _steps.c.status == "pending",
+    )
+    .values(
+        status="running",
+        attempts=_steps.c.attempts + 1,
+        lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
+        task_id=bindparam("b_task_id"),
+        started_at=bindparam("b_now", type_=UTCDateTime()),
+    )
+)
+
+_following = (
+    select(_steps.c.name)
+    .where(
+        _steps.c.run_id == bindparam("b_run_id"),
+        _steps.c.phase == bindparam("b_phase"),
+        _steps.c.status.not_in(FINISHED),
+    )
+    .order_by(_steps.c.position)
+    .limit(1)
+    .scalar_subquery()
+)
+
+#: Point the run at its next step, or finish it after its phase's last step.
+_ADVANCE = (
+    update(_runs)
+    .where(_runs.c.id == bindparam("b_run_id"))
+    .values(
+        current_step=_following,
+        status=case((_following.is_(None), bindparam("b_final")), else_=_runs.c.status),
+        deadline_at=case(
+            (_following.is_(None), None), else_=bindparam("b_deadline", type_=UTCDateTime())
+        ),
+        finished_at=case(
+            (_following.is_(None), bindparam("b_now", type_=UTCDateTime())), else_=None
+        ),
+        updated_at=bindparam("b_now", type_=UTCDateTime()),
+    )
+    .returning(_runs.c.status, _runs.c.kind)
+)
+
+
 def claim_step(
     session: Session, *, run_id: str, phase: str, name: str, task_id: str | None, lease: float
 ) -> Claim:
     """Take the step for this delivery, unless it is done, leased or its run moved on.
 
-    Two round trips: a guarded UPDATE that only one delivery can win, then one
-    read of the run and its steps. This is the ledger's hot path.
+    One read of the run and its steps; then, unless the previous step already
+    handed this step to this very message, one guarded UPDATE that only one
+    delivery can win. This is the ledger's hot path.
     """
     now = utcnow()
-    run_in_phase = (
-        select(WorkflowRun.id)
-        .where(
-            WorkflowRun.id == run_id,
-            WorkflowRun.status == PHASE_STATUS.get(phase, "?"),
-            WorkflowRun.phase == phase,
-        )
-        .exists()
-    )
-    claimed = _rowcount(
-        session,
-        update(StepRun)
-        .where(
-            StepRun.run_id == run_id,
-            StepRun.phase == phase,
-            StepRun.name == name,
-            StepRun.status.not_in(FINISHED),
-            # A live lease belongs to another delivery that is running the step now.
-            ~((StepRun.status == "running") & (StepRun.lease_until > now)),
-            ~((StepRun.status == "waiting") & (StepRun.due_at > now)),
-            run_in_phase,
-        )
-        .values(
-            status="running",
-            attempts=StepRun.attempts + 1,
-            lease_until=now + dt.timedelta(seconds=lease),
-            task_id=task_id,
-            started_at=now,
-        )
-        .execution_options(synchronize_session=False),
-    )
-    rows = session.execute(
-        select(
-            StepRun.phase,
-            StepRun.position,
-            StepRun.name,
-            StepRun.status,
-            StepRun.output,
-            StepRun.attempts,
-            WorkflowRun.kind,
-            WorkflowRun.tenant_id,
-            WorkflowRun.input,
-            WorkflowRun.error,
-            WorkflowRun.status.label("run_status"),
-            WorkflowRun.phase.label("run_phase"),
-        )
-        .join(WorkflowRun, WorkflowRun.id == StepRun.run_id)
-        .where(StepRun.run_id == run_id)
-        .order_by(StepRun.phase, StepRun.position)
-    ).all()
+    conn = session.connection()
+    rows = conn.execute(_READ_RUN, {"b_run_id": run_id}).all()
     phase_rows = [row for row in rows if row.phase == phase]
     mine = next((row for row in phase_rows if row.name == name), None)
     if mine is None:
         return Claim("inactive")
-    if not claimed:
-        if mine.status in FINISHED:
-            later = [row for row in phase_rows if row.position > mine.position]
-            pending = bool(later) and later[0].status == "pending"
-            return Claim("done", output=mine.output or {}, successor_pending=pending)
-        if mine.run_status != PHASE_STATUS.get(phase) or mine.run_phase != phase:
-            return Claim("inactive")
-        return Claim("busy")
+    if mine.status in FINISHED:
+        later = [row for row in phase_rows if row.position > mine.position]
+        pending = bool(later) and later[0].status == "pending"
+        return Claim("done", output=mine.output or {}, successor_pending=pending)
+    if mine.run_status != PHASE_STATUS.get(phase) or mine.run_phase != phase:
+        return Claim("inactive")
+    handed_over = (
+        mine.status == "running"
+        and task_id is not None
+        and mine.task_id == task_id
+        and mine.lease_until is not None
+        and mine.lease_until.replace(tzinfo=dt.UTC) > now
+    )
+    attempt = mine.attempts
+    if not handed_over:
+        claimed = conn.execute(
+            _CLAIM,
+            {
+                "b_run_id": run_id,
+                "b_phase": phase,
+                "b_name": name,
+                "b_now": now,
+                "b_lease_until": now + dt.timedelta(seconds=lease),
+                "b_task_id": task_id,
+            },
+        )
+        if not cast("CursorResult[Any]", claimed).rowcount:
+            return Claim("busy")
+        attempt += 1
+    successors = [str(row.name) for row in phase_rows if row.position > mine.position]
     outputs = {r.name: r.output or {} for r in rows if r.phase == FORWARD and r.status == "done"}
     context = StepContext(
         run_id=run_id,
@@ -193,59 +298,71 @@ def claim_step(
         tenant_id=mine.tenant_id,
         input=mine.input,
         outputs=outputs,
-        attempt=mine.attempts,
+        attempt=attempt,
         error=mine.error,
+        next_step=successors[0] if successors else None,
     )
     return Claim("claimed", context=context)
 
 
 def complete_step(
-    session: Session, *, run_id: str, phase: str, name: str, output: dict[str, Any], grace: float
+    session: Session,
+    *,
+    run_id: str,
+    phase: str,
+    name: str,
+    output: dict[str, Any],
+    grace: float,
+    next_step: str | None = None,
+    next_task_id: str | None = None,
+    lease: float = 0.0,
 ) -> bool:
-    """Record the step's output and move the run on; False if another delivery beat us."""
+    """Record the step's output and move the run on; False if another delivery beat us.
+
+    With ``next_task_id`` (the id of the chain message that carries
+    ``next_step``), the next step is claimed for that message in the same
+    transaction, so its delivery starts without a write of its own.
+    """
     now = utcnow()
-    done = _rowcount(
-        session,
-        update(StepRun)
-        .where(
-            StepRun.run_id == run_id,
-            StepRun.phase == phase,
-            StepRun.name == name,
-            StepRun.status == "running",
-        )
-        .values(status="done", output=output, finished_at=now, lease_until=None)
-        .execution_options(synchronize_session=False),
+    conn = session.connection()
+    done = conn.execute(
+        _COMPLETE,
+        {"b_run_id": run_id, "b_phase": phase, "b_name": name, "b_output": output, "b_now": now},
     )
-    if not done:
+    if not cast("CursorResult[Any]", done).rowcount:
         return False
+    if next_step is not None and next_task_id is not None:
+        conn.execute(
+            _HAND_OVER,
+            {
+                "b_run_id": run_id,
+                "b_phase": phase,
+                "b_name": next_step,
+                "b_now": now,
+                "b_lease_until": now + dt.timedelta(seconds=lease),
+                "b_task_id": next_task_id,
+            },
+        )
     _advance(session, run_id=run_id, phase=phase, now=now, grace=grace)
     return True
 
 
 def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, grace: float) -> None:
     """Point the run at its next step, or finish it after the phase's last step (one UPDATE)."""
-    following = (
-        select(StepRun.name)
-        .where(StepRun.run_id == run_id, StepRun.phase == phase, StepRun.status.not_in(FINISHED))
-        .order_by(StepRun.position)
-        .limit(1)
-        .scalar_subquery()
-    )
-    last = following.is_(None)
-    final = "succeeded" if phase == FORWARD else "failed"
-    status, kind = session.execute(
-        update(WorkflowRun)
-        .where(WorkflowRun.id == run_id)
-        .values(
-            current_step=following,
-            status=case((last, final), else_=WorkflowRun.status),
-            deadline_at=case((last, None), else_=now + dt.timedelta(seconds=grace)),
-            finished_at=case((last, now), else_=None),
-            updated_at=now,
+    status, kind = (
+        session.connection()
+        .execute(
+            _ADVANCE,
+            {
+                "b_run_id": run_id,
+                "b_phase": phase,
+                "b_final": "succeeded" if phase == FORWARD else "failed",
+                "b_deadline": now + dt.timedelta(seconds=grace),
+                "b_now": now,
+            },
         )
-        .returning(WorkflowRun.status, WorkflowRun.kind)
-        .execution_options(synchronize_session=False)
-    ).one()
+        .one()
+    )
     if status in FINAL_RUN:
         log.info("workflow_finished", workflow_id=run_id, kind=kind, status=status)
 

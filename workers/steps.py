@@ -52,7 +52,7 @@ class StepTask(Task[Any, Any]):
         """Claim the step, run ``fn`` once, record the outcome."""
         settings = get_settings()
         structlog.contextvars.bind_contextvars(workflow_id=run_id, step=self.name)
-        with session_scope() as session:
+        with session_scope(durable=False) as session:
             claim = ledger.claim_step(
                 session,
                 run_id=run_id,
@@ -79,7 +79,7 @@ class StepTask(Task[Any, Any]):
             log.exception("step_crashed")
             self._fail(ctx, {"code": "internal", "message": f"{type(exc).__name__}: {exc}"})
             return None
-        with session_scope() as session:
+        with session_scope(durable=False) as session:
             recorded = ledger.complete_step(
                 session,
                 run_id=run_id,
@@ -87,11 +87,24 @@ class StepTask(Task[Any, Any]):
                 name=self.name,
                 output=output,
                 grace=settings.reconcile_grace,
+                next_step=ctx.next_step,
+                next_task_id=self._next_task_id(ctx.next_step),
+                lease=settings.step_lease,
             )
         if not recorded:
             self._stop_chain()
         log.info("step_done", attempt=ctx.attempt)
         return output
+
+    def _next_task_id(self, next_step: str | None) -> str | None:
+        """The id of the chain message that will carry ``next_step``, if this chain has it."""
+        # request.chain holds the rest of the chain, last element first.
+        chain: Any = self.request.chain or []
+        following = chain[-1] if chain else None
+        if not next_step or not isinstance(following, dict) or following.get("task") != next_step:
+            return None
+        task_id = following.get("options", {}).get("task_id")
+        return task_id if isinstance(task_id, str) else None
 
     def _not_claimed(self, claim: ledger.Claim, run_id: str) -> dict[str, Any] | None:
         # Another delivery ran (or runs) this step and continues the chain itself.

@@ -67,6 +67,8 @@ class StepContext:
     attempt: int = 1
     #: The run's error, for compensation steps.
     error: dict[str, Any] | None = None
+    #: The step after this one in its phase, if any.
+    next_step: str | None = None
 
     def output_of(self, task: str) -> dict[str, Any]:
         """The stored output of an earlier step (empty if it produced none)."""

@@ -78,7 +78,7 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise PermanentError(f"invalid instance name {name!r}: must match {NAME_PATTERN.pattern}")
 
 
@@ -340,7 +340,7 @@ class LocalPlatform:
         found = self._scan()
         infos = []
         for directory in sorted(self.state_dir.iterdir()):
-            if not directory.is_dir() or not NAME_PATTERN.match(directory.name):
+            if not directory.is_dir() or not NAME_PATTERN.fullmatch(directory.name):
                 continue
             spec = self._read_spec(directory.name)
             if spec is None or (tenant_id is not None and spec.tenant_id != tenant_id):
@@ -355,6 +355,10 @@ class LocalPlatform:
         """Live instance processes of this state dir, by instance name."""
         state = str(self.state_dir)
         found: dict[str, list[psutil.Process]] = {}
+        # A crashed child's environment can no longer be read, so the scan below
+        # would never see it: reap our own exited children first.
+        for pid in list(_CHILDREN):
+            _reap(pid)
         for proc in psutil.process_iter(["environ", "status"]):
             env = proc.info.get("environ") or {}
             instance = env.get(INSTANCE_ENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from sqlalchemy import update
@@ -32,10 +33,12 @@ def new_run(db: str, grace: float = 60) -> str:
         ).id
 
 
-def claim(db: str, run_id: str, name: str, phase: str = "forward") -> ledger.Claim:
+def claim(
+    db: str, run_id: str, name: str, phase: str = "forward", task_id: str | None = None
+) -> ledger.Claim:
     with session_scope(db) as session:
         return ledger.claim_step(
-            session, run_id=run_id, phase=phase, name=name, task_id="t", lease=30
+            session, run_id=run_id, phase=phase, name=name, task_id=task_id or uuid4().hex, lease=30
         )
 
 
@@ -57,6 +60,30 @@ def test_a_claimed_step_is_busy_for_a_second_delivery(db: str) -> None:
     # When a second delivery arrives meanwhile
     # Then it steps aside
     assert claim(db, run_id, STEPS[0]).outcome == "busy"
+
+
+def test_completion_hands_the_next_step_to_the_next_chain_message(db: str) -> None:
+    run_id = new_run(db)
+    ctx = claim(db, run_id, STEPS[0]).context
+    assert ctx is not None and ctx.next_step == STEPS[1]
+    # When step 0 completes, naming the message that carries step 1
+    with session_scope(db) as session:
+        assert ledger.complete_step(
+            session,
+            run_id=run_id,
+            phase="forward",
+            name=STEPS[0],
+            output={},
+            grace=60,
+            next_step=STEPS[1],
+            next_task_id="next-message",
+            lease=30,
+        )
+    # Then that message owns step 1 at once, and any other delivery steps aside
+    assert claim(db, run_id, STEPS[1]).outcome == "busy"
+    owned = claim(db, run_id, STEPS[1], task_id="next-message")
+    assert owned.outcome == "claimed" and owned.context is not None
+    assert owned.context.attempt == 1
 
 
 def test_a_done_step_returns_its_stored_output(db: str) -> None:
