@@ -23,6 +23,8 @@ from sqlalchemy import select
 
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
+from workers.errors import Cul8erError
+from workers.logging import configure_logging
 from workers.models import Tenant, WorkflowRun
 from workers.queues import WORKER_QUEUES
 from workers.settings import get_settings
@@ -146,7 +148,8 @@ def up(
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     embedded = EmbeddedRedis(settings.data_dir)
-    started = settings.embedded_broker and embedded.ensure_running()
+    if settings.embedded_broker:
+        embedded.ensure_running()
     upgrade(settings.sqlalchemy_url)
     celery = [sys.executable, "-m", "celery", "-A", "workers.app"]
     commands = {
@@ -195,7 +198,8 @@ def up(
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
-        if started:
+        if settings.embedded_broker:
+            # `up` owns the embedded broker's life, whoever happened to start it first.
             embedded.stop()
     raise typer.Exit(code)
 
@@ -464,7 +468,17 @@ def workflow_show(workflow_id: str, as_json: JsonOpt = False) -> None:
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    cli()
+    settings = get_settings()
+    # Logs go to stderr, so --json output on stdout stays parseable.
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    try:
+        cli()
+    except Cul8erError as exc:
+        hint = ""
+        if "no such table" in str(exc) or "does not exist" in str(exc):
+            hint = " (has the database been migrated? run `cul8er db upgrade`)"
+        err.print(f"[red]{exc.code}[/]: {exc}{hint}")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
