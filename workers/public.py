@@ -113,6 +113,9 @@ def public_task(
                     payload = model.model_validate(kwargs)
                 except ValidationError as exc:
                     raise _validation_error(name, kwargs, exc) from None
+                tenant_id = getattr(payload, "tenant_id", None)
+                if tenant_id:
+                    structlog.contextvars.bind_contextvars(tenant_id=tenant_id)
                 if not idempotent:
                     with session_scope() as session:
                         return {"ok": True, **service(session, payload).data}
