@@ -35,8 +35,9 @@ class Plan(BaseModel):
     overage: dict[str, Decimal] = Field(default_factory=dict)
     #: What happens over quota: suspend, throttle or bill the overage.
     quota_policy: Literal["suspend", "throttle", "bill_overage"] = "bill_overage"
-    #: Platform-specific image override (a container image, or a command for ``local``).
-    image: str | None = None
+    #: Image per platform, overriding the platform's default: a container image for
+    #: ``docker``, an image alias for ``incus``, a command line for ``local``.
+    images: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _instances_within_quota(self) -> Plan:

@@ -183,7 +183,7 @@ def create_instances(ctx: StepContext) -> dict[str, Any]:
             tenant_id=tenant_id,
             role="app",
             ordinal=ordinal,
-            image=plan.image,
+            image=plan.images.get(platform_name),
             limits=plan.instance_limits(),
             labels={"cul8er.tenant": tenant_id, "cul8er.plan": plan.name},
         )

@@ -52,12 +52,14 @@ TEST_PLANS = """
     cpu_cores: 0.5
     memory_gb: 0.5
     max_instances: 1
-    image: "{python} -m plugins.platforms.instance_server --startup-delay 4"
+    images:
+      local: "{python} -m plugins.platforms.instance_server --startup-delay 4"
   unhealthy:
     cpu_cores: 0.5
     memory_gb: 0.5
     max_instances: 1
-    image: "{python} -m plugins.platforms.instance_server --unhealthy"
+    images:
+      local: "{python} -m plugins.platforms.instance_server --unhealthy"
   duo:
     cpu_cores: 1
     memory_gb: 1

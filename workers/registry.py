@@ -23,6 +23,8 @@ __all__ = ["BUILTIN_PLATFORMS", "check_platform", "get_platform", "register_plat
 #: Built-in platforms: name → ``module:Class``, imported on first use.
 BUILTIN_PLATFORMS: Final[dict[str, str]] = {
     "local": "plugins.platforms.local:LocalPlatform",
+    "docker": "plugins.platforms.docker:DockerPlatform",
+    "incus": "plugins.platforms.incus:IncusPlatform",
 }
 
 PlatformFactory = Callable[["Settings"], "Platform"]

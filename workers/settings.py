@@ -31,6 +31,18 @@ class Settings(BaseSettings):
     imports: list[str] = Field(default_factory=list)
 
     default_platform: str = "local"
+    #: The port a tenant's service listens on inside a container.
+    instance_port: int = 8080
+    #: Docker: the engine (``None`` reads DOCKER_HOST, else the local socket) and the image.
+    docker_host: str | None = None
+    docker_image: str = "cul8er/instance:latest"
+    #: Incus (or LXD): the daemon's unix socket and the image alias instances start from.
+    incus_socket: str = "/var/lib/incus/unix.socket"
+    incus_image: str = "cul8er-instance"
+    #: Attempts of one engine API call before the step sees a TransientError.
+    engine_attempts: int = 3
+    #: Seconds one engine API call may take.
+    engine_timeout: float = 30.0
     #: Each tenant gets one /24 of this pool.
     network_pool: str = "10.100.0.0/16"
 
