@@ -25,4 +25,11 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": settings.reconcile_interval,
             "options": {"expires": settings.reconcile_interval * 2, "queue": "lifecycle"},
         },
+        # Recreate missing instances, report (and with drift_prune, destroy) orphans.
+        "platforms-reconcile": {
+            "task": "cul8er.platforms.reconcile",
+            "schedule": settings.drift_interval,
+            "kwargs": {"prune": settings.drift_prune},
+            "options": {"expires": settings.drift_interval, "queue": "lifecycle"},
+        },
     }

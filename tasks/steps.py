@@ -29,10 +29,11 @@ from workers.steps import step
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from schemas.plans import Plan
     from workers.contracts import Platform
     from workers.workflow import StepContext
 
-__all__: list[str] = []
+__all__ = ["instance_name", "instance_spec", "probe", "record_instance"]
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +44,20 @@ TENANT_PREFIX = 24
 def instance_name(tenant_id: str, role: str, ordinal: int) -> str:
     """The deterministic instance name ``t-{tenant}-{role}-{n}``."""
     return f"t-{tenant_id}-{role}-{ordinal}"
+
+
+def instance_spec(tenant_id: str, plan: Plan, platform: str, ordinal: int) -> InstanceSpec:
+    """What instance ``ordinal`` of a tenant on ``plan`` looks like on ``platform``."""
+    return InstanceSpec(
+        name=instance_name(tenant_id, "app", ordinal),
+        tenant_id=tenant_id,
+        role="app",
+        ordinal=ordinal,
+        image=plan.images.get(platform),
+        limits=plan.instance_limits(),
+        labels={"cul8er.tenant": tenant_id, "cul8er.plan": plan.name},
+        port=get_settings().instance_port,
+    )
 
 
 def _tenant(session: Session, tenant_id: str | None) -> Tenant:
@@ -67,7 +82,8 @@ def _platform_of(ctx: StepContext) -> tuple[Platform, list[str]]:
     return get_platform(platform_name, get_settings()), names
 
 
-def _record_instance(tenant_id: str, info: InstanceInfo, *, role: str, ordinal: int) -> None:
+def record_instance(tenant_id: str, info: InstanceInfo, *, role: str, ordinal: int) -> None:
+    """Upsert the database's view of an instance from what the platform reported."""
     with session_scope() as session:
         row = session.scalars(
             select(Instance).where(Instance.tenant_id == tenant_id, Instance.name == info.name)
@@ -178,17 +194,8 @@ def create_instances(ctx: StepContext) -> dict[str, Any]:
     platform = get_platform(platform_name, settings)
     names = []
     for ordinal in range(plan.instances):
-        spec = InstanceSpec(
-            name=instance_name(tenant_id, "app", ordinal),
-            tenant_id=tenant_id,
-            role="app",
-            ordinal=ordinal,
-            image=plan.images.get(platform_name),
-            limits=plan.instance_limits(),
-            labels={"cul8er.tenant": tenant_id, "cul8er.plan": plan.name},
-        )
-        info = platform.create_instance(spec)
-        _record_instance(tenant_id, info, role="app", ordinal=ordinal)
+        info = platform.create_instance(instance_spec(tenant_id, plan, platform_name, ordinal))
+        record_instance(tenant_id, info, role="app", ordinal=ordinal)
         names.append(info.name)
     return {"instances": names}
 
@@ -213,7 +220,7 @@ def _apply_plan_limits(ctx: StepContext, plan_name: str) -> dict[str, Any]:
     applied = {}
     for name in names:
         info = platform.set_limits(name, limits)
-        _record_instance(ctx.tenant_id or "", info, role="app", ordinal=int(name.rsplit("-", 1)[1]))
+        record_instance(ctx.tenant_id or "", info, role="app", ordinal=int(name.rsplit("-", 1)[1]))
         applied[name] = info.limits_applied
     return {"plan": plan_name, "applied": applied}
 
@@ -248,7 +255,7 @@ def start_instances(ctx: StepContext) -> dict[str, Any]:
     platform, names = _platform_of(ctx)
     for name in names:
         info = platform.start_instance(name)
-        _record_instance(ctx.tenant_id or "", info, role="app", ordinal=int(name.rsplit("-", 1)[1]))
+        record_instance(ctx.tenant_id or "", info, role="app", ordinal=int(name.rsplit("-", 1)[1]))
     return {"started": names}
 
 

@@ -40,6 +40,8 @@ cli.add_typer(tenant_cli, name="tenant")
 cli.add_typer(workflow_cli, name="workflow")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(schema_cli, name="schema")
+platform_cli = typer.Typer(help="Compare platforms with the database.", no_args_is_help=True)
+cli.add_typer(platform_cli, name="platform")
 
 console = Console()
 err = Console(stderr=True)
@@ -231,6 +233,34 @@ def schema_export(directory: Path) -> None:
         schema = {"$id": name, "title": name, **model.model_json_schema()}
         (directory / f"{name}.json").write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
     console.print(f"wrote {len(PUBLIC_TASKS)} schemas to {directory}")
+
+
+@platform_cli.command("reconcile")
+def platform_reconcile(
+    prune: Annotated[bool, typer.Option(help="Destroy orphaned instances.")] = False,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 300.0,
+) -> None:
+    """Recreate missing instances; report orphans (destroy them with --prune)."""
+    from workers.app import app
+
+    report: dict[str, list[dict[str, Any]]] = app.send_task(
+        "cul8er.platforms.reconcile", kwargs={"prune": prune}
+    ).get(timeout=timeout)
+    if as_json:
+        _emit(report)
+        return
+    table = Table("finding", "platform", "instance", "tenant", "error")
+    for kind, entries in report.items():
+        for e in entries:
+            table.add_row(
+                kind,
+                e.get("platform", "-"),
+                e.get("instance", "-"),
+                e.get("tenant_id") or "-",
+                e.get("error", ""),
+            )
+    console.print(table if table.row_count else "no drift")
 
 
 # -- tenants ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["TASK_MODULES", "celery_config"]
 
 #: Modules every worker imports: the public tasks and the workflow steps.
-TASK_MODULES: tuple[str, ...] = ("tasks.tenants", "tasks.steps", "tasks.maintenance")
+TASK_MODULES: tuple[str, ...] = ("tasks.tenants", "tasks.steps", "tasks.maintenance", "tasks.drift")
 
 
 def broker_url(settings: Settings) -> str:

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     tick_interval: float = 2.0
     #: How often beat looks for workflows that stopped making progress (seconds).
     reconcile_interval: float = 15.0
+    #: How often beat compares the platforms with the database (seconds).
+    drift_interval: float = 60.0
+    #: Whether that comparison destroys orphaned instances (otherwise it reports them).
+    drift_prune: bool = False
     #: A run with no progress for this long past its step's deadline is re-dispatched.
     reconcile_grace: float = 120.0
     #: Retries shorter than this wait in the broker; longer ones wait in the ledger.
