@@ -4,7 +4,9 @@
 #   scripts/setup.sh python     .venv in the repo root with cul8er installed editable, plus test tools
 #   scripts/setup.sh services   PostgreSQL, Redis and RabbitMQ answering on loopback,
 #                               and the PostgreSQL database cul8er_test
-#   scripts/setup.sh all        both (the default)
+#   scripts/setup.sh platforms  Docker and Incus with their local test images, only in CI or
+#                               with CUL8ER_PLATFORMS=1 (scripts/platforms-up.sh, needs root)
+#   scripts/setup.sh all        all three (the default)
 #
 # Safe to run again and again: whatever is already in place is left alone, so a
 # second run takes a second or two. Works from any directory.
@@ -32,12 +34,15 @@ die() {
 
 usage() {
     cat <<'EOF'
-usage: scripts/setup.sh [python|services|all]
+usage: scripts/setup.sh [python|services|platforms|all]
 
   python     create .venv (if absent) and pip install -e '.[test]'
   services   make PostgreSQL, Redis and RabbitMQ answer on 127.0.0.1
              and create the database cul8er_test
-  all        both (default)
+  platforms  when CI is set or CUL8ER_PLATFORMS=1: install and start Docker and
+             Incus and build their local test images (scripts/platforms-up.sh);
+             otherwise skipped, and the Docker/Incus tests skip
+  all        all three (default)
 EOF
 }
 
@@ -229,11 +234,15 @@ services() {
 # ---------------------------------------------------------------------------
 
 # >>> platforms: container engines for the platform plugins <<<
-# The only platform today is "local" (plain processes), so nothing is installed
-# here yet. When the Docker and Incus platforms land, this is where their
-# engines get installed and started.
+# Docker and Incus are big, need root and start daemons, so they are only set up
+# when asked for (CUL8ER_PLATFORMS=1) or in CI; scripts/platforms-up.sh does the work.
 platforms() {
-    log "no container engine needed yet"
+    if [[ -n "${CI:-}" || "${CUL8ER_PLATFORMS:-0}" == 1 ]]; then
+        log "platforms: Docker and Incus (scripts/platforms-up.sh)"
+        bash "$ROOT/scripts/platforms-up.sh"
+    else
+        log "container engines skipped (set CUL8ER_PLATFORMS=1 or run scripts/platforms-up.sh); their tests will skip"
+    fi
 }
 
 # ---------------------------------------------------------------------------
