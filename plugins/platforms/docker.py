@@ -9,7 +9,6 @@ pass (engine down, 5xx) and converts the SDK's errors into ours.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
@@ -77,12 +76,6 @@ _ERRORS_NOT_RETRIED: Final = (
 )
 
 
-#: tenacity 9.2 renamed ``initial`` to ``multiplier`` (the old name warns); take either.
-_FIRST_WAIT_ARG: Final = (
-    "multiplier"
-    if "multiplier" in inspect.signature(wait_exponential_jitter).parameters
-    else "initial"
-)
 #: The first retry waits about this long (seconds), doubling up to RETRY_MAX_WAIT.
 RETRY_FIRST_WAIT: Final = 0.2
 RETRY_MAX_WAIT: Final = 2.0
@@ -346,7 +339,7 @@ class DockerPlatform:
         retrying = Retrying(
             stop=stop_after_attempt(attempts or self.attempts),
             wait=wait_exponential_jitter(
-                max=RETRY_MAX_WAIT, jitter=RETRY_FIRST_WAIT, **{_FIRST_WAIT_ARG: RETRY_FIRST_WAIT}
+                max=RETRY_MAX_WAIT, jitter=RETRY_FIRST_WAIT, multiplier=RETRY_FIRST_WAIT
             ),
             retry=retry_if_exception_type(_EngineUnavailableError),
             before_sleep=_log_retry,

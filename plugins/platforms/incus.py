@@ -13,7 +13,6 @@ daemon host's CPU count. Both apply live. The service is published on the host a
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 import socket as socket_module
@@ -89,10 +88,7 @@ class _DaemonFailedError(Exception):
 
 def _backoff() -> wait_exponential_jitter:
     """0.2 s doubling up to 2 s, with up to 0.2 s of jitter, between attempts."""
-    # tenacity 9.2 renamed ``initial`` to ``multiplier`` (the old name warns); 8.x has ``initial``.
-    if "multiplier" in inspect.signature(wait_exponential_jitter).parameters:
-        return wait_exponential_jitter(multiplier=0.2, max=2, jitter=0.2)
-    return wait_exponential_jitter(initial=0.2, max=2, jitter=0.2)
+    return wait_exponential_jitter(multiplier=0.2, max=2, jitter=0.2)
 
 
 def _free_port() -> int:
