@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     #: Extra task modules every worker imports (third-party workflows, benchmarks).
     imports: list[str] = Field(default_factory=list)
 
+    #: Platform of new tenants: local, docker or incus.
     default_platform: str = "local"
     #: The port a tenant's service listens on inside a container.
     instance_port: int = 8080
@@ -65,11 +66,6 @@ class Settings(BaseSettings):
     #: Hard and soft Celery time limits of one step (seconds).
     step_time_limit: float = 300.0
 
-    @property
-    def step_lease(self) -> float:
-        """How long a claimed step is its delivery's: until Celery's hard limit kills it."""
-        return self.step_time_limit + 10
-
     #: How long one health probe waits for an answer (seconds).
     health_timeout: float = 2.0
     #: How long the health step keeps probing inside one attempt (seconds).
@@ -90,6 +86,11 @@ class Settings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         """The database URL, the SQLite file under ``data_dir`` unless one is set."""
         return self.database_url or f"sqlite:///{self.data_dir / 'cul8er.db'}"
+
+    @property
+    def step_lease(self) -> float:
+        """How long a claimed step is its delivery's: until Celery's hard limit kills it."""
+        return self.step_time_limit + 10
 
     @property
     def embedded_broker(self) -> bool:
