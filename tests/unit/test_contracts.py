@@ -111,7 +111,6 @@ def _modules(package) -> list[str]:  # noqa: ANN001
 def test_all_is_sorted_and_names_exist(module_name: str) -> None:
     module = importlib.import_module(module_name)
     exported = getattr(module, "__all__", None)
-    if exported is None:
-        pytest.skip(f"{module_name} is not a public module")
+    assert exported is not None, f"{module_name} has no __all__"
     assert list(exported) == sorted(exported)
     assert all(hasattr(module, name) for name in exported)
