@@ -20,13 +20,10 @@ from pydantic import ValidationError
 
 from schemas.manifest import Manifest
 from workers.errors import PluginError
+from workers.plugin_trust import MANIFEST_FILE, SIGNATURE_FILE
 
-__all__ = ["MANIFEST_NAME", "SIGNATURE_NAME", "Candidate", "discover"]
+__all__ = ["Candidate", "discover"]
 
-#: The manifest every plugin folder holds.
-MANIFEST_NAME = "cul8er-plugin.json"
-#: The optional detached signature of the manifest, beside it.
-SIGNATURE_NAME = "cul8er-plugin.sig"
 #: The entry-point group installed packages register plugins under.
 DEFAULT_GROUP = "cul8er.plugins"
 #: Archive suffixes looked for in plugin folders.
@@ -81,12 +78,12 @@ def _locations(
             notes.append(f"plugin folder {folder} does not exist; skipped")
             continue
         for child in sorted(folder.iterdir()):
-            if child.is_dir() and (child / MANIFEST_NAME).is_file():
+            if child.is_dir() and (child / MANIFEST_FILE).is_file():
                 yield f"path:{child}", child
             elif child.is_file() and child.name.endswith(ARCHIVE_SUFFIXES):
                 root = _archive_root(_extract(child, cache_dir))
                 if root is None:
-                    notes.append(f"skipped archive:{child}: no {MANIFEST_NAME} inside")
+                    notes.append(f"skipped archive:{child}: no {MANIFEST_FILE} inside")
                 else:
                     yield f"archive:{child}", root
 
@@ -102,8 +99,8 @@ def _entry_point_locations(group: str, notes: list[str]) -> Iterator[tuple[str, 
         if folder is None:
             notes.append(f"skipped {source}: module {ep.module!r} not found")
             continue
-        if not (folder / MANIFEST_NAME).is_file():
-            notes.append(f"skipped {source}: no {MANIFEST_NAME} in {folder}")
+        if not (folder / MANIFEST_FILE).is_file():
+            notes.append(f"skipped {source}: no {MANIFEST_FILE} in {folder}")
             continue
         yield source, folder
 
@@ -141,16 +138,16 @@ def _find_child(fullname: str, path: list[str]) -> ModuleSpec | None:
 def _read(source: str, root: Path, notes: list[str]) -> Candidate | None:
     """The candidate in ``root``, or None with a note when its manifest is unreadable."""
     try:
-        raw = (root / MANIFEST_NAME).read_bytes()
-        signature_file = root / SIGNATURE_NAME
+        raw = (root / MANIFEST_FILE).read_bytes()
+        signature_file = root / SIGNATURE_FILE
         signature = signature_file.read_text().strip() if signature_file.is_file() else None
     except (OSError, UnicodeDecodeError) as exc:
-        notes.append(f"skipped {source}: cannot read {MANIFEST_NAME}: {exc}")
+        notes.append(f"skipped {source}: cannot read {MANIFEST_FILE}: {exc}")
         return None
     try:
         manifest = Manifest.model_validate_json(raw)
     except ValidationError as exc:
-        notes.append(f"skipped {source}: invalid {MANIFEST_NAME}: {_errors(exc)}")
+        notes.append(f"skipped {source}: invalid {MANIFEST_FILE}: {_errors(exc)}")
         return None
     return Candidate(
         manifest=manifest, root=root, source=source, signature=signature, manifest_bytes=raw
@@ -198,10 +195,10 @@ def _choose(found: list[Candidate], notes: list[str]) -> dict[str, Candidate]:
 
 def _archive_root(folder: Path) -> Path | None:
     """Where the manifest sits: the extraction's top level or its one top-level folder."""
-    if (folder / MANIFEST_NAME).is_file():
+    if (folder / MANIFEST_FILE).is_file():
         return folder
     subfolders = [child for child in folder.iterdir() if child.is_dir()]
-    if len(subfolders) == 1 and (subfolders[0] / MANIFEST_NAME).is_file():
+    if len(subfolders) == 1 and (subfolders[0] / MANIFEST_FILE).is_file():
         return subfolders[0]
     return None
 
