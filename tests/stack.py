@@ -195,6 +195,24 @@ class Stack:
         with session_scope(self.database_url) as session:
             yield session
 
+    def add_tenant(self, tenant_id: str, name: str) -> None:
+        """A tenant row in ``provisioning`` on the local platform, as a create would leave it."""
+        from workers.models import Tenant, utcnow
+
+        with self.session() as session:
+            session.add(
+                Tenant(
+                    id=tenant_id,
+                    name=name,
+                    plan="free",
+                    status="provisioning",
+                    platform="local",
+                    resources={},
+                    meta={},
+                    billing_anchor=utcnow().date(),
+                )
+            )
+
     def wait_run(self, run_id: str, timeout: float = 90) -> dict[str, Any]:
         """Poll the ledger until the run ends; returns the run as ``workflows.status`` does."""
         from tasks.maintenance import describe_run

@@ -26,7 +26,6 @@ from workers.models import (
     StepRun,
     Tenant,
     WorkflowRun,
-    utcnow,
 )
 from workers.settings import Settings
 from workers.workflow import Workflow
@@ -106,19 +105,7 @@ def test_every_tenant_step_twice_leaves_one_side_effect(stack: Stack) -> None:
             return tenant.status
 
     # Given a tenant row and a provision run that nobody dispatched
-    with stack.session() as session:
-        session.add(
-            Tenant(
-                id=tenant_id,
-                name="Twice",
-                plan="free",
-                status="provisioning",
-                platform="local",
-                resources={},
-                meta={},
-                billing_anchor=utcnow().date(),
-            )
-        )
+    stack.add_tenant(tenant_id, "Twice")
     run_id = _insert_run(stack, wf.PROVISION, tenant_id, {"plan": "free"})
 
     # When each provision step is delivered twice at once
@@ -263,19 +250,7 @@ def test_compensation_steps_twice_leave_nothing(stack: Stack) -> None:
     tenant_id = f"t{uuid.uuid4().hex[:8]}"
     created = stack.call("cul8er.tenants.create", name="Undo", plan="free", tenant_id=tenant_id)
     assert stack.wait_run(created["workflow_id"])["status"] == "succeeded"
-    with stack.session() as session:
-        session.add(
-            Tenant(
-                id=tenant_id + "x",
-                name="x",
-                plan="free",
-                status="provisioning",
-                platform="local",
-                resources={},
-                meta={},
-                billing_anchor=utcnow().date(),
-            )
-        )
+    stack.add_tenant(tenant_id + "x", "x")
     run_id = _insert_run(stack, wf.PROVISION, tenant_id + "x", {"plan": "free"})
     for task in wf.PROVISION.forward_tasks[:4]:
         _deliver_twice(stack, run_id, task)

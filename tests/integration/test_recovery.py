@@ -69,22 +69,11 @@ def test_lost_message_is_resumed_by_reconcile(stack_factory) -> None:
     # Given a provision run whose first message was lost (never sent)
     from tasks import workflows as wf
     from workers import ledger
-    from workers.models import Tenant, utcnow
+    from workers.models import Tenant
 
     tenant_id = f"t{uuid.uuid4().hex[:8]}"
+    stack.add_tenant(tenant_id, "Lost")
     with stack.session() as session:
-        session.add(
-            Tenant(
-                id=tenant_id,
-                name="Lost",
-                plan="free",
-                status="provisioning",
-                platform="local",
-                resources={},
-                meta={},
-                billing_anchor=utcnow().date(),
-            )
-        )
         run = ledger.new_run(
             session, kind=wf.PROVISION.kind, tenant_id=tenant_id, input={"plan": "free"}, grace=1
         )
