@@ -89,10 +89,14 @@ class Manifest(BaseModel):
     requires: tuple[Requirement, ...] = ()
     conflicts: tuple[Requirement, ...] = ()
     permissions: frozenset[Permission] = frozenset()
+    #: The attribute of ``module`` that builds the plugin: called as ``factory(config, context)``.
+    factory: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*$")] = "Plugin"
     #: ``module:Class`` of the pydantic model validating the plugin's config.
     config_model: str | None = None
-    #: Untrusted plugins run on the sandbox queue.
+    #: Untrusted plugins run on the sandbox queue, under the sandbox worker's limits.
     trusted: bool = False
+    #: The queue its tasks go to; ``None`` is ``plugins.<name>`` (or the sandbox queue).
+    queue: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,200}$")] | None = None
     #: Relative path → sha256 of every file of the plugin (the manifest itself excluded).
     files: dict[str, Sha256] = Field(default_factory=dict)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -73,6 +74,46 @@ class Settings(BaseSettings):
     #: How long a local instance may take to start listening (seconds).
     instance_start_timeout: float = 20.0
 
+    #: Folders holding plugin folders and .zip/.tar.gz plugin packages, ``os.pathsep``-separated.
+    plugin_path: str = ""
+    #: Refuse plugins without a valid ed25519 signature by one of ``plugin_trusted_keys``.
+    plugins_require_signature: bool = False
+    #: Base64 ed25519 public keys whose signatures are trusted.
+    plugin_trusted_keys: list[str] = Field(default_factory=list)
+    #: Plugin name → its config (JSON); values may be ``${secret:path}`` references.
+    plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Plugin name → the queue its tasks go to, overriding ``plugins.<name>``.
+    plugin_queues: dict[str, str] = Field(default_factory=dict)
+    #: How long a process trusts its view of the ``plugins`` table (seconds): enable,
+    #: disable and reload reach running workers within this time.
+    plugin_state_ttl: float = 1.0
+    #: How long a workflow step waits for a plugin task run on another worker (seconds).
+    plugin_call_timeout: float = 120.0
+    #: The secrets plugin that resolves ``${secret:path}`` (``${secret:name:path}`` names one).
+    secrets_provider: str = "env"
+    #: The ``file`` secrets plugin's store, and the Fernet key (base64) it is encrypted with.
+    secrets_file: Path | None = None
+    secrets_key: SecretStr | None = None
+
+    #: The queue untrusted plugins' tasks go to; its worker applies the limits below.
+    sandbox_queue: str = "plugins.sandbox"
+    #: Hard time limit of one sandboxed operation (seconds); the soft limit is 1 s less.
+    sandbox_time_limit: float = 30.0
+    #: Address-space limit of a sandbox worker process (RLIMIT_AS, MiB).
+    sandbox_memory_mb: int = 1024
+    #: CPU seconds one sandboxed operation may use (RLIMIT_CPU) before it is killed.
+    sandbox_cpu_seconds: int = 20
+    #: Open files of a sandbox worker process (RLIMIT_NOFILE).
+    sandbox_open_files: int = 256
+    #: Resident memory after which a sandbox worker process is replaced (KiB, Celery's
+    #: ``--max-memory-per-child``).
+    sandbox_max_memory_per_child: int = 512 * 1024
+
+    #: Where multi-process Prometheus metrics are written (``None``: under ``data_dir``).
+    prometheus_dir: Path | None = None
+    #: Port a worker serves ``/metrics`` on, on 127.0.0.1 (``0``: no exporter).
+    prometheus_port: int = 0
+
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 
@@ -91,6 +132,17 @@ class Settings(BaseSettings):
     def step_lease(self) -> float:
         """How long a claimed step is its delivery's: until Celery's hard limit kills it."""
         return self.step_time_limit + 10
+
+    @property
+    def plugin_folders(self) -> list[Path]:
+        """``plugin_path`` as folders, plus the folder ``cul8er plugin install`` copies into."""
+        folders = [Path(p).expanduser().resolve() for p in self.plugin_path.split(os.pathsep) if p]
+        return [*folders, self.installed_plugins_dir]
+
+    @property
+    def installed_plugins_dir(self) -> Path:
+        """Where ``cul8er plugin install`` keeps plugins, one folder per name and version."""
+        return self.data_dir / "plugins"
 
     @property
     def embedded_broker(self) -> bool:
