@@ -23,3 +23,7 @@ def _start_embedded_broker(**_kwargs: Any) -> None:
     settings = get_settings()
     if settings.embedded_broker:
         EmbeddedRedis(settings.data_dir).ensure_running()
+
+
+# Last: the plugin runtime registers its tasks and worker signals on ``app`` defined above.
+from workers import plugin_tasks as _plugin_tasks  # noqa: E402, F401

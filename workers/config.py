@@ -60,12 +60,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_extended": True,
         "task_queues": [KombuQueue(q.value, routing_key=q.value) for q in Queue],
         "task_default_queue": Queue.LIFECYCLE.value,
-        "task_routes": {
-            "cul8er.metering.*": {"queue": Queue.METERING.value},
-            "cul8er.billing.*": {"queue": Queue.METERING.value},
-            "cul8er.health.*": {"queue": Queue.HEALTH.value},
-            "cul8er.*": {"queue": Queue.LIFECYCLE.value},
-        },
+        # Plugin tasks first: each goes to its plugin's queue (or the sandbox).
+        "task_routes": (
+            "workers.plugin_tasks.route_task",
+            {
+                "cul8er.metering.*": {"queue": Queue.METERING.value},
+                "cul8er.billing.*": {"queue": Queue.METERING.value},
+                "cul8er.health.*": {"queue": Queue.HEALTH.value},
+                "cul8er.*": {"queue": Queue.LIFECYCLE.value},
+            },
+        ),
         "include": [*TASK_MODULES, *settings.imports],
         "beat_schedule": build_beat_schedule(settings),
         "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),

@@ -13,32 +13,33 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol, runtime_checkable
 
+# The models are imported at run time (not under TYPE_CHECKING): the registry reads each
+# operation's annotations to validate task arguments and serialise results.
+from schemas.events import Event
 from schemas.manifest import PluginType
+from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
+from schemas.plugins import (
+    Ack,
+    AnalysisInput,
+    Backend,
+    DeploymentSpec,
+    HeaderRoute,
+    HealthReport,
+    HealthStatus,
+    MetricSample,
+    ProvisionRequest,
+    ProvisionResult,
+    SecretValue,
+    StagePlan,
+    TenantResources,
+    UsageSample,
+    Verdict,
+    Weights,
+)
 from workers.errors import PluginError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-    from schemas.events import Event
-    from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
-    from schemas.plugins import (
-        Ack,
-        AnalysisInput,
-        Backend,
-        DeploymentSpec,
-        HeaderRoute,
-        HealthReport,
-        HealthStatus,
-        MetricSample,
-        ProvisionRequest,
-        ProvisionResult,
-        SecretValue,
-        StagePlan,
-        TenantResources,
-        UsageSample,
-        Verdict,
-        Weights,
-    )
 
 __all__ = [
     "CONTRACTS",

@@ -8,6 +8,8 @@ from typing import Any
 
 import structlog
 
+from workers.secrets import RedactingFilter, redact_processor
+
 __all__ = ["configure_logging"]
 
 _configured = False
@@ -43,11 +45,15 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if use_json else _identity,
+            # Last before rendering, tracebacks included: a resolved secret never reaches a log.
+            redact_processor,
             renderer,
         ],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    # On the handler, not a logger: it sees every record, Celery's own loggers' too.
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

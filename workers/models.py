@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -26,6 +27,7 @@ __all__ = [
     "Instance",
     "NetworkAllocation",
     "Operation",
+    "Plugin",
     "StepRun",
     "Tenant",
     "WorkflowRun",
@@ -197,3 +199,32 @@ class AuditEvent(Base):
     kind: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Plugin(Base):
+    """One plugin's lifecycle: discovered → validated → loaded → active ⇄ disabled, or failed."""
+
+    __tablename__ = "plugins"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The version workers serve; a reload that fails keeps this one.
+    version: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    #: The operator's wish; ``state`` says what happened to it.
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: sha256 of the manifest's bytes, which carry every file's sha256.
+    checksum: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    #: The folder the served version is loaded from (``None`` for built-ins).
+    root: Mapped[str | None] = mapped_column(Text)
+    queue: Mapped[str] = mapped_column(String(200))
+    #: The config as given, ``${secret:…}`` references unresolved: never a secret value.
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: Why the last validation, load or reload failed.
+    error: Mapped[str | None] = mapped_column(Text)
+    #: Bumped on every change, so workers can tell their view is stale.
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -22,7 +22,7 @@ from schemas.manifest import Manifest
 from workers.errors import PluginError
 from workers.plugin_trust import MANIFEST_FILE, SIGNATURE_FILE
 
-__all__ = ["Candidate", "discover"]
+__all__ = ["Candidate", "discover", "discover_all", "read_candidate"]
 
 #: The entry-point group installed packages register plugins under.
 DEFAULT_GROUP = "cul8er.plugins"
@@ -58,14 +58,26 @@ def discover(
     Raises:
         PluginError: an archive is unreadable or holds unsafe members.
     """
+    found, notes = discover_all(plugin_path=plugin_path, cache_dir=cache_dir, group=group)
+    chosen = _choose(found, notes)
+    return sorted(chosen.values(), key=lambda c: c.manifest.name), notes
+
+
+def discover_all(
+    *, plugin_path: list[Path], cache_dir: Path, group: str = DEFAULT_GROUP
+) -> tuple[list[Candidate], list[str]]:
+    """Every candidate found, every version of each name, in the order found; and notes.
+
+    Raises:
+        PluginError: an archive is unreadable or holds unsafe members.
+    """
     notes: list[str] = []
     found: list[Candidate] = []
     for source, root in _locations(plugin_path, cache_dir, group, notes):
         candidate = _read(source, root, notes)
         if candidate is not None:
             found.append(candidate)
-    chosen = _choose(found, notes)
-    return sorted(chosen.values(), key=lambda c: c.manifest.name), notes
+    return found, notes
 
 
 def _locations(
@@ -81,7 +93,12 @@ def _locations(
             if child.is_dir() and (child / MANIFEST_FILE).is_file():
                 yield f"path:{child}", child
             elif child.is_file() and child.name.endswith(ARCHIVE_SUFFIXES):
-                root = _archive_root(_extract(child, cache_dir))
+                try:
+                    root = _archive_root(_extract(child, cache_dir))
+                except PluginError as exc:
+                    # One bad archive must not hide every other plugin.
+                    notes.append(f"refused archive:{child}: {exc}")
+                    continue
                 if root is None:
                     notes.append(f"skipped archive:{child}: no {MANIFEST_FILE} inside")
                 else:
@@ -133,6 +150,19 @@ def _find_child(fullname: str, path: list[str]) -> ModuleSpec | None:
         if spec is not None:
             return spec
     return None
+
+
+def read_candidate(source: str, root: Path) -> Candidate:
+    """The candidate in ``root``.
+
+    Raises:
+        PluginError: its manifest is missing, unreadable or invalid.
+    """
+    notes: list[str] = []
+    candidate = _read(source, root, notes)
+    if candidate is None:
+        raise PluginError(notes[0], plugin_name=root.name)
+    return candidate
 
 
 def _read(source: str, root: Path, notes: list[str]) -> Candidate | None:

@@ -1,82 +1,131 @@
-"""The built-in plugin registry: typed contracts checked when a plugin is registered.
+"""Typed handles on plugins for cul8er's own code: ``get_platform``, ``get_provisioner``.
 
-Third-party discovery comes later; built-ins already go through the same
-check, so a platform missing an operation is refused with the names missing.
+A handle is a proxy: each operation goes through ``invoke``, so it runs in this process
+when this worker serves the plugin, and as the plugin's task on its own queue otherwise
+(the sandbox for untrusted plugins, the workers next to an engine for a routed platform).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
-from workers.contracts import PLATFORM_OPERATIONS
-from workers.errors import ConfigError, PluginError
+from schemas.manifest import PluginType
+from workers.contracts import CONTRACTS, check_contract, operations
+from workers.errors import ConfigError
 
 if TYPE_CHECKING:
-    from workers.contracts import Platform
+    from workers.contracts import Platform, TenantProvisioner
     from workers.settings import Settings
 
-__all__ = ["BUILTIN_PLATFORMS", "check_platform", "get_platform", "register_platform"]
+__all__ = [
+    "BUILTIN_PLATFORMS",
+    "PluginProxy",
+    "check_platform",
+    "get_platform",
+    "get_provisioner",
+    "plugin_names",
+]
 
-#: Built-in platforms: name → ``module:Class``, imported on first use.
+#: Built-in platforms: name → ``module:Class``, for code that builds one outside the registry.
 BUILTIN_PLATFORMS: Final[dict[str, str]] = {
     "local": "plugins.platforms.local:LocalPlatform",
     "docker": "plugins.platforms.docker:DockerPlatform",
     "incus": "plugins.platforms.incus:IncusPlatform",
 }
 
-PlatformFactory = Callable[["Settings"], "Platform"]
-
-_factories: dict[str, PlatformFactory] = {}
-_instances: dict[tuple[str, int], Platform] = {}
+_direct: dict[tuple[str, int], Any] = {}
 
 
 def check_platform(name: str, cls: type) -> None:
     """Refuse a platform class that lacks an operation or takes the wrong arguments."""
-    missing = [op for op in PLATFORM_OPERATIONS if not callable(getattr(cls, op, None))]
-    if missing:
-        raise PluginError(
-            f"platform {name!r} is missing operations: {', '.join(missing)}", plugin_name=name
+    check_contract(name, PluginType.PLATFORM, cls)
+
+
+class PluginProxy:
+    """A plugin's contract as methods; each call goes through ``invoke``."""
+
+    def __init__(self, name: str, plugin_type: PluginType) -> None:
+        self.name = name
+        self.plugin_type = plugin_type
+        self._ops = frozenset(operations(plugin_type))
+
+    def __getattr__(self, op: str) -> Any:
+        if op.startswith("_") or op not in self._ops:
+            raise AttributeError(op)
+        signature = inspect.signature(getattr(CONTRACTS[self.plugin_type], op))
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            from workers.plugin_tasks import invoke
+
+            bound = signature.bind(None, *args, **kwargs)
+            params = {k: v for k, v in bound.arguments.items() if k != "self"}
+            return invoke(self.name, op, **params)
+
+        call.__name__ = op
+        return call
+
+    def __repr__(self) -> str:
+        return f"<plugin {self.name} ({self.plugin_type.value})>"
+
+
+def _handle(name: str, plugin_type: PluginType) -> PluginProxy:
+    from workers.plugin_tasks import registry
+
+    served = registry().get(name)
+    if served.loaded.manifest.type is not plugin_type:
+        raise ConfigError(
+            f"plugin {name!r} is a {served.loaded.manifest.type.value} plugin, "
+            f"not a {plugin_type.value} plugin"
         )
-    from workers.contracts import Platform
-
-    wrong = []
-    for op in PLATFORM_OPERATIONS:
-        expected = list(inspect.signature(getattr(Platform, op)).parameters)
-        actual = list(inspect.signature(getattr(cls, op)).parameters)
-        if actual[: len(expected)] != expected:
-            wrong.append(f"{op}({', '.join(actual[1:])}) should be {op}({', '.join(expected[1:])})")
-    if wrong:
-        raise PluginError(
-            f"platform {name!r} has wrong signatures: {'; '.join(wrong)}", plugin_name=name
-        )
+    return PluginProxy(name, plugin_type)
 
 
-def register_platform(name: str, cls: type, factory: PlatformFactory) -> None:
-    """Register a platform after checking it against the contract."""
-    check_platform(name, cls)
-    _factories[name] = factory
+def plugin_names(plugin_type: PluginType) -> list[str]:
+    """The active plugins of ``plugin_type``, sorted."""
+    from workers.plugin_tasks import registry
 
-
-def _load_builtin(name: str) -> None:
-    module_name, _, attr = BUILTIN_PLATFORMS[name].partition(":")
-    cls: Any = getattr(importlib.import_module(module_name), attr)
-    register_platform(name, cls, cls.from_settings)
+    reg = registry()
+    reg.refresh()
+    return sorted(
+        name
+        for name, served in reg.served.items()
+        if served.loaded.manifest.type is plugin_type and served.state == "active"
+    )
 
 
 def get_platform(name: str, settings: Settings) -> Platform:
-    """The platform ``name`` for this process (one object per settings)."""
+    """The platform ``name``: the active plugin for this process's settings.
+
+    With other settings (a benchmark, a test on its own data dir) a built-in platform is
+    built directly for them, outside the registry.
+
+    Raises:
+        ConfigError: ``name`` is not a platform plugin.
+        PluginError: the plugin is disabled, failed or not installed.
+    """
+    from workers.settings import get_settings
+
+    if settings is get_settings():
+        return cast("Platform", _handle(name, PluginType.PLATFORM))
     key = (name, id(settings))
-    platform = _instances.get(key)
-    if platform is not None:
-        return platform
-    if name not in _factories:
+    if key not in _direct:
         if name not in BUILTIN_PLATFORMS:
-            known = ", ".join(sorted({*BUILTIN_PLATFORMS, *_factories}))
+            known = ", ".join(sorted(BUILTIN_PLATFORMS))
             raise ConfigError(f"unknown platform {name!r}; known platforms: {known}")
-        _load_builtin(name)
-    platform = _factories[name](settings)
-    _instances[key] = platform
-    return platform
+        module_name, _, attr = BUILTIN_PLATFORMS[name].partition(":")
+        cls: Any = getattr(importlib.import_module(module_name), attr)
+        check_platform(name, cls)
+        _direct[key] = cls.from_settings(settings)
+    return cast("Platform", _direct[key])
+
+
+def get_provisioner(name: str) -> TenantProvisioner:
+    """The tenant provisioner ``name`` (an active plugin).
+
+    Raises:
+        ConfigError: ``name`` is not a provisioner plugin.
+        PluginError: the plugin is disabled, failed or not installed.
+    """
+    return cast("TenantProvisioner", _handle(name, PluginType.TENANT_PROVISIONER))

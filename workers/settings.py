@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     #: Folders holding plugin folders and .zip/.tar.gz plugin packages, ``os.pathsep``-separated.
     plugin_path: str = ""
     #: Refuse plugins without a valid ed25519 signature by one of ``plugin_trusted_keys``.
-    plugins_require_signature: bool = False
+    require_signed_plugins: bool = False
     #: Base64 ed25519 public keys whose signatures are trusted.
     plugin_trusted_keys: list[str] = Field(default_factory=list)
     #: Plugin name → its config (JSON); values may be ``${secret:path}`` references.

@@ -37,6 +37,7 @@ from workers.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from workers.plugin_api import PluginContext
     from workers.settings import Settings
 
 __all__ = ["DockerPlatform"]
@@ -113,6 +114,11 @@ class DockerPlatform:
         self._client_obj: docker.DockerClient | None = None
         self._host_cpus: int | None = None
         self._host_memory: int | None = None
+
+    @classmethod
+    def from_plugin(cls, _config: None, context: PluginContext) -> DockerPlatform:
+        """The plugin factory: the platform for cul8er's settings."""
+        return cls.from_settings(context.settings)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerPlatform:

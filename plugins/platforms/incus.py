@@ -44,6 +44,7 @@ from workers.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from workers.plugin_api import PluginContext
     from workers.settings import Settings
 
 __all__ = ["IncusPlatform"]
@@ -135,6 +136,11 @@ class IncusPlatform:
         self._client_lock = threading.Lock()
         self._host_cpus: int | None = None
         self._wait = _backoff()
+
+    @classmethod
+    def from_plugin(cls, _config: None, context: PluginContext) -> IncusPlatform:
+        """The plugin factory: the platform for cul8er's settings."""
+        return cls.from_settings(context.settings)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IncusPlatform:

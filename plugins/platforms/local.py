@@ -37,6 +37,7 @@ from workers.errors import NotFoundError, PermanentError, TransientError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from workers.plugin_api import PluginContext
     from workers.settings import Settings
 
 __all__ = ["LocalPlatform"]
@@ -125,6 +126,11 @@ class LocalPlatform:
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.start_timeout = start_timeout
         self._cgroups = Cgroups(CGROUP_ROOT)
+
+    @classmethod
+    def from_plugin(cls, _config: None, context: PluginContext) -> LocalPlatform:
+        """The plugin factory: the platform for cul8er's settings."""
+        return cls.from_settings(context.settings)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalPlatform:
