@@ -20,6 +20,7 @@ from schemas.platform import InstanceInfo, InstanceSpec
 from workers import datastore
 from workers.db import session_scope
 from workers.errors import ConfigError, NotFoundError, PoolExhaustedError, TransientError
+from workers.events import emit
 from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant
 from workers.plans import get_plan
 from workers.registry import get_platform
@@ -126,6 +127,12 @@ def _set_status(
                 )
             )
             log.info("tenant_status_changed", old=old, new=status)
+            emit(
+                "tenant.status_changed",
+                tenant_id=tenant.id,
+                workflow_id=run_id,
+                data={"from": old, "to": status, "reason": reason},
+            )
         return {"status": status}
 
 

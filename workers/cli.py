@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from sqlalchemy import select
 
+from workers.cli_plugins import plugin_cli
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
 from workers.errors import Cul8erError
@@ -42,6 +43,7 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(schema_cli, name="schema")
 platform_cli = typer.Typer(help="Compare platforms with the database.", no_args_is_help=True)
 cli.add_typer(platform_cli, name="platform")
+cli.add_typer(plugin_cli, name="plugin")
 
 console = Console()
 err = Console(stderr=True)

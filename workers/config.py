@@ -16,7 +16,13 @@ if TYPE_CHECKING:
 __all__ = ["TASK_MODULES", "celery_config"]
 
 #: Modules every worker imports: the public tasks and the workflow steps.
-TASK_MODULES: tuple[str, ...] = ("tasks.tenants", "tasks.steps", "tasks.maintenance", "tasks.drift")
+TASK_MODULES: tuple[str, ...] = (
+    "tasks.tenants",
+    "tasks.steps",
+    "tasks.maintenance",
+    "tasks.drift",
+    "tasks.events",
+)
 
 
 def broker_url(settings: Settings) -> str:

@@ -90,6 +90,15 @@ def new_run(
         StepRun(run_id=run.id, phase=FORWARD, position=i, name=name, status="pending")
         for i, name in enumerate(workflow.forward_tasks)
     )
+    from workers.events import emit
+
+    emit(
+        "workflow.started",
+        tenant_id=tenant_id,
+        workflow_id=run.id,
+        subject=kind,
+        data={"kind": kind},
+    )
     return run
 
 
@@ -365,6 +374,23 @@ def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, gra
     )
     if status in FINAL_RUN:
         log.info("workflow_finished", workflow_id=run_id, kind=kind, status=status)
+        _finished_event(session, run_id, kind, status, now)
+
+
+def _finished_event(
+    session: Session, run_id: str, kind: str, status: str, now: dt.datetime
+) -> None:
+    from workers.events import emit
+
+    run = session.get(WorkflowRun, run_id)
+    duration = (now - run.created_at).total_seconds() if run is not None else None
+    emit(
+        "workflow.succeeded" if status == "succeeded" else "workflow.failed",
+        tenant_id=run.tenant_id if run is not None else None,
+        workflow_id=run_id,
+        subject=kind,
+        data={"kind": kind, "status": status, "duration_seconds": duration},
+    )
 
 
 def fail_step(
@@ -412,6 +438,7 @@ def fail_step(
     log.warning("workflow_compensating", workflow_id=run_id, step=name, error=error)
     if not tasks:
         run.status, run.finished_at, run.current_step, run.deadline_at = "failed", now, None, None
+        _finished_event(session, run_id, run.kind, "failed", now)
         return []
     session.add_all(
         StepRun(run_id=run_id, phase=COMPENSATE, position=i, name=task, status="pending")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import Task
@@ -18,8 +18,12 @@ from workers import ledger
 from workers.app import app
 from workers.db import session_scope
 from workers.errors import Cul8erError, TransientError
+from workers.events import emit
 from workers.settings import get_settings
 from workers.workflow import StepContext
+
+if TYPE_CHECKING:
+    from schemas.events import EventType
 
 __all__ = ["StepFunction", "StepTask", "backoff", "step"]
 
@@ -66,6 +70,7 @@ class StepTask(Task[Any, Any]):
         ctx = claim.context
         assert ctx is not None
         structlog.contextvars.bind_contextvars(tenant_id=ctx.tenant_id)
+        self._event("step.started", ctx)
         try:
             output = fn(ctx) or {}
         except TransientError as exc:
@@ -94,6 +99,7 @@ class StepTask(Task[Any, Any]):
         if not recorded:
             self._stop_chain()
         log.info("step_done", attempt=ctx.attempt)
+        self._event("step.succeeded", ctx)
         return output
 
     def _next_task_id(self, next_step: str | None) -> str | None:
@@ -153,10 +159,20 @@ class StepTask(Task[Any, Any]):
                 grace=settings.reconcile_grace,
             )
         log.error("step_failed", error=error)
+        self._event("step.failed", ctx, error=error)
         if ctx.phase == "forward":
             # The forward chain ends here; the compensation chain takes over.
             self._stop_chain()
             ledger.dispatch(self.app, ctx.run_id, "compensate", compensations)
+
+    def _event(self, event_type: EventType, ctx: StepContext, **data: Any) -> None:
+        emit(
+            event_type,
+            tenant_id=ctx.tenant_id,
+            workflow_id=ctx.run_id,
+            subject=self.name,
+            data={"phase": ctx.phase, "attempt": ctx.attempt, **data},
+        )
 
     def _stop_chain(self) -> None:
         # Celery sends request.chain's next signature after we return; clearing it

@@ -1,0 +1,52 @@
+"""``cul8er.events.deliver``: one event to every active observer plugin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from schemas.events import Event
+from workers.app import app
+from workers.errors import Cul8erError, TransientError
+from workers.events import DELIVER_TASK, active_observers
+from workers.plugin_tasks import invoke
+from workers.steps import backoff
+
+__all__ = ["deliver"]
+
+log = structlog.get_logger(__name__)
+
+#: Deliveries of one event to one observer before it is dropped (and logged).
+MAX_ATTEMPTS = 6
+
+
+@app.task(name=DELIVER_TASK, bind=True, ignore_result=True, acks_late=True)
+def deliver(
+    self: Any, event: dict[str, Any], only: list[str] | None = None, attempt: int = 1
+) -> None:
+    """Call ``observe_event`` of each observer; retry only the ones that failed for now.
+
+    Delivered twice, observers see the same ``event_id`` twice (webhooks send it as the
+    Idempotency-Key), which is how they recognise the repeat.
+    """
+    parsed = Event.model_validate(event)
+    retry: list[str] = []
+    for name in only if only is not None else active_observers():
+        try:
+            invoke(name, "observe_event", event=parsed)
+        except TransientError as exc:
+            retry.append(name)
+            log.warning("observer_failed", observer=name, attempt=attempt, error=str(exc))
+        except Cul8erError as exc:
+            log.error("observer_failed", observer=name, attempt=attempt, error=str(exc))
+        except Exception:
+            # One observer's bug never stops the others.
+            log.exception("observer_crashed", observer=name)
+    if retry and attempt < MAX_ATTEMPTS:
+        self.apply_async(
+            kwargs={"event": event, "only": retry, "attempt": attempt + 1},
+            countdown=backoff(attempt, base=1.0, cap=60.0),
+        )
+    elif retry:
+        log.error("observer_gave_up", observers=retry, event_id=str(parsed.event_id))
