@@ -146,15 +146,20 @@ class Stack:
         return process
 
     def start_worker(
-        self, name: str = "w1", *, concurrency: int = 2, wait: bool = True
+        self,
+        name: str = "w1",
+        *,
+        concurrency: int = 2,
+        wait: bool = True,
+        queues: str = "lifecycle,metering,health,celery",
     ) -> subprocess.Popen[bytes]:
-        """A real ``celery worker`` on every cul8er queue."""
+        """A real ``celery worker`` on every cul8er queue (or on ``queues``)."""
         unique = f"{name}-{uuid.uuid4().hex[:6]}@%h"
         process = self._spawn(
             [
                 "worker",
                 "-Q",
-                "lifecycle,metering,health,celery",
+                queues,
                 "-c",
                 str(concurrency),
                 "-n",

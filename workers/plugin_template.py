@@ -318,7 +318,7 @@ def write_plugin(
         textwrap.dedent(
             f"""\
             [build-system]
-            requires = ["setuptools>=69"]
+            requires = ["setuptools>=61"]
             build-backend = "setuptools.build_meta"
 
             [project]

@@ -1,0 +1,353 @@
+"""The plugin system end to end: real packages, real workers, a real sandbox worker.
+
+Plugins are made the way an author makes them (``cul8er plugin init``, pip, a .tar.gz on
+the plugin path), and called the way another service calls them: ``send_task`` by name.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery.exceptions import TimeLimitExceeded
+from cryptography.fernet import Fernet
+
+from schemas.events import Event
+from schemas.manifest import PluginType
+from tests.stack import ROOT, Stack
+from workers.embedded import EmbeddedRedis
+from workers.plugin_template import write_manifest
+
+pytestmark = pytest.mark.integration
+
+#: A test observer; ``{self_test}`` and ``{body}`` are filled per case.
+MODULE = """\
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas.events import Event
+from schemas.plugins import Ack, HealthStatus, MetricSample
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = ""
+
+
+class Plugin:
+    def __init__(self, config: Config | None, context: Any) -> None:
+        self.config = config or Config()
+        self.log = context.log
+        self.version = context.version
+
+    def self_test(self) -> None:
+        {self_test}
+
+    def observe_event(self, event: Event) -> Ack:
+        mode = event.data.get("mode")
+        {body}
+
+    def report_metric(self, metric: MetricSample) -> Ack:
+        return Ack()
+
+    def health_status(self) -> HealthStatus:
+        return HealthStatus(healthy=True)
+
+    def flush(self) -> Ack:
+        return Ack()
+"""
+
+DEFAULT_BODY = 'return Ack(detail=f"{self.version}:{event.event_type}")'
+
+
+def observer(
+    parent: Path,
+    name: str,
+    version: str = "0.1.0",
+    *,
+    body: str = DEFAULT_BODY,
+    self_test: str = "return None",
+    trusted: bool = True,
+) -> Path:
+    """A plugin folder ``parent/<name>-<version>/cul8er_<name>`` with its manifest; its root."""
+    root = parent / f"{name}-{version}" / f"cul8er_{name}"
+    root.mkdir(parents=True)
+    (root / "__init__.py").write_text(MODULE.format(body=body, self_test=self_test))
+    manifest = write_manifest(
+        root, name=name, plugin_type=PluginType.OBSERVER, module=f"cul8er_{name}", trusted=trusted
+    )
+    data = json.loads(manifest.read_text())
+    data["version"] = version
+    manifest.write_text(json.dumps(data, indent=2))
+    return root
+
+
+def event(**data: Any) -> dict[str, Any]:
+    return Event(event_type="workflow.started", data=data).model_dump(mode="json")
+
+
+def cli(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def call(stack: Stack, plugin: str, queue: str | None = None, timeout: float = 30, **data: Any):
+    options = {"queue": queue} if queue else {}
+    return stack.client.send_task(
+        f"plugins.{plugin}.observe_event", kwargs={"event": event(**data)}, **options
+    ).get(timeout=timeout)
+
+
+def until(predicate: Callable[[], Any], timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def stack(stack_factory: Callable[..., Stack], tmp_path: Path) -> Stack:
+    made = stack_factory("embedded")
+    made.extra_env.update(
+        CUL8ER_PLUGIN_PATH=str(tmp_path / "plugins"), CUL8ER_PLUGIN_STATE_TTL="0.2"
+    )
+    (tmp_path / "plugins").mkdir()
+    return made
+
+
+def test_init_package_pip_installed_runs_on_a_worker(stack: Stack, tmp_path: Path) -> None:
+    # Given a plugin package written by `cul8er plugin init`, installed by pip
+    cli(stack, "plugin", "init", "hello", "--trusted", "--directory", str(tmp_path))
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(site),
+            str(tmp_path / "cul8er-hello"),
+        ],
+        check=True,
+        timeout=300,
+    )
+    stack.extra_env["PYTHONPATH"] = str(site)
+
+    # When a worker starts
+    stack.start_worker("main")
+
+    # Then the plugin was discovered through its entry point, validated and is active
+    listed = {p["name"]: p for p in json.loads(cli(stack, "plugin", "list", "--json").stdout)}
+    assert listed["hello"]["state"] == "active"
+    assert listed["hello"]["source"] == "entry-point:hello"
+    assert listed["hello"]["queue"] == "plugins.hello"
+    # And its task runs on the worker, on its own queue
+    answer = call(stack, "hello", queue="plugins.hello")
+    assert answer == {"ok": True, "result": {"ok": True, "detail": "seen: workflow.started"}}
+
+
+def test_tar_gz_on_the_plugin_path_runs_in_the_sandbox(stack: Stack, tmp_path: Path) -> None:
+    # Given an untrusted plugin from `cul8er plugin init`, packed as a .tar.gz on the plugin path
+    cli(stack, "plugin", "init", "packed", "--directory", str(tmp_path))
+    archive = tmp_path / "plugins" / "packed-0.1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cul8er-packed" / "cul8er_packed", arcname="cul8er_packed")
+
+    # When a general worker and a sandbox worker run
+    stack.start_worker("main")
+    stack.start_worker("sandbox", queues="plugins.sandbox", concurrency=1)
+
+    # Then it is found in the archive and routed to the sandbox
+    listed = {p["name"]: p for p in json.loads(cli(stack, "plugin", "list", "--json").stdout)}
+    assert listed["packed"]["state"] == "active"
+    assert listed["packed"]["source"].startswith("archive:")
+    assert listed["packed"]["queue"] == "plugins.sandbox"
+    # And a plain client's call (Celery's default queue) reaches it through the sandbox
+    answer = call(stack, "packed")
+    assert answer["result"]["detail"] == "seen: workflow.started"
+    sandbox_log = (stack.data_dir / "worker-sandbox.log").read_text()
+    assert "plugins.packed.observe_event" in sandbox_log
+
+
+HOG = """
+        if mode == "alloc":
+            blocks = []
+            while True:
+                blocks.append(bytearray(32 * 1024 * 1024))
+        if mode == "loop":
+            while True:
+                try:
+                    while True:
+                        pass
+                except BaseException:
+                    pass  # swallows the soft time limit: only a kill stops it
+        return Ack(detail="fine")"""
+
+
+def test_sandbox_kills_runaway_plugins_while_a_provision_runs(stack: Stack, tmp_path: Path) -> None:
+    # Given an untrusted plugin that can allocate without bound or loop forever
+    observer(tmp_path / "plugins", "hog", body=HOG, trusted=False)
+    stack.extra_env.update(
+        CUL8ER_SANDBOX_TIME_LIMIT="6",
+        CUL8ER_SANDBOX_MEMORY_MB="900",
+        CUL8ER_SANDBOX_CPU_SECONDS="30",
+    )
+    stack.start_worker("main")
+    stack.start_worker("sandbox", queues="plugins.sandbox", concurrency=1)
+
+    # When both runaway calls are sent, and a tenant is created on another plugin meanwhile
+    alloc = stack.client.send_task(
+        "plugins.hog.observe_event", kwargs={"event": event(mode="alloc")}, queue="plugins.sandbox"
+    )
+    loop = stack.client.send_task(
+        "plugins.hog.observe_event", kwargs={"event": event(mode="loop")}, queue="plugins.sandbox"
+    )
+    created = stack.call("cul8er.tenants.create", name="Busy Corp", plan="free")
+    assert created["ok"], created
+
+    # Then the allocation is stopped at the memory limit with a clear error
+    answer = alloc.get(timeout=60)
+    assert answer["ok"] is False
+    assert answer["error"]["code"] == "resource_limit"
+    assert "ran out of memory" in answer["error"]["message"]
+    # And the endless loop is killed at the hard time limit
+    with pytest.raises(TimeLimitExceeded):
+        loop.get(timeout=60)
+    # And the provision ran to the end meanwhile
+    assert stack.wait_run(created["workflow_id"])["status"] == "succeeded"
+    # And the sandbox worker still serves the next call
+    assert call(stack, "hog", queue="plugins.sandbox")["result"]["detail"] == "fine"
+    stack.call("cul8er.tenants.deprovision", tenant_id="busy-corp")
+
+
+def test_disable_enable_and_reload_reach_a_running_worker(stack: Stack, tmp_path: Path) -> None:
+    # Given version 0.1.0 of a plugin served by a running worker
+    plugins = tmp_path / "plugins"
+    observer(plugins, "ver", "0.1.0")
+    stack.start_worker("main")
+    assert call(stack, "ver")["result"]["detail"] == "0.1.0:workflow.started"
+
+    # When it is disabled, then enabled again
+    cli(stack, "plugin", "disable", "ver")
+    refused = until(lambda: None if (a := call(stack, "ver"))["ok"] else a)
+    assert refused["error"]["code"] == "plugin_unavailable"
+    assert "disabled" in refused["error"]["message"]
+    cli(stack, "plugin", "enable", "ver")
+    assert until(lambda: call(stack, "ver")["ok"])
+
+    # When 0.2.0 appears and is reloaded
+    observer(plugins, "ver", "0.2.0")
+    cli(stack, "plugin", "reload", "ver")
+    # Then the running worker serves it
+    assert until(lambda: call(stack, "ver")["result"]["detail"].startswith("0.2.0"))
+
+    # When a broken 0.3.0 (its self-test fails) is reloaded
+    observer(plugins, "ver", "0.3.0", self_test='raise RuntimeError("database unreachable")')
+    failed = cli(stack, "plugin", "reload", "ver", "--json", check=False)
+    # Then the reload is refused with the cause, and 0.2.0 keeps serving
+    assert failed.returncode == 1
+    assert "database unreachable" in failed.stdout
+    assert json.loads(failed.stdout)["serving"] == "0.2.0"
+    time.sleep(1)
+    assert call(stack, "ver")["result"]["detail"].startswith("0.2.0")
+    listed = {p["name"]: p for p in json.loads(cli(stack, "plugin", "list", "--json").stdout)}
+    assert listed["ver"]["version"] == "0.2.0"
+    assert listed["ver"]["state"] == "active"
+
+
+LEAKY = """
+        self.log.info("about_to_answer", token=self.config.token)
+        return Ack(detail=f"token={self.config.token}")"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_planted_secret_never_leaves_the_plugin(stack: Stack, tmp_path: Path) -> None:
+    # Given a secret in the encrypted file store and a plugin whose config refers to it
+    from plugins.secrets.file import FileSecrets, FileSecretsConfig
+    from workers.plugin_api import PluginContext
+    from workers.settings import Settings
+
+    planted = "planted-s3cret-4711-value"
+    key = Fernet.generate_key().decode()
+    settings = Settings(data_dir=stack.data_dir, secrets_key=key)
+    store = FileSecrets(
+        FileSecretsConfig(),
+        PluginContext(name="file", version="1", data_dir=tmp_path / "f", settings=settings),
+    )
+    store.put("leaky/token", planted)
+    observer(tmp_path / "plugins", "leaky", body=LEAKY)
+    stack.extra_env.update(
+        CUL8ER_SECRETS_KEY=key,
+        CUL8ER_PLUGIN_CONFIG=json.dumps({"leaky": {"token": "${secret:file:leaky/token}"}}),
+        FLOWER_UNAUTHENTICATED_API="true",
+    )
+    stack.start_worker("main")
+    port = free_port()
+    stack._spawn(["flower", "--address=127.0.0.1", f"--port={port}"], "flower.log")
+
+    # When the plugin runs, logging and answering with its resolved config
+    answer = call(stack, "leaky")
+
+    # Then the value was resolved (not the reference) but the result carries only the mask
+    assert answer["result"]["detail"] == "token=**********"
+    # And no log line, no stored result and no Flower view of the task holds the value
+    time.sleep(1)
+    logs = (stack.data_dir / "worker-main.log").read_text()
+    assert "about_to_answer" in logs
+    assert planted not in logs
+    client = redis.Redis.from_url(EmbeddedRedis(stack.data_dir).url)
+    for name in client.scan_iter():
+        value = client.dump(name) or b""
+        assert planted.encode() not in value, name
+    tasks = until(lambda: _flower_tasks(port), timeout=30)
+    assert any("plugins.leaky.observe_event" in json.dumps(t) for t in tasks.values())
+    assert planted not in json.dumps(tasks)
+    # And the table keeps the reference, never the value
+    from workers.models import Plugin
+
+    with stack.session() as session:
+        row = session.get(Plugin, "leaky")
+        assert row is not None
+        assert row.config == {"token": "${secret:file:leaky/token}"}
+
+
+def _flower_tasks(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tasks", timeout=2) as response:
+            tasks: dict[str, Any] = json.loads(response.read())
+    except OSError:
+        return None
+    return tasks if any("plugins.leaky" in json.dumps(t) for t in tasks.values()) else None
