@@ -114,7 +114,7 @@ BUILTIN_MANIFESTS: Final[tuple[Manifest, ...]] = (
         "FileSecrets",
         permissions=frozenset({_FS}),
         config="FileSecretsConfig",
-        description="Secrets in a local file, each value encrypted (Fernet) by a key from settings.",
+        description="Secrets in a local file, each value encrypted (Fernet) by a settings key.",
     ),
     _builtin(
         "log",

@@ -13,7 +13,8 @@ from typing import Any
 import structlog
 from sqlalchemy import select
 
-from tasks.steps import instance_spec, record_instance
+from plugins.provisioners._instances import instance_spec
+from tasks.steps import record_instance
 from workers.app import app
 from workers.db import session_scope
 from workers.errors import Cul8erError

@@ -8,29 +8,27 @@ from __future__ import annotations
 
 import ipaddress
 import time
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from schemas.platform import InstanceInfo, InstanceSpec
-from workers import datastore
+from plugins.provisioners._instances import instance_name, instance_spec, probe
+from schemas.platform import InstanceInfo
+from schemas.plugins import ProvisionRequest, ProvisionResult
 from workers.db import session_scope
 from workers.errors import ConfigError, NotFoundError, PoolExhaustedError, TransientError
 from workers.events import emit
 from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant
 from workers.plans import get_plan
-from workers.registry import get_platform
+from workers.registry import get_platform, get_provisioner
 from workers.settings import get_settings
 from workers.steps import step
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from schemas.plans import Plan
     from workers.contracts import Platform
     from workers.workflow import StepContext
 
@@ -40,25 +38,6 @@ log = structlog.get_logger(__name__)
 
 #: Prefix length of the subnet each tenant gets.
 TENANT_PREFIX = 24
-
-
-def instance_name(tenant_id: str, role: str, ordinal: int) -> str:
-    """The deterministic instance name ``t-{tenant}-{role}-{n}``."""
-    return f"t-{tenant_id}-{role}-{ordinal}"
-
-
-def instance_spec(tenant_id: str, plan: Plan, platform: str, ordinal: int) -> InstanceSpec:
-    """What instance ``ordinal`` of a tenant on ``plan`` looks like on ``platform``."""
-    return InstanceSpec(
-        name=instance_name(tenant_id, "app", ordinal),
-        tenant_id=tenant_id,
-        role="app",
-        ordinal=ordinal,
-        image=plan.images.get(platform),
-        limits=plan.instance_limits(),
-        labels={"cul8er.tenant": tenant_id, "cul8er.plan": plan.name},
-        port=get_settings().instance_port,
-    )
 
 
 def _tenant(session: Session, tenant_id: str | None) -> Tenant:
@@ -190,58 +169,77 @@ def release_network(ctx: StepContext) -> dict[str, Any]:
 # -- instances --------------------------------------------------------------------------------
 
 
-@step("cul8er.tenants.create_instances")
-def create_instances(ctx: StepContext) -> dict[str, Any]:
-    """Create the plan's instances under their deterministic names."""
+def _compute(tenant: Tenant) -> str:
+    """The tenant's compute provisioner: dedicated instances unless placed on a shared pool."""
+    return tenant.placement or "container_per_tenant"
+
+
+def _provision(ctx: StepContext, plan_name: str, *, scale: bool) -> dict[str, Any]:
+    """Have the tenant's provisioner make (or rescale) its instances, and record them."""
     settings = get_settings()
-    plan = get_plan(ctx.input["plan"], settings.plans_file)
+    plan = get_plan(plan_name, settings.plans_file)
     with session_scope() as session:
         tenant = _tenant(session, ctx.tenant_id)
-        tenant_id, platform_name = tenant.id, tenant.platform
-    platform = get_platform(platform_name, settings)
-    names = []
-    for ordinal in range(plan.instances):
-        info = platform.create_instance(instance_spec(tenant_id, plan, platform_name, ordinal))
-        record_instance(tenant_id, info, role="app", ordinal=ordinal)
-        names.append(info.name)
-    return {"instances": names}
+        tenant_id, platform_name, provisioner = tenant.id, tenant.platform, _compute(tenant)
+    request = ProvisionRequest(tenant_id=tenant_id, plan=plan, platform=platform_name)
+    handle = get_provisioner(provisioner)
+    result: ProvisionResult = handle.scale(request) if scale else handle.provision(request)
+    for info in result.instances:
+        record_instance(tenant_id, info, role="app", ordinal=int(info.name.rsplit("-", 1)[1]))
+    destroyed = list(result.detail.get("destroyed", []))
+    placement = {k: v for k, v in result.detail.items() if k not in ("created", "destroyed")}
+    with session_scope() as session:
+        if destroyed:
+            session.execute(
+                delete(Instance).where(
+                    Instance.tenant_id == tenant_id, Instance.name.in_(destroyed)
+                )
+            )
+        if placement:
+            tenant = _tenant(session, tenant_id)
+            tenant.resources = {
+                **tenant.resources,
+                "placement": {"provisioner": provisioner, **placement},
+            }
+    return {
+        "provisioner": provisioner,
+        "instances": [info.name for info in result.instances],
+        "applied": {info.name: info.limits_applied for info in result.instances},
+        "plan": plan_name,
+    }
+
+
+@step("cul8er.tenants.create_instances")
+def create_instances(ctx: StepContext) -> dict[str, Any]:
+    """The tenant's provisioner creates the plan's instances under deterministic names."""
+    return _provision(ctx, ctx.input["plan"], scale=False)
 
 
 @step("cul8er.tenants.destroy_instances")
 def destroy_instances(ctx: StepContext) -> dict[str, Any]:
-    """Destroy every instance of the tenant, known to the database or found on the platform."""
-    platform, names = _platform_of(ctx)
-    found = [info.name for info in platform.list_instances(ctx.tenant_id)]
-    destroyed = sorted({*names, *found})
-    for name in destroyed:
-        platform.destroy_instance(name)
+    """The tenant's provisioner removes every instance it holds for the tenant."""
     with session_scope() as session:
-        session.execute(delete(Instance).where(Instance.tenant_id == ctx.tenant_id))
-    return {"destroyed": destroyed}
-
-
-def _apply_plan_limits(ctx: StepContext, plan_name: str) -> dict[str, Any]:
-    settings = get_settings()
-    limits = get_plan(plan_name, settings.plans_file).instance_limits()
-    platform, names = _platform_of(ctx)
-    applied = {}
-    for name in names:
-        info = platform.set_limits(name, limits)
-        record_instance(ctx.tenant_id or "", info, role="app", ordinal=int(name.rsplit("-", 1)[1]))
-        applied[name] = info.limits_applied
-    return {"plan": plan_name, "applied": applied}
+        tenant = _tenant(session, ctx.tenant_id)
+        tenant_id, provisioner = tenant.id, _compute(tenant)
+        names = list(session.scalars(select(Instance.name).where(Instance.tenant_id == tenant_id)))
+    ack = get_provisioner(provisioner).deprovision(tenant_id)
+    with session_scope() as session:
+        session.execute(delete(Instance).where(Instance.tenant_id == tenant_id))
+        tenant = _tenant(session, tenant_id)
+        tenant.resources = {k: v for k, v in tenant.resources.items() if k != "placement"}
+    return {"destroyed": sorted(names), "detail": ack.detail}
 
 
 @step("cul8er.tenants.apply_limits")
 def apply_limits(ctx: StepContext) -> dict[str, Any]:
-    """Apply the plan's CPU and memory limits to every instance, live."""
-    return _apply_plan_limits(ctx, ctx.input["plan"])
+    """Bring the instances to the plan: CPU and memory limits live, the instance count."""
+    return _provision(ctx, ctx.input["plan"], scale=True)
 
 
 @step("cul8er.tenants.restore_limits")
 def restore_limits(ctx: StepContext) -> dict[str, Any]:
     """Put the previous plan's limits back after a failed plan change."""
-    return _apply_plan_limits(ctx, ctx.input["previous_plan"])
+    return _provision(ctx, ctx.input["previous_plan"], scale=True)
 
 
 @step("cul8er.tenants.stop_instances")
@@ -271,9 +269,16 @@ def start_instances(ctx: StepContext) -> dict[str, Any]:
 
 @step("cul8er.tenants.create_datastore")
 def create_datastore(ctx: StepContext) -> dict[str, Any]:
-    """Create the tenant's own database (a schema on PostgreSQL, a file on SQLite)."""
+    """The data provisioner creates the tenant's own database (schema, database or file)."""
     settings = get_settings()
-    store = datastore.create_store(settings, ctx.tenant_id or "")
+    with session_scope() as session:
+        tenant = _tenant(session, ctx.tenant_id)
+        request = ProvisionRequest(
+            tenant_id=tenant.id,
+            plan=get_plan(tenant.plan, settings.plans_file),
+            platform=tenant.platform,
+        )
+    store = get_provisioner(settings.data_provisioner).provision(request).datastore
     with session_scope() as session:
         tenant = _tenant(session, ctx.tenant_id)
         tenant.resources = {**tenant.resources, "datastore": store}
@@ -282,8 +287,8 @@ def create_datastore(ctx: StepContext) -> dict[str, Any]:
 
 @step("cul8er.tenants.drop_datastore")
 def drop_datastore(ctx: StepContext) -> dict[str, Any]:
-    """Drop the tenant's database and everything in it."""
-    datastore.drop_store(get_settings(), ctx.tenant_id or "")
+    """The data provisioner drops the tenant's database and everything in it."""
+    get_provisioner(get_settings().data_provisioner).deprovision(ctx.tenant_id or "")
     with session_scope() as session:
         tenant = _tenant(session, ctx.tenant_id)
         tenant.resources = {k: v for k, v in tenant.resources.items() if k != "datastore"}
@@ -291,22 +296,6 @@ def drop_datastore(ctx: StepContext) -> dict[str, Any]:
 
 
 # -- health -----------------------------------------------------------------------------------
-
-
-def probe(endpoint: str, *, timeout: float) -> tuple[bool, str]:
-    """GET ``/health`` on a loopback endpoint; returns (healthy, detail)."""
-    host = endpoint.rsplit(":", 1)[0]
-    if not ipaddress.ip_address(host).is_loopback:
-        # Health traffic stays on this machine: instances publish their port on loopback.
-        return False, f"endpoint {endpoint} is not on loopback"
-    try:
-        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout) as response:
-            body = response.read(1024)
-            return response.status == 200, body.decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return False, f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        return False, str(exc)
 
 
 @step("cul8er.tenants.health_check")

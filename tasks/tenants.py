@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from schemas.manifest import PluginType
 from schemas.tasks import (
     ChangePlan,
     CreateTenant,
@@ -21,7 +22,7 @@ from workers.errors import ConflictError, NotFoundError, ValidationFailedError
 from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant, WorkflowRun, utcnow
 from workers.plans import get_plan
 from workers.public import Outcome, public_task
-from workers.registry import BUILTIN_PLATFORMS
+from workers.registry import plugin_names
 from workers.settings import get_settings
 from workers.workflow import FORWARD
 
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
-#: Provisioners this release knows; plugins add more later.
-PROVISIONERS = ("container_per_tenant",)
+#: The compute provisioner of a tenant created without one: its own instances.
+DEFAULT_PROVISIONER = "container_per_tenant"
 
 
 def slugify(name: str) -> str:
@@ -93,14 +94,20 @@ def create(session: Session, payload: CreateTenant) -> Outcome:
     settings = get_settings()
     plan = get_plan(payload.plan, settings.plans_file)
     platform = payload.platform or settings.default_platform
-    if platform not in BUILTIN_PLATFORMS:
+    platforms = plugin_names(PluginType.PLATFORM, refresh=False)
+    if platform not in platforms:
         raise _field_error(
-            "platform", f"unknown platform {platform!r}; known: {', '.join(BUILTIN_PLATFORMS)}"
+            "platform", f"unknown platform {platform!r}; active: {', '.join(platforms)}"
         )
-    if payload.provisioner not in (None, *PROVISIONERS):
+    provisioners = [
+        name
+        for name in plugin_names(PluginType.TENANT_PROVISIONER, refresh=False)
+        if name != settings.data_provisioner
+    ]
+    if payload.provisioner not in (None, *provisioners):
         raise _field_error(
             "provisioner",
-            f"unknown provisioner {payload.provisioner!r}; known: {', '.join(PROVISIONERS)}",
+            f"unknown provisioner {payload.provisioner!r}; active: {', '.join(provisioners)}",
         )
     tenant_id = payload.tenant_id or slugify(payload.name)
     if session.get(Tenant, tenant_id) is not None:
@@ -112,7 +119,7 @@ def create(session: Session, payload: CreateTenant) -> Outcome:
         plan=plan.name,
         status="provisioning",
         platform=platform,
-        placement=payload.provisioner or PROVISIONERS[0],
+        placement=payload.provisioner or DEFAULT_PROVISIONER,
         resources={},
         meta=dict(payload.metadata),
         billing_anchor=now.date(),

@@ -26,12 +26,22 @@ log = structlog.get_logger(__name__)
 DELIVER_TASK = "cul8er.events.deliver"
 
 
-def active_observers() -> list[str]:
-    """The observer plugins that receive events now, sorted."""
-    from workers.plugin_tasks import registry
+def active_observers(*, refresh: bool = True) -> list[str]:
+    """The observer plugins that receive events now, sorted.
 
-    reg = registry()
-    reg.refresh()
+    ``refresh=False`` answers from this process's last view of the ``plugins`` table:
+    ``emit`` runs inside other transactions, where a second connection could wait on
+    SQLite's write lock held by the first.
+    """
+    from workers import plugin_tasks
+
+    if not refresh and plugin_tasks.booted() is None:
+        # Not booted here (a script, a unit test): nothing is known to observe, and booting
+        # now would read the database inside the caller's transaction.
+        return []
+    reg = plugin_tasks.registry()
+    if refresh:
+        reg.refresh()
     return sorted(
         name
         for name, served in reg.served.items()
@@ -52,7 +62,7 @@ def emit(
     Never raises: losing an observation must not fail the work it observes.
     """
     try:
-        if not active_observers():
+        if not active_observers(refresh=False):
             return None
         event = Event(
             event_type=event_type,

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from schemas.plugins import SecretValue
     from workers.plugins import Served
 
-__all__ = ["invoke", "registry", "route_task", "worker_role"]
+__all__ = ["booted", "invoke", "registry", "route_task", "worker_role"]
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +53,11 @@ def registry() -> PluginRegistry:
         fresh.on_serve(_register)
         _registry = fresh
         fresh.boot()
+    return _registry
+
+
+def booted() -> PluginRegistry | None:
+    """This process's registry if it has booted, else ``None`` (never boots it)."""
     return _registry
 
 

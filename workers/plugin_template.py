@@ -13,7 +13,7 @@ from workers.plugins import API_VERSION
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["write_plugin", "write_manifest"]
+__all__ = ["write_manifest", "write_plugin"]
 
 _IMPORTS: Final = "from schemas.plugins import Ack, HealthStatus"
 
@@ -285,7 +285,7 @@ def write_manifest(
     root: Path, *, name: str, plugin_type: PluginType, module: str, trusted: bool
 ) -> Path:
     """(Re)write ``root``'s manifest with the sha256 of every file now in ``root``."""
-    manifest = {
+    manifest: dict[str, object] = {
         "name": name,
         "version": "0.1.0",
         "type": plugin_type.value,

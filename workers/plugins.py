@@ -132,7 +132,7 @@ def operation_models(plugin_type: PluginType, op: str) -> tuple[type[BaseModel],
             continue
         default = ... if param.default is inspect.Parameter.empty else param.default
         fields[name] = (hints[name], default)
-    model = create_model(  # type: ignore[call-overload]
+    model = create_model(
         f"{plugin_type.value}.{op}", __config__=ConfigDict(extra="forbid"), **fields
     )
     return model, TypeAdapter(hints.get("return", type(None)))

@@ -82,12 +82,17 @@ def _handle(name: str, plugin_type: PluginType) -> PluginProxy:
     return PluginProxy(name, plugin_type)
 
 
-def plugin_names(plugin_type: PluginType) -> list[str]:
-    """The active plugins of ``plugin_type``, sorted."""
+def plugin_names(plugin_type: PluginType, *, refresh: bool = True) -> list[str]:
+    """The active plugins of ``plugin_type``, sorted.
+
+    ``refresh=False`` answers from this process's view, without reading the table: for
+    callers inside a transaction of their own (SQLite lets one writer in at a time).
+    """
     from workers.plugin_tasks import registry
 
     reg = registry()
-    reg.refresh()
+    if refresh:
+        reg.refresh()
     return sorted(
         name
         for name, served in reg.served.items()

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     #: Extra task modules every worker imports (third-party workflows, benchmarks).
     imports: list[str] = Field(default_factory=list)
 
+    #: The provisioner plugin that gives each tenant its own database.
+    data_provisioner: str = "database_per_tenant"
     #: Platform of new tenants: local, docker or incus.
     default_platform: str = "local"
     #: The port a tenant's service listens on inside a container.

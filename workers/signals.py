@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import structlog
@@ -19,6 +20,26 @@ def _setup_logging(**_kwargs: Any) -> None:
     # Connecting here stops Celery from configuring logging its own way.
     settings = get_settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+
+
+@signals.worker_init.connect
+def _metrics(**_kwargs: Any) -> None:
+    # Before the pool forks: every child writes its metrics to the shared multi-process folder,
+    # and the main process alone serves /metrics (children would fight over the port).
+    from workers import metrics
+
+    settings = get_settings()
+    directory = metrics.metrics_directory(settings)
+    metrics.configure(directory)
+    if settings.prometheus_port:
+        metrics.serve(settings.prometheus_port, directory)
+
+
+@signals.worker_process_shutdown.connect
+def _child_gone(pid: int | None = None, **_kwargs: Any) -> None:
+    from workers import metrics
+
+    metrics.mark_process_dead(pid or os.getpid(), metrics.metrics_directory(get_settings()))
 
 
 @signals.worker_process_init.connect

@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import func, select
 
+from plugins.provisioners.database_per_tenant import store_exists
 from tasks import workflows as wf
 from tests.stack import Stack, instance_processes
 from workers import ledger
-from workers.datastore import store_exists
 from workers.models import (
     AuditEvent,
     Instance,

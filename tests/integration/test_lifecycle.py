@@ -9,8 +9,8 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
+from plugins.provisioners.database_per_tenant import store_exists
 from tests.stack import Stack, instance_processes
-from workers.datastore import store_exists
 from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant
 from workers.settings import Settings
 

@@ -83,10 +83,12 @@ def observer(
     self_test: str = "return None",
     trusted: bool = True,
 ) -> Path:
-    """A plugin folder ``parent/<name>-<version>/cul8er_<name>`` with its manifest; its root."""
-    root = parent / f"{name}-{version}" / f"cul8er_{name}"
-    root.mkdir(parents=True)
-    (root / "__init__.py").write_text(MODULE.format(body=body, self_test=self_test))
+    """A plugin folder ``parent/<name>-<version>/`` holding its manifest and its package."""
+    root = parent / f"{name}-{version}"
+    (root / f"cul8er_{name}").mkdir(parents=True)
+    (root / f"cul8er_{name}" / "__init__.py").write_text(
+        MODULE.format(body=body, self_test=self_test)
+    )
     manifest = write_manifest(
         root, name=name, plugin_type=PluginType.OBSERVER, module=f"cul8er_{name}", trusted=trusted
     )

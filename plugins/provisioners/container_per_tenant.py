@@ -1,0 +1,218 @@
+"""The ``container_per_tenant`` provisioner: dedicated instances per tenant on its platform.
+
+Instance ``n`` of a tenant is always ``t-{tenant}-app-{n}``, and platforms return the
+existing instance when asked to create a name twice, so provisioning (or scaling) the
+same tenant from two processes at once converges on one set of instances.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import TYPE_CHECKING, ClassVar, Final
+
+import structlog
+from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
+
+from plugins.provisioners._instances import check_tenant_id, instance_spec, probe
+from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
+from workers.db import get_engine, session_scope
+from workers.errors import ConflictError, NotFoundError, PermanentError, TransientError
+from workers.models import Tenant
+from workers.registry import get_platform
+
+if TYPE_CHECKING:
+    from schemas.platform import InstanceInfo
+    from schemas.plugins import ProvisionRequest
+    from workers.contracts import Platform
+    from workers.plugin_api import PluginContext
+    from workers.settings import Settings
+
+__all__ = ["ContainerPerTenant", "tenant_platform"]
+
+log = structlog.get_logger(__name__)
+
+#: The counters ``meter_usage`` sums over a tenant's instances.
+STAT_FIELDS: Final = ("cpu_seconds", "memory_bytes", "disk_bytes", "rx_bytes", "tx_bytes")
+
+
+def tenant_platform(settings: Settings, tenant_id: str) -> str:
+    """The platform the ``tenants`` table records for ``tenant_id``, else the default one."""
+    url = settings.sqlalchemy_url
+    try:
+        # An unmigrated database (or a provisioner used on its own) has no tenants table.
+        if not inspect(get_engine(url)).has_table("tenants"):
+            return settings.default_platform
+    except OperationalError as exc:
+        raise TransientError(f"database unavailable: {exc.orig!s}") from exc
+    with session_scope(url) as session:
+        tenant = session.get(Tenant, tenant_id)
+        platform = tenant.platform if tenant is not None else None
+    return platform or settings.default_platform
+
+
+def _ordinal(tenant_id: str, name: str) -> int | None:
+    """``n`` of ``t-{tenant}-app-{n}``; ``None`` for any other name."""
+    match = re.fullmatch(rf"t-{re.escape(tenant_id)}-app-(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def _wanted(request: ProvisionRequest) -> int:
+    """How many instances the request asks for, within the plan's quota."""
+    plan = request.plan
+    count = plan.instances if request.instances is None else request.instances
+    if plan.max_instances is not None and count > plan.max_instances:
+        raise PermanentError(
+            f"{count} instances exceed plan {plan.name!r}'s max_instances ({plan.max_instances})"
+        )
+    return count
+
+
+class ContainerPerTenant:
+    """Each tenant gets ``instances`` dedicated instances under its plan's limits."""
+
+    name: ClassVar[str] = "container_per_tenant"
+
+    def __init__(self, config: None, context: PluginContext) -> None:
+        self.context = context
+        self.settings = context.settings
+
+    # -- the TenantProvisioner contract -----------------------------------------------------
+
+    def provision(self, request: ProvisionRequest) -> ProvisionResult:
+        """Create (or find) instances ``0..count-1`` of the tenant, under the plan's limits."""
+        return self._converge(request, shrink=False)
+
+    def deprovision(self, tenant_id: str) -> Ack:
+        """Destroy every instance of the tenant found on its platform; none found is success."""
+        check_tenant_id(tenant_id)
+        platform = self._platform(tenant_platform(self.settings, tenant_id))
+        names = [info.name for info in platform.list_instances(tenant_id)]
+        for name in sorted(names, reverse=True):
+            platform.destroy_instance(name)
+        log.info("tenant_instances_deprovisioned", tenant_id=tenant_id, destroyed=names)
+        return Ack(detail=f"destroyed {len(names)} instance(s)" if names else "nothing to destroy")
+
+    def scale(self, request: ProvisionRequest) -> ProvisionResult:
+        """Apply the plan's limits live and create or destroy instances to match the count."""
+        return self._converge(request, shrink=True)
+
+    def meter_usage(self, tenant_id: str) -> UsageSample:
+        """The platform's counters summed over the tenant's instances."""
+        check_tenant_id(tenant_id)
+        platform = self._platform(tenant_platform(self.settings, tenant_id))
+        totals = dict.fromkeys(STAT_FIELDS, 0.0)
+        counted = 0
+        for info in platform.list_instances(tenant_id):
+            try:
+                stats = platform.stats(info.name)
+            except NotFoundError:
+                continue  # destroyed between the listing and the read
+            counted += 1
+            for field in STAT_FIELDS:
+                totals[field] += float(getattr(stats, field))
+        return UsageSample(
+            tenant_id=tenant_id,
+            taken_at=dt.datetime.now(dt.UTC),
+            metrics={**totals, "instances": float(counted)},
+        )
+
+    def health_check(self, tenant_id: str) -> HealthReport:
+        """Probe ``/health`` of every instance once; no instance at all is unhealthy."""
+        check_tenant_id(tenant_id)
+        platform = self._platform(tenant_platform(self.settings, tenant_id))
+        checks: dict[str, str] = {}
+        healthy = True
+        for info in platform.list_instances(tenant_id):
+            if info.endpoint is None:
+                ok, detail = False, f"{info.status}, no endpoint"
+            else:
+                ok, detail = probe(info.endpoint, timeout=self.settings.health_timeout)
+            checks[info.name] = "healthy" if ok else f"unhealthy: {detail[:200]}"
+            healthy = healthy and ok
+        if not checks:
+            return HealthReport(tenant_id=tenant_id, healthy=False, checks={"instances": "none"})
+        return HealthReport(tenant_id=tenant_id, healthy=healthy, checks=checks)
+
+    def get_resources(self, tenant_id: str) -> TenantResources:
+        """The tenant's instances as its platform reports them."""
+        check_tenant_id(tenant_id)
+        platform_name = tenant_platform(self.settings, tenant_id)
+        infos = self._platform(platform_name).list_instances(tenant_id)
+        return TenantResources(
+            tenant_id=tenant_id,
+            provisioner=self.name,
+            instances=[info.model_dump(mode="json") for info in infos],
+            detail={"platform": platform_name},
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _platform(self, name: str) -> Platform:
+        return get_platform(name, self.settings)
+
+    def _converge(self, request: ProvisionRequest, *, shrink: bool) -> ProvisionResult:
+        """Instances ``0..count-1`` run under the plan's limits; with ``shrink``, no others."""
+        tenant_id = check_tenant_id(request.tenant_id)
+        platform = self._platform(request.platform)
+        count = _wanted(request)
+        before = {info.name for info in platform.list_instances(tenant_id)}
+        destroyed = []
+        if shrink:
+            extra = [
+                (ordinal, name)
+                for name in before
+                if (ordinal := _ordinal(tenant_id, name)) is not None and ordinal >= count
+            ]
+            # Highest ordinals first, so a scale interrupted halfway still leaves a prefix.
+            for _n, name in sorted(extra, reverse=True):
+                platform.destroy_instance(name)
+                destroyed.append(name)
+        infos = self._ensure(platform, request, count)
+        created = [info.name for info in infos if info.name not in before]
+        log.info(
+            "tenant_instances_converged",
+            tenant_id=tenant_id,
+            plan=request.plan.name,
+            platform=request.platform,
+            instances=count,
+            created=created,
+            destroyed=destroyed,
+        )
+        return ProvisionResult(
+            tenant_id=tenant_id,
+            provisioner=self.name,
+            instances=infos,
+            detail={
+                "platform": request.platform,
+                "plan": request.plan.name,
+                "limits": request.plan.instance_limits().model_dump(mode="json"),
+                "created": created,
+                "destroyed": destroyed,
+            },
+        )
+
+    def _ensure(
+        self, platform: Platform, request: ProvisionRequest, count: int
+    ) -> list[InstanceInfo]:
+        """Instances ``0..count-1`` exist and run under the plan's limits."""
+        limits = request.plan.instance_limits()
+        infos = []
+        for ordinal in range(count):
+            spec = instance_spec(
+                request.tenant_id,
+                request.plan,
+                request.platform,
+                ordinal,
+                port=self.settings.instance_port,
+            )
+            info = platform.create_instance(spec)
+            if info.tenant_id != request.tenant_id:
+                # Another owner holds the name (a shared pool, say): never adopt it.
+                raise ConflictError(f"instance {spec.name} belongs to {info.tenant_id!r}")
+            if info.limits_requested != limits:
+                # Found from an earlier plan: bring it to this one without a restart.
+                info = platform.set_limits(spec.name, limits)
+            infos.append(info)
+        return infos
