@@ -28,6 +28,7 @@ from workers.plugin_trust import MANIFEST_FILE
 from workers.plugins import API_VERSION, PluginRegistry
 
 if TYPE_CHECKING:
+    from schemas.manifest import Manifest
     from workers.plugin_discovery import Candidate
     from workers.plugin_loader import LoadedPlugin
     from workers.settings import Settings
@@ -108,16 +109,35 @@ def _unpack(path: Path, into: Path) -> Path:
     raise PluginError(f"{path} is not a plugin folder, .zip or .tar.gz", plugin_name=path.name)
 
 
-def _others(settings: Settings, exclude: str) -> dict[str, str]:
-    """Plugins served now (name → version), but ``exclude``."""
-    reg = PluginRegistry(settings).boot()
-    return {n: s.loaded.version for n, s in reg.served.items() if n != exclude}
+def _check_order(manifest: Manifest, settings: Settings) -> None:
+    """``manifest`` among every other plugin present: API, dependencies, conflicts, cycles.
+
+    Other plugins' own problems are theirs: only a refusal that involves ``manifest`` counts.
+    """
+    registry = PluginRegistry(settings).boot()
+    others = {n: s.loaded.manifest for n, s in registry.served.items() if n != manifest.name}
+    for name, versions in registry.candidates.items():
+        if name != manifest.name and name not in others and name in registry.refused:
+            refused = versions.get(registry.refused[name].version)
+            if refused is not None:
+                others[name] = refused.manifest
+    present = {**others, manifest.name: manifest}
+    while True:
+        try:
+            load_order(list(present.values()), api_version=API_VERSION)
+            return
+        except PluginError as exc:
+            chain = f" {exc} ".replace("->", " ")
+            if exc.plugin_name == manifest.name or (
+                "cycle" in chain and f" {manifest.name} " in chain
+            ):
+                raise
+            present.pop(exc.plugin_name, None)
 
 
 def _check(candidate: Candidate, settings: Settings, config: dict[str, Any]) -> LoadedPlugin:
     """Everything a plugin must pass to serve: trust, API and dependencies, contract, self-test."""
-    manifest = candidate.manifest
-    load_order([manifest], api_version=API_VERSION, installed=_others(settings, manifest.name))
+    _check_order(candidate.manifest, settings)
     loaded = load_candidate(candidate, settings)
     model = validate_config(loaded, config)
     registry = PluginRegistry(settings)

@@ -30,7 +30,7 @@ from plugins.builtin import BUILTIN_MANIFESTS
 from schemas.manifest import PluginType
 from workers.contracts import CONTRACTS, INTERNAL_OPERATIONS, operations
 from workers.db import session_scope
-from workers.errors import NotFoundError, PluginError, ValidationFailedError
+from workers.errors import NotFoundError, PluginError, TransientError, ValidationFailedError
 from workers.models import AuditEvent, Plugin
 from workers.plugin_api import PluginContext
 from workers.plugin_deps import load_order
@@ -266,7 +266,7 @@ class PluginRegistry:
                 version=manifest.version,
                 type=manifest.type.value,
                 source=loaded.source,
-                error=str(exc),
+                error=f"needs config: {exc}" if not config else str(exc),
                 trusted=manifest.trusted,
                 root=str(loaded.root) if loaded.root else None,
                 checksum=loaded.checksum,
@@ -326,7 +326,12 @@ class PluginRegistry:
                     )
                     for row in session.scalars(select(Plugin))
                 }
-        except (OperationalError, ProgrammingError):
+        except (OperationalError, ProgrammingError, TransientError) as exc:
+            text = str(exc)
+            if isinstance(exc, TransientError) and not any(
+                marker in text for marker in ("no such table", "does not exist")
+            ):
+                raise
             # An unmigrated database: serve the plugins, keep no state (``cul8er db upgrade``).
             log.warning("plugins_table_missing", hint="run: cul8er db upgrade")
             self._db = False

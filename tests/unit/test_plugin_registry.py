@@ -27,7 +27,7 @@ from tests.plugin_factory import (
 )
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
-from workers.errors import ConflictError, PluginError, TransientError
+from workers.errors import ConflictError, PluginError
 from workers.migrate import upgrade
 from workers.models import AuditEvent, Plugin
 from workers.plugin_admin import reload, set_enabled, validate_path
@@ -284,14 +284,6 @@ def test_dependency_cycle_is_refused_by_the_registry(tmp_path, make_settings):
     registry_error(settings, "b", "requires 'a'")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "plugin_admin._check only counts plugins the registry *serves* as installed, so a "
-        "plugin on a cycle is reported as missing its dependency, never as a cycle"
-    ),
-)
 def test_dependency_cycle_is_named_by_validation(tmp_path, make_settings):
     # Given plugins a and b, each requiring the other, both on the plugin path
     a = make_plugin(tmp_path / "src", "a", requires=[{"name": "b"}])
@@ -469,15 +461,6 @@ def test_plugin_without_its_required_config_waits_disabled(tmp_path, make_settin
     validation_error(root, settings, "endpoint")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason=(
-        "plugin_admin.set_enabled refuses only errors starting with 'needs config', but "
-        "PluginRegistry records \"plugin 'x' config: <field>: Field required\", so a plugin "
-        "waiting for its config is marked active and enabled in the table while it cannot load"
-    ),
-)
 def test_enabling_a_plugin_waiting_for_its_config_is_refused(tmp_path, make_settings):
     # Given a plugin disabled because its required config is missing
     root = make_plugin(tmp_path / "src", "configured", edits=REQUIRED_FIELD)
@@ -532,15 +515,6 @@ def test_newest_version_on_the_plugin_path_serves_when_the_table_names_none(
 # -- robustness (bugs found) ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TransientError,
-    reason=(
-        "PluginRegistry._read_rows catches OperationalError/ProgrammingError, but "
-        "session_scope re-raises OperationalError as TransientError, so an unmigrated "
-        "database makes boot() raise instead of serving plugins without state"
-    ),
-)
 def test_registry_on_an_unmigrated_database_serves_without_state(tmp_path):
     # Given settings whose database was never migrated
     settings = Settings(
