@@ -320,6 +320,8 @@ def test_a_planted_secret_never_leaves_the_plugin(stack: Stack, tmp_path: Path) 
     port = free_port()
     stack._spawn(["flower", "--address=127.0.0.1", f"--port={port}"], "flower.log")
 
+    assert until(lambda: _flower_up(port), timeout=60), "flower did not start"
+
     # When the plugin runs, logging and answering with its resolved config
     answer = call(stack, "leaky")
 
@@ -330,7 +332,7 @@ def test_a_planted_secret_never_leaves_the_plugin(stack: Stack, tmp_path: Path) 
     logs = (stack.data_dir / "worker-main.log").read_text()
     assert "about_to_answer" in logs
     assert planted not in logs
-    client = redis.Redis.from_url(EmbeddedRedis(stack.data_dir).url)
+    client = redis.Redis(unix_socket_path=str(EmbeddedRedis(stack.data_dir).socket_path))
     for name in client.scan_iter():
         value = client.dump(name) or b""
         assert planted.encode() not in value, name
@@ -344,6 +346,14 @@ def test_a_planted_secret_never_leaves_the_plugin(stack: Stack, tmp_path: Path) 
         row = session.get(Plugin, "leaky")
         assert row is not None
         assert row.config == {"token": "${secret:file:leaky/token}"}
+
+
+def _flower_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def _flower_tasks(port: int) -> dict[str, Any] | None:
