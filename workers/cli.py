@@ -145,6 +145,9 @@ def up(
     flower: Annotated[bool, typer.Option(help="Also run Flower on 127.0.0.1.")] = False,
     flower_port: int = 5555,
     concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    sandbox: Annotated[
+        bool, typer.Option(help="Also run the sandbox worker for untrusted plugins.")
+    ] = True,
 ) -> None:
     """Run a worker and beat (and Flower) on the configured broker and database."""
     from workers.migrate import upgrade
@@ -171,6 +174,20 @@ def up(
         ],
         "beat": [*celery, "beat", "--loglevel", settings.log_level],
     }
+    if sandbox:
+        # Untrusted plugins only ever run here, under the sandbox's time, memory and CPU limits.
+        commands["sandbox"] = [
+            *celery,
+            "worker",
+            "-Q",
+            settings.sandbox_queue,
+            "-c",
+            "1",
+            "-n",
+            "cul8er-sandbox@%h",
+            "--loglevel",
+            settings.log_level,
+        ]
     if flower:
         commands["flower"] = [*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"]
     children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}

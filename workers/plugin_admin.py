@@ -40,6 +40,9 @@ log = structlog.get_logger(__name__)
 
 def _emit(name: str, old: str | None, new: str, version: str, error: str | None) -> None:
     from workers.events import emit
+    from workers.plugin_tasks import registry
+
+    registry()  # the observers this process knows of (the CLI has not booted it yet)
 
     emit(
         "plugin.state_changed",

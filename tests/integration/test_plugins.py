@@ -363,3 +363,104 @@ def _flower_tasks(port: int) -> dict[str, Any] | None:
     except OSError:
         return None
     return tasks if any("plugins.leaky" in json.dumps(t) for t in tasks.values()) else None
+
+
+def test_a_plugin_task_delivered_twice_at_once_has_one_side_effect(stack: Stack) -> None:
+    # Given a worker with two processes serving the local platform plugin's queue
+    from plugins.provisioners._instances import instance_spec
+    from tests.stack import instance_processes
+    from workers.plans import get_plan
+
+    stack.start_worker("main", concurrency=2)
+    spec = instance_spec("twice", get_plan("free"), "local", 0).model_dump(mode="json")
+
+    # When create_instance is delivered twice at once (a redelivery keeps the task id),
+    # and a third time under another id
+    sent = [
+        stack.client.send_task(
+            "plugins.local.create_instance", kwargs={"spec": spec}, task_id=task_id
+        )
+        for task_id in ("twice-1", "twice-1", "twice-2")
+    ]
+    answers = [result.get(timeout=60) for result in sent]
+
+    # Then every delivery answers with the same instance, and one process runs
+    assert all(a["ok"] for a in answers), answers
+    assert {a["result"]["name"] for a in answers} == {"t-twice-app-0"}
+    listed = call_op(stack, "local", "list_instances", tenant_id="twice")
+    assert [i["name"] for i in listed] == ["t-twice-app-0"]
+    assert len(instance_processes(stack.data_dir, "t-twice-app-0")) == 1
+
+    # When destroy is delivered twice
+    for _ in range(2):
+        assert call_op(stack, "local", "destroy_instance", name="t-twice-app-0") is None
+    # Then nothing is left
+    assert call_op(stack, "local", "list_instances", tenant_id="twice") == []
+    assert instance_processes(stack.data_dir, "t-twice-app-0") == []
+
+
+def call_op(stack: Stack, plugin: str, op: str, **kwargs: Any) -> Any:
+    answer = stack.client.send_task(f"plugins.{plugin}.{op}", kwargs=kwargs).get(timeout=60)
+    assert answer["ok"], answer
+    return answer["result"]
+
+
+BROKEN = """
+        raise RuntimeError("this observer is broken")"""
+
+
+def test_events_reach_observers_and_a_failing_one_stops_none(stack: Stack, tmp_path: Path) -> None:
+    # Given a webhook receiver on loopback, the webhook observer pointed at it, and an
+    # observer that fails on every event
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[str | None, dict[str, Any]]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers.get("Idempotency-Key"), json.loads(body)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    observer(tmp_path / "plugins", "broken", body=BROKEN)
+    url = f"http://127.0.0.1:{server.server_port}/hook"
+    stack.extra_env["CUL8ER_PLUGIN_CONFIG"] = json.dumps({"webhook": {"url": url}})
+    stack.start_worker("main")
+    try:
+        # When a tenant is provisioned
+        created = stack.call("cul8er.tenants.create", name="Watched", plan="free")
+        assert stack.wait_run(created["workflow_id"])["status"] == "succeeded"
+
+        # Then the webhook got every kind of lifecycle event, each keyed by its event id
+        def kinds() -> set[str]:
+            return {event["event_type"] for _, event in received}
+
+        wanted = {
+            "workflow.started",
+            "step.started",
+            "step.succeeded",
+            "tenant.status_changed",
+            "workflow.succeeded",
+        }
+        assert until(lambda: wanted <= kinds()), kinds()
+        assert all(key == event["event_id"] for key, event in received)
+        # And the broken observer's failures were logged without stopping the webhook
+        log = (stack.data_dir / "worker-main.log").read_text()
+        assert "observer_crashed" in log or "observer_failed" in log
+
+        # When a plugin is disabled, that is an event too
+        cli(stack, "plugin", "disable", "broken")
+        assert until(lambda: "plugin.state_changed" in kinds())
+        changed = [e for _, e in received if e["event_type"] == "plugin.state_changed"]
+        assert changed[-1]["data"]["plugin"] == "broken"
+        assert changed[-1]["data"]["to"] == "disabled"
+        stack.call("cul8er.tenants.deprovision", tenant_id="watched")
+    finally:
+        server.shutdown()
