@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy import select
 
 from plugins.provisioners._instances import instance_spec
+from plugins.provisioners.shared_cluster import SHARED_TENANT_ID
 from tasks.steps import record_instance
 from workers.app import app
 from workers.db import session_scope
@@ -65,6 +66,8 @@ def reconcile_platforms(prune: bool = False) -> dict[str, Any]:
             continue
         expected = {name: (tid, ordinal) for tid, name, ordinal, pf in rows if pf == platform_name}
         for name, info in running.items():
+            if info.tenant_id == SHARED_TENANT_ID:
+                continue  # a shared pool: the shared_cluster provisioner owns it
             view = views.get(info.tenant_id)
             if view is not None and (view[3] is not None or name in expected):
                 continue  # known, or its tenant is mid-workflow (rows not written yet)

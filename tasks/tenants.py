@@ -110,6 +110,9 @@ def create(session: Session, payload: CreateTenant) -> Outcome:
             f"unknown provisioner {payload.provisioner!r}; active: {', '.join(provisioners)}",
         )
     tenant_id = payload.tenant_id or slugify(payload.name)
+    if tenant_id.startswith("shared-"):
+        # Instance names ``t-shared-<platform>-…`` belong to the shared_cluster pools.
+        raise _field_error("tenant_id", f"{tenant_id!r}: the prefix 'shared-' is reserved")
     if session.get(Tenant, tenant_id) is not None:
         raise ConflictError(f"tenant {tenant_id!r} exists already")
     now = utcnow()
