@@ -11,7 +11,10 @@ __all__ = [
     "CreateTenant",
     "DeprovisionTenant",
     "GetTenant",
+    "InstallPlugin",
     "PUBLIC_TASKS",
+    "PluginByName",
+    "ReloadPlugin",
     "ResumeTenant",
     "SuspendTenant",
     "WorkflowStatus",
@@ -87,6 +90,25 @@ class WorkflowStatus(_Payload):
     workflow_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 
+class PluginByName(_Payload):
+    """``cul8er.plugins.enable`` / ``.disable``: serve a plugin again, or stop serving it."""
+
+    name: PluginName
+
+
+class ReloadPlugin(_Payload):
+    """``cul8er.plugins.reload``: move a plugin to its newest version found (or ``version``)."""
+
+    name: PluginName
+    version: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+
+class InstallPlugin(_Payload):
+    """``cul8er.plugins.install``: a folder, .zip or .tar.gz on the worker, or a pip requirement."""
+
+    source: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+
+
 #: Public task name → its payload model (``cul8er schema export`` writes one schema each).
 PUBLIC_TASKS: dict[str, type[BaseModel]] = {
     "cul8er.tenants.create": CreateTenant,
@@ -96,4 +118,8 @@ PUBLIC_TASKS: dict[str, type[BaseModel]] = {
     "cul8er.tenants.deprovision": DeprovisionTenant,
     "cul8er.tenants.get": GetTenant,
     "cul8er.workflows.status": WorkflowStatus,
+    "cul8er.plugins.install": InstallPlugin,
+    "cul8er.plugins.enable": PluginByName,
+    "cul8er.plugins.disable": PluginByName,
+    "cul8er.plugins.reload": ReloadPlugin,
 }

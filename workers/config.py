@@ -22,6 +22,7 @@ TASK_MODULES: tuple[str, ...] = (
     "tasks.maintenance",
     "tasks.drift",
     "tasks.events",
+    "tasks.plugins",
 )
 
 

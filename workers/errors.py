@@ -6,7 +6,8 @@
     │   ├── ValidationFailedError   bad input to a public task (names the fields)
     │   ├── ConflictError           the subject is busy or in the wrong state
     │   ├── NotFoundError           the subject does not exist (for this tenant)
-    │   └── PoolExhaustedError      no free subnet is left in the pool
+    │   ├── PoolExhaustedError      no free subnet is left in the pool
+    │   └── PluginRefusedError      an operator's plugin action broke a rule (names it)
     ├── ConfigError           bad settings or plan catalog: fail at start-up
     └── PluginError           a plugin is missing operations or misbehaves (carries plugin_name)
 
@@ -24,6 +25,7 @@ __all__ = [
     "NotFoundError",
     "PermanentError",
     "PluginError",
+    "PluginRefusedError",
     "PoolExhaustedError",
     "TransientError",
     "ValidationFailedError",
@@ -82,6 +84,12 @@ class PoolExhaustedError(PermanentError):
     """Every subnet of the pool is allocated."""
 
     code = "pool_exhausted"
+
+
+class PluginRefusedError(PermanentError):
+    """A plugin action (install, reload, enable) was refused; the message says why."""
+
+    code = "plugin_refused"
 
 
 class ConfigError(Cul8erError):

@@ -262,8 +262,11 @@ def test_disable_enable_and_reload_reach_a_running_worker(stack: Stack, tmp_path
     refused = until(lambda: None if (a := call(stack, "ver"))["ok"] else a)
     assert refused["error"]["code"] == "plugin_unavailable"
     assert "disabled" in refused["error"]["message"]
-    cli(stack, "plugin", "enable", "ver")
+    # (enabled through the public task, as another service would)
+    assert stack.call("cul8er.plugins.enable", name="ver")["state"] == "active"
     assert until(lambda: call(stack, "ver")["ok"])
+    refused = stack.call("cul8er.plugins.enable", name="nope")
+    assert refused["error"]["code"] == "not_found"
 
     # When 0.2.0 appears and is reloaded
     observer(plugins, "ver", "0.2.0")
