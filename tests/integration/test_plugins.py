@@ -467,3 +467,36 @@ def test_events_reach_observers_and_a_failing_one_stops_none(stack: Stack, tmp_p
         stack.call("cul8er.tenants.deprovision", tenant_id="watched")
     finally:
         server.shutdown()
+
+
+def test_a_plugin_action_delivered_twice_at_once_changes_state_once(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # Given a served plugin and a running worker with two processes
+    observer(tmp_path / "plugins", "twin")
+    stack.start_worker("main", concurrency=2)
+    assert call(stack, "twin")["ok"]
+
+    # When disable is delivered twice at once (same task id), and once more under another id
+    sent = [
+        stack.client.send_task("cul8er.plugins.disable", kwargs={"name": "twin"}, task_id=tid)
+        for tid in ("off-1", "off-1", "off-2")
+    ]
+    answers = [result.get(timeout=60) for result in sent]
+
+    # Then every delivery answers disabled, and the state changed exactly once
+    assert {a["state"] for a in answers} == {"disabled"}
+    # (the audit trail counts the changes: two deliveries of one task id share one result)
+    from sqlalchemy import select
+
+    from workers.models import AuditEvent
+
+    with stack.session() as session:
+        changes = [
+            e.data
+            for e in session.scalars(
+                select(AuditEvent).where(AuditEvent.kind == "plugin.state_changed")
+            )
+            if e.data.get("plugin") == "twin" and e.data.get("to") == "disabled"
+        ]
+    assert len(changes) == 1
