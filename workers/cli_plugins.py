@@ -47,10 +47,14 @@ def plugin_list(as_json: JsonOpt = False) -> None:
     """Every plugin: version, type, state, queue, and why it failed."""
     from workers.plugins import PluginRegistry
 
-    rows = PluginRegistry(get_settings()).boot().status()
+    registry = PluginRegistry(get_settings()).boot()
+    rows = registry.status()
     if as_json:
         console.print_json(json.dumps(rows))
         return
+    for note in registry.notes:
+        # Duplicates resolved by version, skipped folders, refused archives.
+        err.print(f"[yellow]note[/]: {note}")
     table = Table("name", "version", "type", "state", "trusted", "queue", "error")
     for row in rows:
         table.add_row(
