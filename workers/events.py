@@ -1,8 +1,10 @@
 """The event bus: what happens in the app, delivered to every active observer plugin.
 
-``emit`` sends one ``cul8er.events.deliver`` message per event (nothing when no observer
-is active); that task calls each observer in turn, so a failing observer is logged and
-retried on its own while the others carry on.
+``emit`` hands each event to the cheap local observers in ``CUL8ER_INLINE_OBSERVERS``
+(``log``, ``prometheus``) right away, in the emitting process, and sends one
+``cul8er.events.deliver`` message for the others (a webhook, an untrusted observer); that
+task calls each in turn, so a failing observer is logged and retried on its own while the
+others carry on. Nothing is sent when no observer is active.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from kombu.exceptions import KombuError
 
 from schemas.events import Event
 from schemas.manifest import PluginType
+from workers.settings import get_settings
 
 if TYPE_CHECKING:
     from schemas.events import EventType
@@ -61,20 +64,38 @@ def emit(
 
     Never raises: losing an observation must not fail the work it observes.
     """
+    observers = active_observers(refresh=False)
+    if not observers:
+        return None
+    event = Event(
+        event_type=event_type,
+        tenant_id=tenant_id,
+        workflow_id=workflow_id,
+        subject=subject,
+        data=data or {},
+    )
+    inline = set(get_settings().inline_observers)
+    remote = [name for name in observers if name not in inline]
+    for name in observers:
+        if name in inline:
+            _observe_here(name, event)
+    if not remote:
+        return event
     try:
-        if not active_observers(refresh=False):
-            return None
-        event = Event(
-            event_type=event_type,
-            tenant_id=tenant_id,
-            workflow_id=workflow_id,
-            subject=subject,
-            data=data or {},
-        )
         from workers.app import app
 
-        app.send_task(DELIVER_TASK, kwargs={"event": event.model_dump(mode="json")})
-        return event
+        app.send_task(DELIVER_TASK, kwargs={"event": event.model_dump(mode="json"), "only": remote})
     except (KombuError, OSError) as exc:
         log.warning("event_not_published", event_type=event_type, error=str(exc))
-        return None
+    return event
+
+
+def _observe_here(name: str, event: Event) -> None:
+    """Deliver to a cheap local observer in this process: no message, no database read."""
+    from workers.plugin_tasks import call_served
+
+    try:
+        call_served(name, "observe_event", event=event)
+    except Exception as exc:
+        # An observer never fails the work it observes; it is logged and the others go on.
+        log.warning("observer_failed", observer=name, error=f"{type(exc).__name__}: {exc}")

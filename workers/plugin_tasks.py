@@ -23,7 +23,7 @@ from schemas.manifest import PluginType
 from workers.app import app
 from workers.contracts import operations
 from workers.errors import Cul8erError, PermanentError, PluginError, TransientError
-from workers.plugins import PluginRegistry
+from workers.plugins import PluginRegistry, PluginUnavailableError
 from workers.queues import Queue
 from workers.settings import get_settings
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from schemas.plugins import SecretValue
     from workers.plugins import Served
 
-__all__ = ["booted", "invoke", "registry", "route_task", "worker_role"]
+__all__ = ["booted", "call_served", "invoke", "registry", "route_task", "worker_role"]
 
 log = structlog.get_logger(__name__)
 
@@ -183,6 +183,19 @@ def _resolver(reg: PluginRegistry) -> Callable[[Any], Any]:
         return resolve(raw, lookup=lookup, default_provider=reg.settings.secrets_provider)
 
     return apply
+
+
+def call_served(plugin: str, op: str, **kwargs: Any) -> Any:
+    """Call a trusted plugin served by this process, from its last known state.
+
+    Reads no table (for callers inside a transaction). Raises ``PluginUnavailableError``
+    when the plugin is not active here or not trusted.
+    """
+    reg = registry()
+    served = reg.served.get(plugin)
+    if served is None or served.state != "active" or not served.trusted:
+        raise PluginUnavailableError(f"plugin {plugin!r} is not served here", plugin_name=plugin)
+    return _call_here(reg, served, op, kwargs)
 
 
 def invoke(plugin: str, op: str, **kwargs: Any) -> Any:

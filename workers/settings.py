@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     #: ``--max-memory-per-child``).
     sandbox_max_memory_per_child: int = 512 * 1024
 
+    #: Observers called in the emitting process (cheap, local); others get a message each event.
+    inline_observers: list[str] = Field(default_factory=lambda: ["log", "prometheus"])
     #: Where multi-process Prometheus metrics are written (``None``: under ``data_dir``).
     prometheus_dir: Path | None = None
     #: Port a worker serves ``/metrics`` on, on 127.0.0.1 (``0``: no exporter).
