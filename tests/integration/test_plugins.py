@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+from billiard.exceptions import WorkerLostError
 from celery.exceptions import TimeLimitExceeded
 from cryptography.fernet import Fernet
 
@@ -248,6 +249,28 @@ def test_sandbox_kills_runaway_plugins_while_a_provision_runs(stack: Stack, tmp_
     # And the sandbox worker still serves the next call
     assert call(stack, "hog", queue="plugins.sandbox")["result"]["detail"] == "fine"
     stack.call("cul8er.tenants.deprovision", tenant_id="busy-corp")
+
+
+def test_sandbox_kills_a_plugin_past_its_cpu_seconds(stack: Stack, tmp_path: Path) -> None:
+    # Given an untrusted plugin that spins, and a sandbox allowing 2 CPU seconds per call
+    # (the wall-clock limit is far away, so only the CPU limit can stop it)
+    observer(tmp_path / "plugins", "spin", body=HOG, trusted=False)
+    stack.extra_env.update(CUL8ER_SANDBOX_TIME_LIMIT="60", CUL8ER_SANDBOX_CPU_SECONDS="2")
+    stack.start_worker("sandbox", queues="plugins.sandbox", concurrency=1)
+
+    # When it spins
+    spinning = stack.client.send_task(
+        "plugins.spin.observe_event", kwargs={"event": event(mode="loop")}, queue="plugins.sandbox"
+    )
+
+    # Then the kernel's CPU limit kills its process (SIGXCPU) well before the time limit
+    started = time.monotonic()
+    with pytest.raises(WorkerLostError) as caught:
+        spinning.get(timeout=60)
+    assert "SIGXCPU" in str(caught.value) or "signal 24" in str(caught.value)
+    assert time.monotonic() - started < 30
+    # And the next call gets a fresh process
+    assert call(stack, "spin", queue="plugins.sandbox")["result"]["detail"] == "fine"
 
 
 def test_disable_enable_and_reload_reach_a_running_worker(stack: Stack, tmp_path: Path) -> None:
