@@ -19,7 +19,9 @@ EventType = Literal[
     "step.failed",
     "tenant.status_changed",
     "plugin.state_changed",
-    "invoice.closed",
+    "invoice.finalized",
+    "quota.exceeded",
+    "autoscale.decided",
 ]
 
 #: Every event type, in the order above.

@@ -20,7 +20,7 @@ from schemas.plugins import ProvisionRequest, ProvisionResult
 from workers.db import session_scope
 from workers.errors import ConfigError, NotFoundError, PoolExhaustedError, TransientError
 from workers.events import emit
-from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant
+from workers.models import AuditEvent, Instance, NetworkAllocation, PlanPeriod, Tenant, utcnow
 from workers.plans import get_plan
 from workers.registry import get_platform, get_provisioner
 from workers.settings import get_settings
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from workers.contracts import Platform
     from workers.workflow import StepContext
 
-__all__ = ["instance_name", "instance_spec", "probe", "record_instance"]
+__all__ = ["instance_name", "instance_spec", "probe", "record_instance", "record_plan_period"]
 
 log = structlog.get_logger(__name__)
 
@@ -344,12 +344,26 @@ def mark_suspended(ctx: StepContext) -> dict[str, Any]:
     )
 
 
+def record_plan_period(session: Session, tenant_id: str, plan: str) -> None:
+    """Close the tenant's open plan period and open one on ``plan`` (nothing if already on it)."""
+    now = utcnow()
+    current = session.scalars(
+        select(PlanPeriod).where(PlanPeriod.tenant_id == tenant_id, PlanPeriod.end_at.is_(None))
+    ).first()
+    if current is not None and current.plan == plan:
+        return
+    if current is not None:
+        current.end_at = now
+    session.add(PlanPeriod(tenant_id=tenant_id, plan=plan, start_at=now))
+
+
 @step("cul8er.tenants.commit_plan")
 def commit_plan(ctx: StepContext) -> dict[str, Any]:
     """The new plan's limits hold and the instances are healthy: record the plan."""
     with session_scope() as session:
         tenant = _tenant(session, ctx.tenant_id)
         status = tenant.status
+        record_plan_period(session, tenant.id, ctx.input["plan"])
     return {
         **_set_status(ctx.tenant_id, ctx.run_id, status, plan=ctx.input["plan"]),
         "plan": ctx.input["plan"],

@@ -19,7 +19,15 @@ from schemas.tasks import (
 from tasks import workflows as wf
 from workers import ledger
 from workers.errors import ConflictError, NotFoundError, ValidationFailedError
-from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant, WorkflowRun, utcnow
+from workers.models import (
+    AuditEvent,
+    Instance,
+    NetworkAllocation,
+    PlanPeriod,
+    Tenant,
+    WorkflowRun,
+    utcnow,
+)
 from workers.plans import get_plan
 from workers.public import Outcome, public_task
 from workers.registry import plugin_names
@@ -132,6 +140,8 @@ def create(session: Session, payload: CreateTenant) -> Outcome:
     )
     session.add(tenant)
     session.flush()  # surface a concurrent insert of the same id here, not at commit
+    # Billing prices each part of a period on the plan of that part: the history starts here.
+    session.add(PlanPeriod(tenant_id=tenant_id, plan=plan.name, start_at=now))
     return _start(session, tenant, wf.PROVISION, {"plan": plan.name})
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Text,
     TypeDecorator,
@@ -23,13 +24,18 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "AuditEvent",
+    "AutoscaleDecision",
     "Base",
     "Instance",
+    "Invoice",
+    "MeterReading",
     "NetworkAllocation",
     "Operation",
+    "PlanPeriod",
     "Plugin",
     "StepRun",
     "Tenant",
+    "UsageRecord",
     "WorkflowRun",
     "utcnow",
 ]
@@ -228,3 +234,90 @@ class Plugin(Base):
     generation: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class PlanPeriod(Base):
+    """The plan a tenant was on from ``start_at`` until ``end_at`` (open: still on it).
+
+    Billing prices each part of a period on the plan of that part, so a mid-period
+    upgrade is never priced wholly on one plan.
+    """
+
+    __tablename__ = "plan_periods"
+    __table_args__ = (UniqueConstraint("tenant_id", "start_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), index=True)
+    plan: Mapped[str] = mapped_column(String(64))
+    start_at: Mapped[dt.datetime] = mapped_column()
+    end_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class MeterReading(Base):
+    """The last value a counter showed, per tenant, source and metric: deltas start here."""
+
+    __tablename__ = "meter_readings"
+
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    #: The instance (or ``datastore``) the counter belongs to.
+    source: Mapped[str] = mapped_column(String(100), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float] = mapped_column()
+    taken_at: Mapped[dt.datetime] = mapped_column()
+
+
+class UsageRecord(Base):
+    """One metric of one tenant over one window: the unique key makes metering idempotent."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "metric", "window_start"),
+        Index("ix_usage_records_window_start", "window_start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    metric: Mapped[str] = mapped_column(String(64))
+    window_start: Mapped[dt.datetime] = mapped_column()
+    window_end: Mapped[dt.datetime] = mapped_column()
+    #: The window's amount: a delta (sum metrics), a peak (max) or a time-weighted mean (avg).
+    value: Mapped[float] = mapped_column()
+    aggregation: Mapped[str] = mapped_column(String(8))
+    recorded_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Invoice(Base):
+    """One tenant's bill for one period; unique per (tenant, period start)."""
+
+    __tablename__ = "invoices"
+    __table_args__ = (UniqueConstraint("tenant_id", "period_start"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), index=True)
+    period_start: Mapped[dt.datetime] = mapped_column()
+    period_end: Mapped[dt.datetime] = mapped_column()
+    currency: Mapped[str] = mapped_column(String(8))
+    total: Mapped[Any] = mapped_column(Numeric(14, 4))
+    #: ``[{"kind", "plan", "metric", "from", "to", "quantity", "included", "unit_price",
+    #: "amount", "late"}]``
+    lines: Mapped[list[Any]] = mapped_column(default=list)
+    status: Mapped[str] = mapped_column(String(16), default="finalized")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AutoscaleDecision(Base):
+    """One evaluation of one rule for one tenant, with its inputs and the reason."""
+
+    __tablename__ = "autoscale_decisions"
+    __table_args__ = (UniqueConstraint("tenant_id", "rule", "window_start"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), index=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    window_start: Mapped[dt.datetime] = mapped_column()
+    #: ``add_instance``, ``remove_instance``, ``upgrade_plan``, ``downgrade_plan`` or ``none``.
+    action: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    inputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    workflow_id: Mapped[str | None] = mapped_column(String(32))
+    decided_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

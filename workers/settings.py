@@ -50,6 +50,31 @@ class Settings(BaseSettings):
     #: Each tenant gets one /24 of this pool.
     network_pool: str = "10.100.0.0/16"
 
+    #: Metering window and beat interval (seconds): one usage row per tenant, metric, window.
+    meter_interval: float = 60.0
+    #: Tenants per ``meter_tenant`` chunk message in a metering fan-out.
+    meter_chunk_size: int = 100
+    #: How often beat evaluates autoscale rules (seconds).
+    autoscale_interval: float = 60.0
+    #: How often beat sweeps tenants' health (seconds).
+    health_sweep_interval: float = 30.0
+    #: Billing period length, counted from each tenant's billing anchor.
+    billing_period: Literal["month", "day", "hour", "minute"] = "month"
+    #: When beat closes the periods that ended (UTC, daily crontab); with a period shorter
+    #: than a day, every ``billing_close_interval`` seconds instead.
+    billing_close_hour: int = 0
+    billing_close_minute: int = 15
+    billing_close_interval: float = 60.0
+    #: When beat removes old task results, idempotency keys and usage readings (UTC, daily).
+    cleanup_hour: int = 3
+    #: Idempotency keys and schedule-slot keys older than this are removed (days).
+    operations_retention_days: int = 30
+    #: How long a tenant whose payment failed keeps running before it is suspended (s).
+    payment_grace: float = 3 * 24 * 3600.0
+    #: Default autoscale cooldown and scale-down stabilization window (seconds).
+    autoscale_cooldown: float = 15 * 60.0
+    autoscale_stabilization: float = 5 * 60.0
+
     #: How often beat dispatches due waits and retries (seconds).
     tick_interval: float = 2.0
     #: How often beat looks for workflows that stopped making progress (seconds).
