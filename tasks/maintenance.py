@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from schemas.tasks import WorkflowStatus
 from tasks import workflows as _declared  # noqa: F401  (registers the workflow kinds)
@@ -13,7 +14,7 @@ from workers import ledger
 from workers.app import app
 from workers.db import session_scope
 from workers.errors import NotFoundError
-from workers.models import StepRun, WorkflowRun
+from workers.models import MeterReading, Operation, StepRun, Tenant, WorkflowRun, utcnow
 from workers.public import Outcome, public_task
 from workers.settings import get_settings
 
@@ -88,3 +89,33 @@ def status(session: Session, payload: WorkflowStatus) -> Outcome:
     if run is None:
         raise NotFoundError(f"workflow {payload.workflow_id} does not exist")
     return Outcome(data=describe_run(session, run), tenant_id=run.tenant_id)
+
+
+@app.task(name="cul8er.maintenance.cleanup", ignore_result=True, acks_late=True)
+def cleanup() -> dict[str, int]:
+    """Remove idempotency and schedule-slot keys past their retention, and expired results.
+
+    Idempotent: a second run finds nothing older left to remove.
+    """
+    settings = get_settings()
+    cutoff = utcnow() - dt.timedelta(days=settings.operations_retention_days)
+    with session_scope() as session:
+        keys = len(
+            session.scalars(
+                delete(Operation).where(Operation.created_at < cutoff).returning(Operation.key)
+            ).all()
+        )
+        # Counter baselines of tenants that are gone would only ever grow the table.
+        gone = select(Tenant.id).where(Tenant.status == "terminated")
+        readings = len(
+            session.scalars(
+                delete(MeterReading)
+                .where(MeterReading.tenant_id.in_(gone))
+                .returning(MeterReading.tenant_id)
+            ).all()
+        )
+    # Database result backends keep expired results until asked; Redis expires its own.
+    app.backend.cleanup()
+    removed = {"operations": keys, "meter_readings": readings}
+    log.info("cleanup_done", **removed)
+    return removed

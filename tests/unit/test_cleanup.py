@@ -1,0 +1,72 @@
+"""``cul8er.maintenance.cleanup``: old keys and gone tenants' baselines go, the rest stays."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tasks.maintenance import cleanup
+from workers.db import session_scope
+from workers.migrate import upgrade
+from workers.models import MeterReading, Operation, Tenant, utcnow
+from workers.settings import Settings, get_settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    monkeypatch.setenv("CUL8ER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CUL8ER_BROKER_URL", "memory://")
+    monkeypatch.setenv("CUL8ER_RESULT_BACKEND", "cache+memory://")
+    monkeypatch.delenv("CUL8ER_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    current = get_settings()
+    upgrade(current.sqlalchemy_url)
+    yield current
+    get_settings.cache_clear()
+
+
+def _tenant(tenant_id: str, status: str) -> Tenant:
+    now = utcnow()
+    return Tenant(
+        id=tenant_id,
+        name=tenant_id,
+        plan="free",
+        status=status,
+        platform="local",
+        resources={},
+        meta={},
+        billing_anchor=now.date(),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def test_cleanup_removes_old_keys_and_gone_baselines_once(settings: Settings) -> None:
+    # Given keys older and younger than the retention, and baselines of a live and a gone tenant
+    old = utcnow() - dt.timedelta(days=settings.operations_retention_days + 1)
+    now = utcnow()
+    with session_scope() as session:
+        session.add_all([_tenant("live", "active"), _tenant("gone", "terminated")])
+        session.add(Operation(key="old", task_name="t", result={}, created_at=old))
+        session.add(Operation(key="new", task_name="t", result={}, created_at=now))
+        for tenant in ("live", "gone"):
+            session.add(
+                MeterReading(
+                    tenant_id=tenant, source="i", metric="cpu_seconds", value=1.0, taken_at=now
+                )
+            )
+
+    # When cleanup runs twice
+    first = cleanup.apply().get()
+    second = cleanup.apply().get()
+
+    # Then the first removes exactly the old key and the gone tenant's baseline; the second nothing
+    assert first == {"operations": 1, "meter_readings": 1}
+    assert second == {"operations": 0, "meter_readings": 0}
+    with session_scope() as session:
+        assert list(session.scalars(select(Operation.key))) == ["new"]
+        assert list(session.scalars(select(MeterReading.tenant_id))) == ["live"]
