@@ -9,6 +9,7 @@ others carry on. Nothing is sent when no observer is active.
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -59,6 +60,7 @@ def emit(
     workflow_id: str | None = None,
     subject: str | None = None,
     data: dict[str, Any] | None = None,
+    event_id: uuid.UUID | None = None,
 ) -> Event | None:
     """Publish an event to the observers; the event, or ``None`` when nobody listens.
 
@@ -68,6 +70,9 @@ def emit(
     if not observers:
         return None
     event = Event(
+        # A caller with a natural identity (an invoice) passes a deterministic id: a repeated
+        # emission then carries the same Idempotency-Key to webhooks.
+        event_id=event_id or uuid.uuid4(),
         event_type=event_type,
         tenant_id=tenant_id,
         workflow_id=workflow_id,
