@@ -181,7 +181,15 @@ def _provision(ctx: StepContext, plan_name: str, *, scale: bool) -> dict[str, An
     with session_scope() as session:
         tenant = _tenant(session, ctx.tenant_id)
         tenant_id, platform_name, provisioner = tenant.id, tenant.platform, _compute(tenant)
-    request = ProvisionRequest(tenant_id=tenant_id, plan=plan, platform=platform_name)
+        # An instance count set by autoscale (within the plan's max_instances) wins over the
+        # plan's starting count.
+        wanted = tenant.resources.get("instances")
+    request = ProvisionRequest(
+        tenant_id=tenant_id,
+        plan=plan,
+        platform=platform_name,
+        instances=wanted if isinstance(wanted, int) else None,
+    )
     handle = get_provisioner(provisioner)
     result: ProvisionResult = handle.scale(request) if scale else handle.provision(request)
     for info in result.instances:
