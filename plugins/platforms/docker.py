@@ -13,9 +13,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
-import docker
-import docker.errors
-import requests.exceptions
 import structlog
 from pydantic import ValidationError
 from tenacity import (
@@ -36,6 +33,8 @@ from workers.errors import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    import docker
 
     from workers.plugin_api import PluginContext
     from workers.settings import Settings
@@ -69,12 +68,17 @@ STOP_TIMEOUT_SECONDS: Final = 5
 POLL_SECONDS: Final = 0.1
 #: Lines of the container log quoted when a container fails to come up.
 LOG_TAIL_LINES: Final = 20
-#: SDK errors about our own arguments: retrying cannot help.
-_ERRORS_NOT_RETRIED: Final = (
-    docker.errors.InvalidArgument,
-    docker.errors.InvalidRepository,
-    docker.errors.InvalidConfigFile,
-)
+
+
+def _errors_not_retried() -> tuple[type[Exception], ...]:
+    """SDK errors about our own arguments: retrying cannot help."""
+    import docker.errors
+
+    return (
+        docker.errors.InvalidArgument,
+        docker.errors.InvalidRepository,
+        docker.errors.InvalidConfigFile,
+    )
 
 
 #: The first retry waits about this long (seconds), doubling up to RETRY_MAX_WAIT.
@@ -291,6 +295,10 @@ class DockerPlatform:
 
     def _client(self) -> docker.DockerClient:
         """The engine client, created on first use (creating it asks the engine's version)."""
+        # The SDK is imported on first use, not with the module: it is most of the plugin's
+        # load time, and a worker that never talks to Docker need not pay it.
+        import docker
+
         with self._client_lock:
             if self._client_obj is None:
                 if self.base_url is None:
@@ -315,7 +323,11 @@ class DockerPlatform:
         ``PermanentError`` (409 a ``ConflictError``); lost connections, timeouts and 5xx
         are retried, then become ``TransientError``.
         """
+        import docker.errors
+        import requests.exceptions
+
         about = f"{what} {subject}" if subject else what
+        not_retried = _errors_not_retried()
 
         def attempt() -> T:
             try:
@@ -330,7 +342,7 @@ class DockerPlatform:
                 if exc.status_code == 409:
                     raise ConflictError(f"cannot {about}: {exc.explanation or exc}") from exc
                 raise PermanentError(f"cannot {about}: {exc.explanation or exc}") from exc
-            except _ERRORS_NOT_RETRIED as exc:
+            except not_retried as exc:
                 raise PermanentError(f"cannot {about}: {exc}") from exc
             except (
                 requests.exceptions.ConnectionError,
