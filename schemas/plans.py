@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.autoscale import AutoscaleRule
 from schemas.platform import Limits
 
 __all__ = ["Plan", "PlanCatalog"]
@@ -38,6 +39,8 @@ class Plan(BaseModel):
     #: Image per platform, overriding the platform's default: a container image for
     #: ``docker``, an image alias for ``incus``, a command line for ``local``.
     images: dict[str, str] = Field(default_factory=dict)
+    #: Autoscale rules of every tenant on the plan; a tenant's own rules override by name.
+    autoscale: list[AutoscaleRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _instances_within_quota(self) -> Plan:

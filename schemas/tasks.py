@@ -12,7 +12,10 @@ __all__ = [
     "DeprovisionTenant",
     "GetTenant",
     "InstallPlugin",
+    "InvoiceId",
     "PUBLIC_TASKS",
+    "PaymentFailed",
+    "PaymentSucceeded",
     "PluginByName",
     "ReloadPlugin",
     "ResumeTenant",
@@ -90,6 +93,24 @@ class WorkflowStatus(_Payload):
     workflow_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 
+#: An invoice id, as the billing side knows it.
+InvoiceId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class PaymentFailed(_Idempotent):
+    """``cul8er.billing.payment_failed``: a charge failed; suspend after the grace period."""
+
+    tenant_id: TenantId
+    invoice_id: InvoiceId | None = None
+
+
+class PaymentSucceeded(_Idempotent):
+    """``cul8er.billing.payment_succeeded``: a charge went through; the pending suspension goes."""
+
+    tenant_id: TenantId
+    invoice_id: InvoiceId | None = None
+
+
 class PluginByName(_Payload):
     """``cul8er.plugins.enable`` / ``.disable``: serve a plugin again, or stop serving it."""
 
@@ -118,6 +139,8 @@ PUBLIC_TASKS: dict[str, type[BaseModel]] = {
     "cul8er.tenants.deprovision": DeprovisionTenant,
     "cul8er.tenants.get": GetTenant,
     "cul8er.workflows.status": WorkflowStatus,
+    "cul8er.billing.payment_failed": PaymentFailed,
+    "cul8er.billing.payment_succeeded": PaymentSucceeded,
     "cul8er.plugins.install": InstallPlugin,
     "cul8er.plugins.enable": PluginByName,
     "cul8er.plugins.disable": PluginByName,

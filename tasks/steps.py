@@ -380,7 +380,15 @@ def commit_plan(ctx: StepContext) -> dict[str, Any]:
 
 @step("cul8er.tenants.mark_terminated")
 def mark_terminated(ctx: StepContext) -> dict[str, Any]:
-    """Everything of the tenant is gone: terminated."""
+    """Everything of the tenant is gone: terminated, and its plan period ends (billing)."""
+    with session_scope() as session:
+        # The last period is billed up to now; a repeated delivery finds it closed already.
+        for period in session.scalars(
+            select(PlanPeriod).where(
+                PlanPeriod.tenant_id == ctx.tenant_id, PlanPeriod.end_at.is_(None)
+            )
+        ):
+            period.end_at = utcnow()
     return _set_status(ctx.tenant_id, ctx.run_id, "terminated")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from workers.embedded import EmbeddedRedis
 IN_CI = bool(os.environ.get("CI"))
 SERVICES = {"postgres": 5432, "redis": 6379, "rabbitmq": 5672}
 #: Redis database indexes the tests own, one per stack (each flushed before use), so the
-#: workers of two stacks never take each other's messages.
-_redis_dbs = itertools.cycle(range(4, 16))
+#: workers of two stacks never take each other's messages; a random start keeps two test
+#: runs on one machine apart more often than not.
+_first_db = random.randrange(4, 16)
+_redis_dbs = itertools.cycle([*range(_first_db, 16), *range(4, _first_db)])
 
 
 def require(service: str) -> None:

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from sqlalchemy import select
 
+from workers.cli_economics import autoscale_cli, beat_cli, invoice_cli, usage_cli
 from workers.cli_plugins import plugin_cli
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
@@ -44,6 +45,10 @@ cli.add_typer(schema_cli, name="schema")
 platform_cli = typer.Typer(help="Compare platforms with the database.", no_args_is_help=True)
 cli.add_typer(platform_cli, name="platform")
 cli.add_typer(plugin_cli, name="plugin")
+cli.add_typer(usage_cli, name="usage")
+cli.add_typer(invoice_cli, name="invoice")
+cli.add_typer(autoscale_cli, name="autoscale")
+cli.add_typer(beat_cli, name="beat")
 
 console = Console()
 err = Console(stderr=True)

@@ -23,6 +23,11 @@ TASK_MODULES: tuple[str, ...] = (
     "tasks.drift",
     "tasks.events",
     "tasks.plugins",
+    "tasks.metering",
+    "tasks.billing",
+    "tasks.autoscale",
+    "tasks.quotas",
+    "tasks.health",
 )
 
 
@@ -73,6 +78,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             {
                 "cul8er.metering.*": {"queue": Queue.METERING.value},
                 "cul8er.billing.*": {"queue": Queue.METERING.value},
+                "cul8er.quotas.*": {"queue": Queue.METERING.value},
+                "cul8er.autoscale.*": {"queue": Queue.METERING.value},
                 "cul8er.health.*": {"queue": Queue.HEALTH.value},
                 "cul8er.*": {"queue": Queue.LIFECYCLE.value},
             },
