@@ -1,0 +1,157 @@
+"""Metering on beat: ``meter_all`` fans the active tenants out in chunks, each chunk meters once.
+
+``cul8er.metering.meter_all`` runs every ``meter_interval`` seconds. It claims its schedule
+slot ``S`` (a second beat, or a re-run of the slot, finds it claimed and does nothing) and
+sends one ``cul8er.metering.meter_tenants`` message per ``meter_chunk_size`` active tenants
+for the window ``[S - interval, S)``. A chunk delivered twice, even at once, writes each
+tenant's window once: the usage rows' unique key decides, in the same transaction as the
+counter readings. ``cul8er.metering.meter_tenant`` meters one tenant on demand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Task
+
+from workers import metering
+from workers.app import app
+from workers.db import session_scope
+from workers.errors import (
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    TransientError,
+    ValidationFailedError,
+)
+from workers.models import Tenant
+from workers.public import rejection
+from workers.queues import Queue
+from workers.schedule import claim_slot
+from workers.settings import get_settings
+
+__all__ = [
+    "METER_ALL",
+    "METER_TENANT",
+    "METER_TENANTS",
+    "MeteringTask",
+    "meter_all",
+    "meter_tenant",
+    "meter_tenants",
+]
+
+log = structlog.get_logger(__name__)
+
+METER_ALL = "cul8er.metering.meter_all"
+METER_TENANTS = "cul8er.metering.meter_tenants"
+METER_TENANT = "cul8er.metering.meter_tenant"
+
+
+class MeteringTask(Task[Any, Any]):
+    """Metering defaults: acks late (a killed worker's chunk runs again), busy database retried."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    autoretry_for = (TransientError,)
+    dont_autoretry_for = (PermanentError,)
+    retry_backoff = True
+    retry_jitter = True
+    max_retries = 5
+    typing = False  # kwargs are checked here, with the field named in the error
+
+
+def _window(window_start: str | None, window_end: str | None) -> metering.Window:
+    if window_start is None and window_end is None:
+        return metering.window_for(get_settings().meter_interval)
+    if window_start is None or window_end is None:
+        missing = "window_start" if window_start is None else "window_end"
+        raise ValidationFailedError(
+            "window_start and window_end go together",
+            errors=[{"field": missing, "message": "required with the other window bound"}],
+        )
+    try:
+        return metering.Window.parse(window_start, window_end)
+    except (TypeError, ValueError) as exc:
+        raise ValidationFailedError(
+            f"invalid window: {exc}", errors=[{"field": "window_start", "message": str(exc)}]
+        ) from exc
+
+
+@app.task(name=METER_ALL, base=MeteringTask, ignore_result=True)
+def meter_all() -> dict[str, Any]:
+    """Claim this schedule slot and send the active tenants to ``meter_tenants`` in chunks."""
+    settings = get_settings()
+    window = metering.window_for(settings.meter_interval)
+    # The tenants first: a failure up to the claim retries the whole slot, and after the
+    # claim only sending is left.
+    with session_scope() as session:
+        tenant_ids = metering.active_tenant_ids(session)
+    chunks = list(metering.chunked(tenant_ids, settings.meter_chunk_size))
+    if not claim_slot(METER_ALL, window.end, result={"tenants": len(tenant_ids)}):
+        log.info("metering_slot_taken", window_start=window.start.isoformat())
+        return {"ok": True, "skipped": "slot already claimed", **window.to_json()}
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks:
+            meter_tenants.apply_async(
+                kwargs={"tenant_ids": chunk, **window.to_json()},
+                queue=Queue.METERING.value,
+                producer=producer,
+            )
+    log.info(
+        "metering_fanned_out",
+        window_start=window.start.isoformat(),
+        tenants=len(tenant_ids),
+        chunks=len(chunks),
+    )
+    return {"ok": True, "tenants": len(tenant_ids), "chunks": len(chunks), **window.to_json()}
+
+
+@app.task(name=METER_TENANTS, base=MeteringTask, ignore_result=True)
+def meter_tenants(tenant_ids: list[str], window_start: str, window_end: str) -> dict[str, Any]:
+    """Meter one window of a chunk of tenants (idempotent: a repeat writes nothing)."""
+    window = metering.Window.parse(window_start, window_end)
+    result = metering.meter_chunk(tenant_ids, window, get_settings())
+    log.info("metering_chunk_done", window_start=window_start, **result.to_json())
+    return {"ok": True, **window.to_json(), **result.to_json()}
+
+
+@app.task(name=METER_TENANT, base=MeteringTask, ignore_result=False)
+def meter_tenant(
+    tenant_id: str | None = None,
+    window_start: str | None = None,
+    window_end: str | None = None,
+    **unknown: Any,
+) -> dict[str, Any]:
+    """Meter one tenant now, for the last closed window unless one is given; its usage rows."""
+    try:
+        if unknown:
+            raise ValidationFailedError(
+                "unexpected arguments",
+                errors=[{"field": key, "message": "unknown argument"} for key in sorted(unknown)],
+            )
+        if not isinstance(tenant_id, str) or not tenant_id:
+            raise ValidationFailedError(
+                "tenant_id is required",
+                errors=[{"field": "tenant_id", "message": "a tenant id is required"}],
+            )
+        window = _window(window_start, window_end)
+        with session_scope() as session:
+            tenant = session.get(Tenant, tenant_id)
+            if tenant is None:
+                raise NotFoundError(f"tenant {tenant_id} does not exist")
+            status = tenant.status
+        result = metering.meter_chunk([tenant_id], window, get_settings())
+        if result.skipped:
+            raise ConflictError(f"tenant {tenant_id} is {status}, not active: nothing to meter")
+        with session_scope() as session:
+            usage = metering.usage_of(session, tenant_id, window)
+    except PermanentError as exc:
+        return rejection(exc)
+    return {
+        "ok": True,
+        "tenant_id": tenant_id,
+        **window.to_json(),
+        "metered": bool(result.metered),
+        "usage": usage,
+    }
