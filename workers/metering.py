@@ -13,14 +13,17 @@ metric                    aggregation  value of one window
 ``cpu_seconds``           sum          CPU seconds used (counter delta)
 ``requests``              sum          requests served (counter delta)
 ``bandwidth_bytes``       sum          bytes received plus sent (counter deltas)
-``storage_bytes``         max          the peak of the readings that fall in the window
+``storage_bytes``         max          the peak of the tenant's total at the readings
+                                       that bound the window (instances' disk, datastore)
 ``memory_bytes``          avg          time-weighted mean of the resident memory
 ========================  ===========  ===================================================
 
-These are Lago's and OpenMeter's aggregations: ``sum`` adds the window's increments, ``max``
-keeps its peak, and the time-weighted average weighs each value by how long it held. The
-memory gauge is only known at readings, so between two readings it is taken as the straight
-line joining them (before the first and after the last one it holds its value).
+``sum`` and ``max`` are Lago's and OpenMeter's aggregations of the same names; ``avg`` is
+Lago's weighted sum over the window (each value weighed by how long it held, divided by the
+window's length). Memory is only known at readings, so between two readings it is taken as
+the straight line joining them, and before the first and after the last it holds its value.
+A counter below its last reading was reset (its process restarted): its whole value is new
+usage, never a negative amount.
 """
 
 from __future__ import annotations
@@ -316,11 +319,17 @@ def active_tenant_ids(session: Session) -> list[str]:
 
 def load_sources(session: Session, tenant_ids: Sequence[str]) -> dict[str, TenantSources]:
     """The sources of each of ``tenant_ids`` that is still active."""
-    rows = session.execute(
-        select(Tenant.id, Tenant.platform, Tenant.placement, Tenant.resources).where(
-            Tenant.id.in_(tenant_ids), Tenant.status == "active"
+    # By primary key alone (the status is checked below): an index on the status would
+    # match every active tenant.
+    rows = [
+        (tenant_id, platform, placement, resources)
+        for tenant_id, platform, placement, resources, status in session.execute(
+            select(
+                Tenant.id, Tenant.platform, Tenant.placement, Tenant.resources, Tenant.status
+            ).where(Tenant.id.in_(tenant_ids))
         )
-    ).all()
+        if status == "active"
+    ]
     instances: dict[str, list[tuple[str, str, str | None]]] = defaultdict(list)
     for tenant_id, name, platform, endpoint in session.execute(
         select(Instance.tenant_id, Instance.name, Instance.platform, Instance.endpoint)
@@ -341,13 +350,18 @@ def load_sources(session: Session, tenant_ids: Sequence[str]) -> dict[str, Tenan
 
 
 def read_requests(endpoint: str | None) -> float | None:
-    """The request counter an instance's service reports on ``/metrics``; ``None``: no answer."""
+    """The requests an instance's service reports on ``/metrics``; ``None``: no answer.
+
+    Requests the control plane makes itself (``/health`` probes, ``/metrics`` reads, this
+    one included) are not the tenant's usage: a service that counts them apart as
+    ``probe_requests`` has them taken off.
+    """
     if not endpoint:
         return None
     try:
         with _DIRECT.open(f"http://{endpoint}/metrics", timeout=METRICS_TIMEOUT) as response:
             data = json.load(response)
-        return float(data["requests"])
+        return max(0.0, float(data["requests"]) - float(data.get("probe_requests", 0)))
     except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as exc:
         log.debug("instance_requests_unreadable", endpoint=endpoint, error=str(exc))
         return None
@@ -446,6 +460,17 @@ def _insert(session: Session, model: type[Base]) -> Any:
     raise NotImplementedError(f"metering writes need PostgreSQL or SQLite, not {dialect}")
 
 
+def _by_key(session: Session) -> None:
+    """Have PostgreSQL read this transaction's rows through their keys, whatever its statistics.
+
+    Every read here fetches one chunk's rows by primary or unique key. Right after many
+    tenants arrive, the tables' statistics (until autovacuum's next ANALYZE) still describe
+    them as small, and the planner would scan them whole once per chunk instead.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+
+
 def _lock_tenants(session: Session, tenant_ids: Iterable[str]) -> None:
     """Hold each tenant's metering lock until commit (PostgreSQL; SQLite's writer lock is one).
 
@@ -511,6 +536,7 @@ def record(
     if not won:
         return won, 0
     rest = [row(t, m) for t in sorted(won) for m in AGGREGATIONS if m != CLAIM_METRIC]
+    # executemany: SQLAlchemy caches the compiled statement, psycopg pipelines the rows.
     session.execute(
         _insert(session, UsageRecord).on_conflict_do_nothing(
             index_elements=["tenant_id", "metric", "window_start"]
@@ -551,6 +577,7 @@ def meter_chunk(
     result = ChunkResult()
     ids = sorted(set(tenant_ids))
     with session_scope(url) as session:
+        _by_key(session)
         sources = load_sources(session, ids)
         done = set(
             session.scalars(
@@ -568,6 +595,7 @@ def meter_chunk(
         return result
     samples = read_samples(todo, settings)
     with session_scope(url) as session:
+        _by_key(session)
         won, rows = record(session, [t.tenant_id for t in todo], samples, window)
     result.metered = sorted(won)
     result.already = sorted(done | {t.tenant_id for t in todo} - won)

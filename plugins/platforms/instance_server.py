@@ -72,15 +72,19 @@ class InstanceServer(ThreadingHTTPServer):
         self.unhealthy = unhealthy
         self.started_at = datetime.now(UTC).isoformat()
         self.requests = 0
+        #: Of ``requests``, those that were cul8er's own probes (``/health``, ``/metrics``):
+        #: metering leaves them out, so watching a tenant never bills it.
+        self.probe_requests = 0
         self.rx_bytes = 0
         self.tx_bytes = 0
         self._lock = threading.Lock()
         super().__init__((HOST, port), _Handler)
 
-    def count(self, *, requests: int = 0, rx: int = 0, tx: int = 0) -> None:
+    def count(self, *, requests: int = 0, probes: int = 0, rx: int = 0, tx: int = 0) -> None:
         """Add to the counters (thread-safe)."""
         with self._lock:
             self.requests += requests
+            self.probe_requests += probes
             self.rx_bytes += rx
             self.tx_bytes += tx
 
@@ -89,6 +93,7 @@ class InstanceServer(ThreadingHTTPServer):
         with self._lock:
             return {
                 "requests": self.requests,
+                "probe_requests": self.probe_requests,
                 "rx_bytes": self.rx_bytes,
                 "tx_bytes": self.tx_bytes,
                 "started_at": self.started_at,
@@ -114,8 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
         received = len(requestline) + sum(
             len(key) + len(value) + 4 for key, value in self.headers.items()
         )
-        self.server.count(requests=1, rx=received + 2)
         url = urlsplit(self.path)
+        probe = int(url.path in ("/health", "/metrics"))
+        self.server.count(requests=1, probes=probe, rx=received + 2)
         if url.path == "/health":
             if self.server.unhealthy:
                 self._send_json(503, {"status": "unhealthy", "name": self.server.instance_name})

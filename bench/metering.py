@@ -1,0 +1,321 @@
+"""Metering throughput: full metering ticks of 10,000 tenants on PostgreSQL, beside a bare fan-out.
+
+A real worker (prefork, 2 processes) on Redis and PostgreSQL meters every active tenant:
+``cul8er.metering.meter_all`` claims its slot and sends one ``meter_tenants`` message per
+chunk; each chunk reads its tenants' instances, reads every instance's counters from the
+platform, and writes five usage rows per tenant plus the new readings in one transaction.
+The platform is a stand-in plugin (``benchcounters``, built from cul8er's plugin template)
+whose ``stats`` returns counters that grow with time, without a container behind them; its
+instances have no endpoint, so no request counter is read over HTTP.
+
+The baseline, timed in the same run on the same worker, is a bare Celery fan-out: a task
+that reads the active tenant ids and sends the same chunks to a task that does nothing.
+
+    python bench/metering.py [--tenants 10000] [--chunk 100] [--ticks 3] [--interval 20]
+
+A tick's time runs from sending ``meter_all`` to the last chunk's commit (the latest
+``recorded_at`` of its window); the target is a 10,000-tenant tick well inside the 60 s
+interval. Prints figures; never fails on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+#: A Redis URL to use; unset, the bench runs its own Redis server (cul8er's embedded one), so
+#: no other session on the machine can take its messages.
+REDIS = os.environ.get("BENCH_REDIS_URL")
+PLUGIN = "benchcounters"
+
+#: The stand-in platform's ``stats``: counters that grow at a rate of each instance's own.
+STATS = '''
+    def stats(self, name: str) -> InstanceStats:
+        """Counters growing with time at a rate of the name's own; no container behind them."""
+        rate = 1 + zlib.crc32(name.encode()) % 100 / 100
+        alive = time.time() - EPOCH
+        return InstanceStats(
+            cpu_seconds=alive * rate / 100,
+            memory_bytes=int(64_000_000 * rate + alive % 60 * 1000),
+            disk_bytes=int(10_000_000 * rate),
+            rx_bytes=int(alive * rate * 1000),
+            tx_bytes=int(alive * rate * 4000),
+        )
+'''
+
+
+if __name__ != "__main__":
+    # Imported by the worker (CUL8ER_IMPORTS): the bare fan-out's two tasks.
+    from workers.app import app
+    from workers.db import session_scope
+    from workers.metering import active_tenant_ids, chunked
+    from workers.settings import get_settings
+
+    @app.task(name="bench.metering.bare_all", acks_late=True, ignore_result=True)
+    def bare_all(task_ids: list[str], window_start: str, window_end: str) -> None:
+        """What ``meter_all`` does to fan out, sending each chunk to a task doing nothing."""
+        with session_scope() as session:
+            tenant_ids = active_tenant_ids(session)
+        chunks = chunked(tenant_ids, get_settings().meter_chunk_size)
+        with app.producer_or_acquire() as producer:
+            for task_id, chunk in zip(task_ids, chunks, strict=False):
+                bare_chunk.apply_async(
+                    kwargs={
+                        "tenant_ids": chunk,
+                        "window_start": window_start,
+                        "window_end": window_end,
+                    },
+                    task_id=task_id,
+                    queue="metering",
+                    producer=producer,
+                )
+
+    @app.task(name="bench.metering.bare_chunk", acks_late=True)
+    def bare_chunk(tenant_ids: list[str], window_start: str, window_end: str) -> float:
+        """A chunk message that does nothing; answers when it ran."""
+        return time.time()
+
+
+def make_plugin(parent: Path) -> Path:
+    """The stand-in platform plugin under ``parent``; returns the folder for the plugin path."""
+    from schemas.manifest import PluginType
+    from workers.plugin_template import write_manifest, write_plugin
+
+    project = write_plugin(parent, name=PLUGIN, plugin_type=PluginType.PLATFORM, trusted=True)
+    root = project / f"cul8er_{PLUGIN}"
+    module = root / "__init__.py"
+    source = module.read_text()
+    start = source.index("    def stats(self, name: str) -> InstanceStats:")
+    end = source.index("    def set_limits(")
+    # Counters start near zero when the bench starts, like a fresh instance's.
+    stats = STATS.lstrip("\n").replace("EPOCH", str(int(time.time())))
+    source = source[:start] + stats + "\n" + source[end:]
+    source = source.replace(
+        "from typing import Any\n", "import time\nimport zlib\nfrom typing import Any\n"
+    )
+    module.write_text(source)
+    write_manifest(
+        root,
+        name=PLUGIN,
+        plugin_type=PluginType.PLATFORM,
+        module=f"cul8er_{PLUGIN}",
+        trusted=True,
+    )
+    return project
+
+
+def seed(database_url: str, tenants: int) -> None:
+    """``tenants`` active tenants, each with one instance on the stand-in platform."""
+    from sqlalchemy import insert
+
+    from workers.db import session_scope
+    from workers.models import Instance, Tenant, utcnow
+
+    now = utcnow()
+    ids = [f"b{i:05d}" for i in range(tenants)]
+    with session_scope(database_url) as session:
+        session.execute(
+            insert(Tenant),
+            [
+                {
+                    "id": t,
+                    "name": t,
+                    "plan": "free",
+                    "status": "active",
+                    "platform": PLUGIN,
+                    "placement": None,
+                    "resources": {},
+                    "meta": {},
+                    "billing_anchor": now.date(),
+                    "generation": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for t in ids
+            ],
+        )
+        session.execute(
+            insert(Instance),
+            [
+                {
+                    "tenant_id": t,
+                    "name": f"t-{t}-app-0",
+                    "platform": PLUGIN,
+                    "role": "app",
+                    "ordinal": 0,
+                    "status": "running",
+                    "endpoint": None,
+                    "limits": {},
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for t in ids
+            ],
+        )
+
+
+def next_slot(interval: int) -> dt.datetime:
+    """Sleep until just after the next slot starts; returns that slot's start."""
+    now = time.time()
+    start = now - now % interval + interval
+    time.sleep(start - now + 0.05)
+    return dt.datetime.fromtimestamp(start, tz=dt.UTC)
+
+
+def bare_fanout(client: Any, tenants: int, chunk: int) -> float:
+    """Seconds from sending the bare fan-out to its last chunk having run."""
+    from celery.result import AsyncResult, ResultSet
+
+    ids = [uuid.uuid4().hex for _ in range(math.ceil(tenants / chunk))]
+    started = time.time()
+    client.send_task(
+        "bench.metering.bare_all",
+        kwargs={"task_ids": ids, "window_start": "", "window_end": ""},
+        queue="metering",
+    )
+    ran = ResultSet([AsyncResult(i, app=client) for i in ids]).join(timeout=300)
+    for i in ids:
+        AsyncResult(i, app=client).forget()
+    return max(ran) - started
+
+
+def metering_tick(client: Any, database_url: str, tenants: int, interval: int) -> float:
+    """Seconds from sending ``meter_all`` at a slot's start to its last chunk's commit."""
+    from sqlalchemy import func, select
+
+    from workers.db import session_scope
+    from workers.models import UsageRecord
+
+    slot = next_slot(interval)
+    window_start = slot - dt.timedelta(seconds=interval)
+    started = time.time()
+    client.send_task("cul8er.metering.meter_all", queue="metering")
+    where = (UsageRecord.window_start == window_start, UsageRecord.metric == "cpu_seconds")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        with session_scope(database_url) as session:
+            done, last = session.execute(
+                select(func.count(), func.max(UsageRecord.recorded_at)).where(*where)
+            ).one()
+        if done >= tenants:
+            return float(last.timestamp() - started)
+    raise RuntimeError(f"the tick metered {done} of {tenants} tenants in 600 s")
+
+
+@contextlib.contextmanager
+def broker() -> Iterator[str]:
+    """``BENCH_REDIS_URL`` (flushed), else a Redis server of the bench's own."""
+    if REDIS:
+        import redis
+
+        redis.Redis.from_url(REDIS).flushdb()
+        yield REDIS
+        return
+    from workers.embedded import EmbeddedRedis
+
+    with tempfile.TemporaryDirectory() as folder:
+        embedded = EmbeddedRedis(Path(folder))
+        embedded.ensure_running()
+        try:
+            yield embedded.url
+        finally:
+            embedded.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tenants", type=int, default=10_000)
+    parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--ticks", type=int, default=3)
+    parser.add_argument("--interval", type=int, default=20, help="metering slot length (s)")
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args()
+
+    import logging
+
+    from celery import Celery
+
+    from bench._harness import emit, pg_database, wait_ready, workers
+    from workers.logging import configure_logging
+
+    configure_logging(fmt="console", level="WARNING")
+    logging.getLogger().setLevel(logging.WARNING)
+    with (
+        pg_database() as database_url,
+        tempfile.TemporaryDirectory() as plugins,
+        broker() as broker_url,
+    ):
+        from workers.migrate import upgrade
+
+        upgrade(database_url)
+        plugin_path = make_plugin(Path(plugins))
+        seeded = time.perf_counter()
+        seed(database_url, args.tenants)
+        print(f"seeded {args.tenants} tenants in {time.perf_counter() - seeded:.1f} s")
+        env = {
+            "CUL8ER_BROKER_URL": broker_url,
+            "CUL8ER_DATABASE_URL": database_url,
+            "CUL8ER_IMPORTS": '["tasks.metering", "bench.metering"]',
+            "CUL8ER_PLUGIN_PATH": str(plugin_path),
+            "CUL8ER_METER_INTERVAL": str(args.interval),
+            "CUL8ER_METER_CHUNK_SIZE": str(args.chunk),
+        }
+        client = Celery("bench", broker=broker_url, backend=broker_url)
+        client.conf.update(task_serializer="json", accept_content=["json"])
+        with workers(env, concurrency=args.concurrency):
+            wait_ready(client)
+            bare_s: list[float] = []
+            tick_s: list[float] = []
+            # Interleaved, so both see the same machine noise.
+            for _ in range(args.ticks):
+                bare_s.append(bare_fanout(client, args.tenants, args.chunk))
+                tick_s.append(metering_tick(client, database_url, args.tenants, args.interval))
+            warm = tick_s[1:] or tick_s  # the first tick inserts every reading; later update
+            best_bare = min(bare_s)
+            emit(
+                f"metering tick of {args.tenants} tenants on PostgreSQL "
+                f"({args.concurrency} worker processes, chunks of {args.chunk})",
+                {
+                    "tick_seconds": [round(s, 2) for s in tick_s],
+                    "first_tick_tenants_per_s": round(args.tenants / tick_s[0], 1),
+                    "warm_tick_seconds_median": round(sorted(warm)[len(warm) // 2], 2),
+                    "warm_tenants_per_s": round(args.tenants / min(warm), 1),
+                    "interval_budget_s": 60,
+                    "share_of_60s_interval": round(max(warm) / 60, 3),
+                },
+            )
+            emit(
+                "bare celery fan-out of the same chunks (no-op tasks)",
+                {
+                    "seconds": [round(s, 2) for s in bare_s],
+                    "tenants_per_s": round(args.tenants / best_bare, 1),
+                },
+            )
+            emit(
+                "metering / bare fan-out ratio",
+                {
+                    "warm_tick_over_best_bare": round(min(warm) / best_bare, 2),
+                    "first_tick_over_best_bare": round(tick_s[0] / best_bare, 2),
+                },
+            )
+            print(
+                "(the bare fan-out's chunks do nothing: the ratio is what reading counters "
+                "and writing five rows and the readings per tenant costs on top of Celery)"
+            )
+
+
+if __name__ == "__main__":
+    main()
