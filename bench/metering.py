@@ -12,6 +12,11 @@ The baseline, timed in the same run on the same worker, is a bare Celery fan-out
 that reads the active tenant ids and sends the same chunks to a task that does nothing.
 
     python bench/metering.py [--tenants 10000] [--chunk 100] [--ticks 3] [--interval 20]
+                             [--billing-windows 100]
+
+Then the billing close: every tenant's anchor moves 40 days back (half of them upgrade from
+starter to pro mid-period), 5 x 100 usage rows per tenant (5 million for 10,000 tenants)
+are written inside that month, and closing every tenant's month is timed (target < 60 s).
 
 A tick's time runs from sending ``meter_all`` to the last chunk's commit (the latest
 ``recorded_at`` of its window); the target is a 10,000-tenant tick well inside the 60 s
@@ -166,6 +171,90 @@ def seed(database_url: str, tenants: int) -> None:
         )
 
 
+#: Usage rows per tenant for the billing close: 5 metrics x this many windows.
+BILLING_WINDOWS = 100
+
+
+def seed_billing(database_url: str, windows: int) -> tuple[int, dt.datetime]:
+    """Move every tenant's billing anchor 40 days back, switch half of them from starter to
+    pro mid-period, and write ``5 x windows`` usage rows per tenant inside that period.
+
+    Returns the number of usage rows and the period's start.
+    """
+    from sqlalchemy import text
+
+    from workers.db import session_scope
+    from workers.models import utcnow
+
+    today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+    start = today - dt.timedelta(days=40)
+    middle = start + dt.timedelta(days=15)
+    naive = {"start": start.replace(tzinfo=None), "middle": middle.replace(tzinfo=None)}
+    with session_scope(database_url) as session:
+        session.execute(text("UPDATE tenants SET billing_anchor = CAST(:start AS date)"), naive)
+        session.execute(
+            text(
+                "INSERT INTO plan_periods (tenant_id, plan, start_at, end_at) "
+                "SELECT id, 'starter', :start, "
+                "CASE WHEN right(id, 1) IN ('0','2','4','6','8') THEN :middle END FROM tenants"
+            ),
+            naive,
+        )
+        session.execute(
+            text(
+                "INSERT INTO plan_periods (tenant_id, plan, start_at, end_at) "
+                "SELECT id, 'pro', :middle, NULL FROM tenants "
+                "WHERE right(id, 1) IN ('0','2','4','6','8')"
+            ),
+            naive,
+        )
+        # Six-hour windows across the period, five metrics each, written set-based.
+        session.execute(
+            text(
+                "INSERT INTO usage_records "
+                "(tenant_id, metric, window_start, window_end, value, aggregation, recorded_at) "
+                "SELECT t.id, m.metric, "
+                "  :start + w * interval '6 hours', :start + (w + 1) * interval '6 hours', "
+                "  m.scale * random(), m.agg, :start + (w + 1) * interval '6 hours' "
+                "FROM tenants t "
+                "CROSS JOIN (VALUES ('cpu_seconds', 'sum', 2000.0), ('requests', 'sum', 5000.0), "
+                "  ('bandwidth_bytes', 'sum', 1e8), ('storage_bytes', 'max', 2e10), "
+                "  ('memory_bytes', 'avg', 1e9)) AS m(metric, agg, scale) "
+                "CROSS JOIN generate_series(0, :last) AS w"
+            ),
+            {**naive, "last": windows - 1},
+        )
+        session.execute(text("ANALYZE usage_records"))
+        rows = session.execute(text("SELECT count(*) FROM usage_records")).scalar_one()
+    return int(rows), start
+
+
+def billing_close(database_url: str, tenants: int, windows: int) -> None:
+    """Time closing every tenant's ended month over the usage written by ``seed_billing``."""
+    from bench._harness import emit
+    from workers.billing import close_periods
+
+    started = time.perf_counter()
+    rows, start = seed_billing(database_url, windows)
+    seeded = time.perf_counter() - started
+    started = time.perf_counter()
+    summary = close_periods(url=database_url, period="month")
+    closed = time.perf_counter() - started
+    emit(
+        f"billing close of {tenants} tenants' month over {rows} usage rows (PostgreSQL)",
+        {
+            "usage_rows": rows,
+            "seed_seconds": round(seeded, 1),
+            "period_start": start.date().isoformat(),
+            "close_seconds": round(closed, 2),
+            "invoices": len(summary.inserted),
+            "periods_seen": summary.periods,
+            "tenants_per_s": round(tenants / closed, 1),
+            "target_seconds": 60,
+        },
+    )
+
+
 def next_slot(interval: int) -> dt.datetime:
     """Sleep until just after the next slot starts; returns that slot's start."""
     now = time.time()
@@ -242,6 +331,12 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=3)
     parser.add_argument("--interval", type=int, default=20, help="metering slot length (s)")
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument(
+        "--billing-windows",
+        type=int,
+        default=BILLING_WINDOWS,
+        help="usage windows per tenant for the billing close (x5 metrics; 0 skips it)",
+    )
     args = parser.parse_args()
 
     import logging
@@ -315,6 +410,10 @@ def main() -> None:
                 "(the bare fan-out's chunks do nothing: the ratio is what reading counters "
                 "and writing five rows and the readings per tenant costs on top of Celery)"
             )
+        if args.billing_windows:
+            # The close itself is one set-based pass per chunk of tenants; it runs here, in
+            # the bench process, as the beat-scheduled task runs it on a worker.
+            billing_close(database_url, args.tenants, args.billing_windows)
 
 
 if __name__ == "__main__":
