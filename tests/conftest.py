@@ -25,6 +25,8 @@ from tests.stack import (
     reachable,
 )
 from workers.embedded import EmbeddedRedis
+from workers.migrate import upgrade
+from workers.settings import Settings, get_settings
 
 IN_CI = bool(os.environ.get("CI"))
 SERVICES = {"postgres": 5432, "redis": 6379, "rabbitmq": 5672}
@@ -115,3 +117,38 @@ def running_stack(
         yield stack
     finally:
         teardown_stack(stack)
+
+
+@pytest.fixture
+def process_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Settings]]:
+    """``configure(database="sqlite"|"postgres", **settings)`` → this process's ``get_settings()``.
+
+    Every ``CUL8ER_*`` variable of the environment is cleared first; the data dir is the
+    test's own, the broker and results are in memory (nothing reaches ``./var``), and the
+    database is migrated. Keyword arguments become ``CUL8ER_<NAME>`` variables.
+    """
+    databases: list[str] = []
+
+    def configure(database: str = "sqlite", **values: str) -> Settings:
+        for name in [n for n in os.environ if n.startswith("CUL8ER_")]:
+            monkeypatch.delenv(name)
+        if database == "postgres":
+            require("postgres")
+            databases.append(create_pg_database())
+            monkeypatch.setenv("CUL8ER_DATABASE_URL", databases[-1])
+        monkeypatch.setenv("CUL8ER_DATA_DIR", str(tmp_path))
+        monkeypatch.setenv("CUL8ER_BROKER_URL", "memory://")
+        monkeypatch.setenv("CUL8ER_RESULT_BACKEND", "cache+memory://")
+        for name, value in values.items():
+            monkeypatch.setenv(f"CUL8ER_{name.upper()}", value)
+        get_settings.cache_clear()
+        settings = get_settings()
+        upgrade(settings.sqlalchemy_url)
+        return settings
+
+    yield configure
+    get_settings.cache_clear()
+    for url in databases:
+        drop_pg_database(url)

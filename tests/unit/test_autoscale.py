@@ -11,7 +11,6 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -22,12 +21,9 @@ from typer.testing import CliRunner
 from schemas.autoscale import AutoscaleRule
 from tasks import workflows as wf
 from tasks.autoscale import EVALUATE, evaluate_slot
-from tests.conftest import require
-from tests.stack import create_pg_database, drop_pg_database
 from workers.autoscale import TenantState, UsageWindow, decide, measure, resolve_rules
 from workers.cli_economics import autoscale_cli, beat_cli
 from workers.db import session_scope
-from workers.migrate import upgrade
 from workers.models import (
     AuditEvent,
     AutoscaleDecision,
@@ -40,7 +36,7 @@ from workers.models import (
 )
 from workers.plans import load_catalog
 from workers.schedule import claim_slot
-from workers.settings import Settings, get_settings
+from workers.settings import Settings
 
 T = TypeVar("T")
 
@@ -238,27 +234,8 @@ def test_plan_actions_need_a_target_and_instance_actions_none() -> None:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Settings]:
-    url = None
-    if request.param == "postgres":
-        require("postgres")
-        url = create_pg_database()
-        monkeypatch.setenv("CUL8ER_DATABASE_URL", url)
-    else:
-        monkeypatch.delenv("CUL8ER_DATABASE_URL", raising=False)
-    monkeypatch.setenv("CUL8ER_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("CUL8ER_BROKER_URL", "memory://")
-    monkeypatch.setenv("CUL8ER_RESULT_BACKEND", "cache+memory://")
-    monkeypatch.delenv("CUL8ER_PLANS_FILE", raising=False)
-    get_settings.cache_clear()
-    current = get_settings()
-    upgrade(current.sqlalchemy_url)
-    yield current
-    get_settings.cache_clear()
-    if url is not None:
-        drop_pg_database(url)
+def settings(request: pytest.FixtureRequest, process_settings: Callable[..., Settings]) -> Settings:
+    return process_settings(request.param)
 
 
 def add_tenant(

@@ -9,9 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,13 +18,10 @@ from sqlalchemy import func, select
 
 from tasks.billing import close_periods as close_task
 from tasks.billing import get_invoice
-from tests.conftest import require
-from tests.stack import create_pg_database, drop_pg_database
 from workers import billing
 from workers.db import session_scope
-from workers.migrate import upgrade
 from workers.models import Invoice, PlanPeriod, Tenant, UsageRecord
-from workers.settings import get_settings
+from workers.settings import Settings
 
 UTC = dt.UTC
 
@@ -40,29 +36,9 @@ def q(value: Decimal) -> Decimal:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def db(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
+def db(request: pytest.FixtureRequest, process_settings: Callable[..., Settings]) -> str:
     """A migrated database (the settings' database too), with no cul8er process around."""
-    if request.param == "postgres":
-        require("postgres")
-        url = create_pg_database()
-    else:
-        url = f"sqlite:///{tmp_path / 'billing.db'}"
-    for name in ("CUL8ER_PLANS_FILE", "CUL8ER_BILLING_PERIOD", "CUL8ER_IMPORTS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CUL8ER_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("CUL8ER_DATABASE_URL", url)
-    monkeypatch.setenv("CUL8ER_BROKER_URL", "memory://")
-    monkeypatch.setenv("CUL8ER_RESULT_BACKEND", "cache+memory://")
-    get_settings.cache_clear()
-    upgrade(url)
-    try:
-        yield url
-    finally:
-        get_settings.cache_clear()
-        if request.param == "postgres":
-            drop_pg_database(url)
+    return process_settings(request.param).sqlalchemy_url
 
 
 def add_tenant(

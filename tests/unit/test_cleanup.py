@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import select
 
 from tasks.maintenance import cleanup
 from workers.db import session_scope
-from workers.migrate import upgrade
 from workers.models import MeterReading, Operation, Tenant, utcnow
-from workers.settings import Settings, get_settings
+from workers.settings import Settings
 
 
 @pytest.fixture
-def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    monkeypatch.setenv("CUL8ER_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("CUL8ER_BROKER_URL", "memory://")
-    monkeypatch.setenv("CUL8ER_RESULT_BACKEND", "cache+memory://")
-    monkeypatch.delenv("CUL8ER_DATABASE_URL", raising=False)
-    get_settings.cache_clear()
-    current = get_settings()
-    upgrade(current.sqlalchemy_url)
-    yield current
-    get_settings.cache_clear()
+def settings(process_settings: Callable[..., Settings]) -> Settings:
+    return process_settings()
 
 
 def _tenant(tenant_id: str, status: str) -> Tenant:

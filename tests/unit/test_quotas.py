@@ -9,10 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -21,15 +20,12 @@ from typer.testing import CliRunner
 
 from tasks import workflows as wf
 from tasks.quotas import enforce_quotas, payment_failed, payment_succeeded
-from tests.conftest import require
-from tests.stack import create_pg_database, drop_pg_database
 from workers.cli_economics import invoice_cli, usage_cli
 from workers.db import session_scope
-from workers.migrate import upgrade
 from workers.models import AuditEvent, Invoice, Tenant, UsageRecord, WorkflowRun, utcnow
 from workers.plans import load_catalog
 from workers.quotas import GIB, excesses, period_start, quota_reason
-from workers.settings import Settings, get_settings
+from workers.settings import Settings
 
 T = TypeVar("T")
 
@@ -92,29 +88,8 @@ def test_excesses_name_the_quota_and_the_amount() -> None:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Settings]:
-    url = None
-    if request.param == "postgres":
-        require("postgres")
-        url = create_pg_database()
-        monkeypatch.setenv("CUL8ER_DATABASE_URL", url)
-    else:
-        monkeypatch.delenv("CUL8ER_DATABASE_URL", raising=False)
-    monkeypatch.setenv("CUL8ER_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("CUL8ER_BROKER_URL", "memory://")
-    monkeypatch.setenv("CUL8ER_RESULT_BACKEND", "cache+memory://")
-    monkeypatch.setenv("CUL8ER_PAYMENT_GRACE", "60")
-    monkeypatch.delenv("CUL8ER_PLANS_FILE", raising=False)
-    monkeypatch.delenv("CUL8ER_BILLING_PERIOD", raising=False)
-    get_settings.cache_clear()
-    current = get_settings()
-    upgrade(current.sqlalchemy_url)
-    yield current
-    get_settings.cache_clear()
-    if url is not None:
-        drop_pg_database(url)
+def settings(request: pytest.FixtureRequest, process_settings: Callable[..., Settings]) -> Settings:
+    return process_settings(request.param, payment_grace="60")
 
 
 def add_tenant(tenant_id: str, plan: str, *, anchor: dt.date = dt.date(2026, 11, 1)) -> None:
