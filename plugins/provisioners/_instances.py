@@ -9,13 +9,24 @@ import urllib.request
 from typing import TYPE_CHECKING, Final
 
 from schemas.platform import InstanceSpec
+from schemas.plugins import HealthReport
 from workers.errors import PermanentError
 from workers.settings import get_settings
 
 if TYPE_CHECKING:
-    from schemas.plans import Plan
+    from collections.abc import Iterable
 
-__all__ = ["TENANT_ID_PATTERN", "check_tenant_id", "instance_name", "instance_spec", "probe"]
+    from schemas.plans import Plan
+    from schemas.platform import InstanceInfo
+
+__all__ = [
+    "TENANT_ID_PATTERN",
+    "check_tenant_id",
+    "health_report",
+    "instance_name",
+    "instance_spec",
+    "probe",
+]
 
 #: A tenant id as ``schemas.tasks.TenantId`` accepts it: it fits instance and SQL names.
 TENANT_ID_PATTERN: Final = re.compile(r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$")
@@ -77,3 +88,21 @@ def probe(endpoint: str, *, timeout: float) -> tuple[bool, str]:
         return False, f"HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         return False, str(exc)
+
+
+def health_report(
+    tenant_id: str, instances: Iterable[InstanceInfo], *, timeout: float, empty: tuple[str, str]
+) -> HealthReport:
+    """Probe each instance's ``/health`` once; no instance at all is ``empty`` and unhealthy."""
+    checks: dict[str, str] = {}
+    healthy = True
+    for info in instances:
+        if info.endpoint is None:
+            ok, detail = False, f"{info.status}, no endpoint"
+        else:
+            ok, detail = probe(info.endpoint, timeout=timeout)
+        checks[info.name] = "healthy" if ok else f"unhealthy: {detail[:200]}"
+        healthy = healthy and ok
+    if not checks:
+        return HealthReport(tenant_id=tenant_id, healthy=False, checks=dict([empty]))
+    return HealthReport(tenant_id=tenant_id, healthy=healthy, checks=checks)

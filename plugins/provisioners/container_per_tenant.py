@@ -15,7 +15,7 @@ import structlog
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from plugins.provisioners._instances import check_tenant_id, instance_spec, probe
+from plugins.provisioners._instances import check_tenant_id, health_report, instance_spec
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
 from workers.db import get_engine, session_scope
 from workers.errors import ConflictError, NotFoundError, PermanentError, TransientError
@@ -122,18 +122,12 @@ class ContainerPerTenant:
         """Probe ``/health`` of every instance once; no instance at all is unhealthy."""
         check_tenant_id(tenant_id)
         platform = self._platform(tenant_platform(self.settings, tenant_id))
-        checks: dict[str, str] = {}
-        healthy = True
-        for info in platform.list_instances(tenant_id):
-            if info.endpoint is None:
-                ok, detail = False, f"{info.status}, no endpoint"
-            else:
-                ok, detail = probe(info.endpoint, timeout=self.settings.health_timeout)
-            checks[info.name] = "healthy" if ok else f"unhealthy: {detail[:200]}"
-            healthy = healthy and ok
-        if not checks:
-            return HealthReport(tenant_id=tenant_id, healthy=False, checks={"instances": "none"})
-        return HealthReport(tenant_id=tenant_id, healthy=healthy, checks=checks)
+        return health_report(
+            tenant_id,
+            platform.list_instances(tenant_id),
+            timeout=self.settings.health_timeout,
+            empty=("instances", "none"),
+        )
 
     def get_resources(self, tenant_id: str) -> TenantResources:
         """The tenant's instances as its platform reports them."""

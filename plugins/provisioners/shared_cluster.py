@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from plugins.provisioners._instances import check_tenant_id, probe
+from plugins.provisioners._instances import check_tenant_id, health_report
 from schemas.plans import Plan
 from schemas.platform import InstanceInfo, InstanceSpec, Limits
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
@@ -172,18 +172,12 @@ class SharedCluster:
             platform_name, _members = self._membership(tenant_id)
         except NotFoundError as exc:
             return HealthReport(tenant_id=tenant_id, healthy=False, checks={"pool": str(exc)})
-        checks: dict[str, str] = {}
-        healthy = True
-        for info in self._pool(self._platform(platform_name), platform_name):
-            if info.endpoint is None:
-                ok, detail = False, f"{info.status}, no endpoint"
-            else:
-                ok, detail = probe(info.endpoint, timeout=self.settings.health_timeout)
-            checks[info.name] = "healthy" if ok else f"unhealthy: {detail[:200]}"
-            healthy = healthy and ok
-        if not checks:
-            return HealthReport(tenant_id=tenant_id, healthy=False, checks={"pool": "no instance"})
-        return HealthReport(tenant_id=tenant_id, healthy=healthy, checks=checks)
+        return health_report(
+            tenant_id,
+            self._pool(self._platform(platform_name), platform_name),
+            timeout=self.settings.health_timeout,
+            empty=("pool", "no instance"),
+        )
 
     def get_resources(self, tenant_id: str) -> TenantResources:
         """The pool the tenant is placed on (it owns no instance)."""
