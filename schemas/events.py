@@ -17,11 +17,13 @@ EventType = Literal[
     "step.started",
     "step.succeeded",
     "step.failed",
+    "step.taken_over",
     "tenant.status_changed",
     "plugin.state_changed",
     "invoice.finalized",
     "quota.exceeded",
     "autoscale.decided",
+    "worker.lost",
 ]
 
 #: Every event type, in the order above.

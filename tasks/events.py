@@ -11,6 +11,7 @@ from workers.app import app
 from workers.errors import Cul8erError, TransientError
 from workers.events import DELIVER_TASK, active_observers
 from workers.plugin_tasks import invoke
+from workers.settings import get_settings
 from workers.steps import backoff
 
 __all__ = ["deliver"]
@@ -46,7 +47,10 @@ def deliver(
     if retry and attempt < MAX_ATTEMPTS:
         self.apply_async(
             kwargs={"event": event, "only": retry, "attempt": attempt + 1},
-            countdown=backoff(attempt, base=1.0, cap=60.0),
+            # Under the visibility timeout: a countdown held longer is delivered twice.
+            countdown=backoff(
+                attempt, base=1.0, cap=min(60.0, get_settings().broker_visibility_timeout / 2)
+            ),
         )
     elif retry:
         log.error("observer_gave_up", observers=retry, event_id=str(parsed.event_id))

@@ -14,7 +14,16 @@ from workers import ledger
 from workers.app import app
 from workers.db import session_scope
 from workers.errors import NotFoundError
-from workers.models import MeterReading, Operation, StepRun, Tenant, WorkflowRun, utcnow
+from workers.events import emit
+from workers.models import (
+    MeterReading,
+    Operation,
+    StepRun,
+    Tenant,
+    WorkerProcess,
+    WorkflowRun,
+    utcnow,
+)
 from workers.public import Outcome, public_task
 from workers.settings import get_settings
 
@@ -40,14 +49,46 @@ def tick() -> int:
 
 @app.task(name="cul8er.workflows.reconcile", ignore_result=True, acks_late=True)
 def reconcile() -> int:
-    """Re-dispatch runs that stopped making progress (lost message, killed worker)."""
+    """Resume what stopped: steps whose owner died, then runs whose message was lost.
+
+    A step whose owner stopped renewing it is freed after ``owner_timeout``, with
+    no grace to wait out; a run with no owner at all (a lost message) is resumed
+    once ``reconcile_grace`` passed without progress. Returns how many resumed.
+    """
+    settings = get_settings()
     with session_scope() as session:
-        stalled = ledger.stalled_runs(session, grace=get_settings().reconcile_grace)
+        lost = ledger.lost_workers(session, owner_timeout=settings.owner_timeout)
+        freed = ledger.abandoned_steps(
+            session, owner_timeout=settings.owner_timeout, grace=settings.reconcile_grace
+        )
+        stalled = ledger.stalled_runs(session, grace=settings.reconcile_grace)
+    for worker in lost:
+        log.warning("worker_lost", **worker)
+        emit("worker.lost", subject=worker["node"], data=worker)
+    for step in freed:
+        previous = step.takeover.get("previous_owner") or {}
+        log.warning(
+            "step_taken_over",
+            workflow_id=step.run_id,
+            step=step.step,
+            reason=step.takeover["reason"],
+            previous_node=previous.get("node"),
+            previous_pid=previous.get("pid"),
+            silent_for=step.takeover.get("silent_for"),
+        )
+        emit(
+            "step.taken_over",
+            tenant_id=step.tenant_id,
+            workflow_id=step.run_id,
+            subject=step.step,
+            data={"phase": step.phase, "takeover": {**step.takeover, "by": "reconcile"}},
+        )
+        ledger.dispatch(app, step.run_id, step.phase, step.tasks, first_task_id=step.task_id)
     for run_id, phase, tasks in stalled:
         ledger.dispatch(app, run_id, phase, tasks)
     if stalled:
         log.warning("workflows_resumed", count=len(stalled))
-    return len(stalled)
+    return len(freed) + len(stalled)
 
 
 def describe_run(session: Session, run: WorkflowRun) -> dict[str, Any]:
@@ -55,6 +96,13 @@ def describe_run(session: Session, run: WorkflowRun) -> dict[str, Any]:
     steps = session.scalars(
         select(StepRun).where(StepRun.run_id == run.id).order_by(StepRun.id)
     ).all()
+    owner_ids = {s.owner_id for s in steps if s.owner_id}
+    owners = {
+        w.boot_id: w
+        for w in session.scalars(
+            select(WorkerProcess).where(WorkerProcess.boot_id.in_(owner_ids))
+        ).all()
+    }
     return {
         "workflow_id": run.id,
         "kind": run.kind,
@@ -72,6 +120,10 @@ def describe_run(session: Session, run: WorkflowRun) -> dict[str, Any]:
                 "phase": s.phase,
                 "status": s.status,
                 "attempts": s.attempts,
+                "owner": _owner(s.owner_id, owners.get(s.owner_id or "")),
+                "heartbeat_at": s.heartbeat_at.isoformat() if s.heartbeat_at else None,
+                "takeovers": [h for h in s.history or [] if h.get("event") == "takeover"],
+                "history": s.history or [],
                 "output": s.output,
                 "error": s.error,
                 "started_at": s.started_at.isoformat() if s.started_at else None,
@@ -80,6 +132,14 @@ def describe_run(session: Session, run: WorkflowRun) -> dict[str, Any]:
             for s in steps
         ],
     }
+
+
+def _owner(boot_id: str | None, worker: WorkerProcess | None) -> dict[str, Any] | None:
+    if boot_id is None:
+        return None
+    if worker is None:
+        return {"boot_id": boot_id, "node": None, "pid": None}
+    return {"boot_id": boot_id, "node": worker.node, "pid": worker.pid}
 
 
 @public_task("cul8er.workflows.status", WorkflowStatus, idempotent=False)
@@ -114,8 +174,22 @@ def cleanup() -> dict[str, int]:
                 .returning(MeterReading.tenant_id)
             ).all()
         )
+        # Processes gone for a day that hold nothing: `cul8er workers` has no use for them.
+        held = select(StepRun.owner_id).where(
+            StepRun.status == "running", StepRun.owner_id.is_not(None)
+        )
+        workers = len(
+            session.scalars(
+                delete(WorkerProcess)
+                .where(
+                    WorkerProcess.beat_at < utcnow() - dt.timedelta(days=1),
+                    WorkerProcess.boot_id.not_in(held),
+                )
+                .returning(WorkerProcess.boot_id)
+            ).all()
+        )
     # Database result backends keep expired results until asked; Redis expires its own.
     app.backend.cleanup()
-    removed = {"operations": keys, "meter_readings": readings}
+    removed = {"operations": keys, "meter_readings": readings, "workers": workers}
     log.info("cleanup_done", **removed)
     return removed

@@ -44,12 +44,40 @@ def result_backend(settings: Settings) -> str:
     return "rpc://" if url.startswith(("amqp", "pyamqp")) else url
 
 
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis transport options: how fast a dead worker's unacknowledged messages return.
+
+    kombu keeps a delivered message in an ``unacked`` set until it is acknowledged;
+    a message older than ``visibility_timeout`` goes back to its queue when some
+    consumer next sweeps the set. kombu's defaults (3600 s, a sweep every ~100 s)
+    mean an hour before a SIGKILLed worker's messages run again; a dead pool child
+    is covered sooner by ``task_reject_on_worker_lost``. With a short timeout,
+    a step running longer than it is delivered a second time: the ledger sees its
+    owner alive and the duplicate steps aside. AMQP needs none of this (the broker
+    requeues a dead connection's messages at once).
+    """
+    url = broker_url(settings)
+    if not url.startswith(("redis", "rediss", "unix")):
+        return {}
+    timeout = settings.broker_visibility_timeout
+    return {
+        "visibility_timeout": timeout,
+        # Sweep about ten times per timeout, scanning Redis on every sweep.
+        "unacked_restore_interval": max(1.0, timeout / 10),
+        "unacked_restore_throttle": 1,
+        # A sweeper killed while holding the sweep lock must not stop sweeps for kombu's
+        # default 5 minutes; a sweep takes milliseconds.
+        "unacked_mutex_expire": 5,
+    }
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The whole Celery configuration for ``settings``."""
     return {
         "broker_url": broker_url(settings),
         "result_backend": result_backend(settings),
         "broker_connection_retry_on_startup": True,
+        "broker_transport_options": broker_transport_options(settings),
         # JSON only: a message can never make a worker unpickle attacker-chosen bytes.
         "task_serializer": "json",
         "result_serializer": "json",

@@ -1,9 +1,15 @@
 """The workflow ledger: runs and steps in the database, advanced by Celery chains.
 
 Each step is a Celery task that first *claims* its row, does its work, then
-*completes* it. A row that is already done makes a repeated delivery a no-op;
-a live lease makes a concurrent delivery step aside. The database is the truth:
-``tick`` dispatches due waits and ``reconcile`` resumes runs that stalled.
+*completes* it. A row that is already done makes a repeated delivery a no-op.
+A claim names its owner, the process's boot id (:mod:`workers.liveness`), whose
+heartbeat renews the step while it runs: a concurrent delivery steps aside for a
+renewed step, and takes over one whose owner stopped renewing it for
+``owner_timeout``, recording the takeover in the step's history. The lease only
+bounds a step whose owner is alive but hung. Every claim bumps ``attempts``, and
+completions are fenced on it: a late completion by a process that lost its step
+is refused. The database is the truth: ``tick`` dispatches due waits and
+``reconcile`` resumes runs whose owner died or whose message was lost.
 """
 
 from __future__ import annotations
@@ -11,13 +17,13 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import structlog
 from celery import chain
-from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import JSON, bindparam, case, select, update
 
-from workers.models import StepRun, UTCDateTime, WorkflowRun, utcnow
+from workers.models import StepRun, UTCDateTime, WorkerProcess, WorkflowRun, utcnow
 from workers.workflow import COMPENSATE, FORWARD, StepContext, get_workflow
 
 if TYPE_CHECKING:
@@ -27,15 +33,21 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 __all__ = [
+    "Abandoned",
     "Claim",
+    "Owner",
+    "abandoned_steps",
     "claim_step",
     "complete_step",
     "dispatch",
     "due_waits",
     "fail_step",
+    "lost_workers",
     "new_run",
     "next_pending",
+    "refuse_late",
     "stalled_runs",
+    "verdict",
     "wait_step",
 ]
 
@@ -102,16 +114,21 @@ def new_run(
     return run
 
 
-def dispatch(app: Celery, run_id: str, phase: str, tasks: list[str]) -> AsyncResult[Any] | None:
+def dispatch(
+    app: Celery, run_id: str, phase: str, tasks: list[str], *, first_task_id: str | None = None
+) -> AsyncResult[Any] | None:
     """Send the remaining ``tasks`` of a phase as one chain of immutable signatures.
 
     Returns the result of the chain's last step, whose result alone is kept, so
     a caller can wait for the phase to end without polling the database.
+    ``first_task_id`` is the message id the first step was handed to.
     """
     if not tasks:
         return None
     kwargs = {"run_id": run_id, "phase": phase}
     signatures = [app.signature(name, kwargs=kwargs, immutable=True) for name in tasks]
+    if first_task_id is not None:
+        signatures[0].set(task_id=first_task_id)
     signatures[-1].options["ignore_result"] = False
     result: AsyncResult[Any] = chain(*signatures).apply_async()
     log.debug("workflow_dispatched", workflow_id=run_id, phase=phase, first=tasks[0])
@@ -127,10 +144,15 @@ class Claim:
     output: dict[str, Any] | None = None
     #: For ``done``: whether the step after it is still untouched (continue the chain).
     successor_pending: bool = False
+    #: For ``claimed``: the step row's id, which the owner's heartbeat renews.
+    step_id: int | None = None
+    #: For ``claimed``: the takeover recorded in the step's history, if this claim was one.
+    takeover: dict[str, Any] | None = None
 
 
 _steps = cast("Table", StepRun.__table__)
 _runs = cast("Table", WorkflowRun.__table__)
+_workers = cast("Table", WorkerProcess.__table__)
 
 # The hot path's statements are built once, with bind parameters, and run on the
 # Core connection: no per-call expression building, no ORM bookkeeping.
@@ -138,6 +160,7 @@ _runs = cast("Table", WorkflowRun.__table__)
 #: Everything a delivery needs to decide and to run: the run and all its steps.
 _READ_RUN = (
     select(
+        _steps.c.id,
         _steps.c.phase,
         _steps.c.position,
         _steps.c.name,
@@ -147,6 +170,11 @@ _READ_RUN = (
         _steps.c.task_id,
         _steps.c.lease_until,
         _steps.c.due_at,
+        _steps.c.owner_id,
+        _steps.c.heartbeat_at,
+        _steps.c.history,
+        _workers.c.node.label("owner_node"),
+        _workers.c.pid.label("owner_pid"),
         _runs.c.kind,
         _runs.c.tenant_id,
         _runs.c.input,
@@ -155,46 +183,47 @@ _READ_RUN = (
         _runs.c.phase.label("run_phase"),
     )
     .join(_runs, _runs.c.id == _steps.c.run_id)
+    .outerjoin(_workers, _workers.c.boot_id == _steps.c.owner_id)
     .where(_steps.c.run_id == bindparam("b_run_id"))
     .order_by(_steps.c.phase, _steps.c.position)
 )
 
-#: Take a step that nobody holds; only one delivery can change the row.
+#: Take the step the read found claimable. Every claim bumps ``attempts``, so the
+#: guard on the attempts read is a compare-and-swap: of two deliveries that read
+#: the same row, only one changes it.
 _CLAIM = (
     update(_steps)
     .where(
-        _steps.c.run_id == bindparam("b_run_id"),
-        _steps.c.phase == bindparam("b_phase"),
-        _steps.c.name == bindparam("b_name"),
-        _steps.c.status.not_in(FINISHED),
-        # A live lease belongs to another delivery that is running the step now.
-        ~(
-            (_steps.c.status == "running")
-            & (_steps.c.lease_until > bindparam("b_now", type_=UTCDateTime()))
-        ),
-        ~(
-            (_steps.c.status == "waiting")
-            & (_steps.c.due_at > bindparam("b_now", type_=UTCDateTime()))
-        ),
+        _steps.c.id == bindparam("b_id"),
+        _steps.c.attempts == bindparam("b_attempts"),
+        _steps.c.status == bindparam("b_status"),
     )
     .values(
         status="running",
         attempts=_steps.c.attempts + 1,
+        owner_id=bindparam("b_owner"),
+        heartbeat_at=bindparam("b_now", type_=UTCDateTime()),
         lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
         task_id=bindparam("b_task_id"),
+        history=bindparam("b_history", type_=JSON()),
         started_at=bindparam("b_now", type_=UTCDateTime()),
     )
+)
+
+#: The owner's attempt, and only it, may record the step's outcome.
+_FENCE = (
+    (_steps.c.run_id == bindparam("b_run_id"))
+    & (_steps.c.phase == bindparam("b_phase"))
+    & (_steps.c.name == bindparam("b_name"))
+    & (_steps.c.status == "running")
+    & (_steps.c.attempts == bindparam("b_attempt"))
+    & (_steps.c.owner_id == bindparam("b_owner"))
 )
 
 #: Record a running step's output.
 _COMPLETE = (
     update(_steps)
-    .where(
-        _steps.c.run_id == bindparam("b_run_id"),
-        _steps.c.phase == bindparam("b_phase"),
-        _steps.c.name == bindparam("b_name"),
-        _steps.c.status == "running",
-    )
+    .where(_FENCE)
     .values(
         status="done",
         output=bindparam("b_output"),
@@ -203,7 +232,8 @@ _COMPLETE = (
     )
 )
 
-#: Hand the next step to the chain message that will carry it (see complete_step).
+#: Hand the next step to the chain message that will carry it: a note of which
+#: message should run it, not a lease; the lease starts when a worker starts it.
 _HAND_OVER = (
     update(_steps)
     .where(
@@ -212,13 +242,7 @@ _HAND_OVER = (
         _steps.c.name == bindparam("b_name"),
         _steps.c.status == "pending",
     )
-    .values(
-        status="running",
-        attempts=_steps.c.attempts + 1,
-        lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
-        task_id=bindparam("b_task_id"),
-        started_at=bindparam("b_now", type_=UTCDateTime()),
-    )
+    .values(task_id=bindparam("b_task_id"))
 )
 
 _following = (
@@ -252,14 +276,85 @@ _ADVANCE = (
 )
 
 
-def claim_step(
-    session: Session, *, run_id: str, phase: str, name: str, task_id: str | None, lease: float
-) -> Claim:
-    """Take the step for this delivery, unless it is done, leased or its run moved on.
+@dataclass(frozen=True)
+class Owner:
+    """The process claiming a step, and how long a silent owner is trusted."""
 
-    One read of the run and its steps; then, unless the previous step already
-    handed this step to this very message, one guarded UPDATE that only one
-    delivery can win. This is the ledger's hot path.
+    #: The claiming process's boot id.
+    boot_id: str
+    #: Seconds without a renewal after which a running step's owner counts as dead.
+    timeout: float
+    #: Steps this very process is running now (it may re-claim its own other steps).
+    holding: frozenset[int] = frozenset()
+
+
+@overload
+def _aware(value: dt.datetime) -> dt.datetime: ...
+@overload
+def _aware(value: None) -> None: ...
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    # Core rows skip the ORM's type round trip on some backends: pin naive values to UTC.
+    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+
+
+def _seconds_since(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    return round((now - _aware(then)).total_seconds(), 3) if then is not None else None
+
+
+def verdict(row: Any, *, now: dt.datetime, owner: Owner) -> tuple[str, dict[str, Any] | None]:
+    """Whether a delivery may claim an unfinished step: ``claim``, ``take`` or ``busy``.
+
+    ``take`` comes with the takeover record for the step's history: whose claim
+    is taken, why, and how long its owner had been silent.
+    """
+    if row.status == "pending" or row.status == "retrying":
+        return "claim", None
+    if row.status == "waiting":
+        due = _aware(row.due_at)
+        return ("busy", None) if due is not None and due > now else ("claim", None)
+    lease = _aware(row.lease_until)
+    beat = _aware(row.heartbeat_at)
+    if row.owner_id is None:
+        # A claim from before owners existed: only its lease can free it.
+        reason = None if lease is not None and lease > now else "lease_expired"
+    elif row.owner_id == owner.boot_id:
+        # Our own earlier attempt, which ended without recording an outcome (its
+        # database write failed): take it back at once, unless it runs right now.
+        reason = None if row.id in owner.holding else "abandoned"
+    elif lease is not None and lease <= now:
+        reason = "lease_expired"  # alive but hung past the step's time limit
+    elif beat is None or (now - beat).total_seconds() > owner.timeout:
+        reason = "owner_silent"
+    else:
+        reason = None
+    if reason is None:
+        return "busy", None
+    return "take", {
+        "event": "takeover",
+        "at": now.isoformat(),
+        "reason": reason,
+        "attempt": row.attempts,
+        "previous_owner": {"boot_id": row.owner_id, "node": row.owner_node, "pid": row.owner_pid},
+        "silent_for": _seconds_since(now, beat),
+    }
+
+
+def claim_step(
+    session: Session,
+    *,
+    run_id: str,
+    phase: str,
+    name: str,
+    task_id: str | None,
+    lease: float,
+    owner: Owner,
+    next_task_id: str | None = None,
+    by: str = "delivery",
+) -> Claim:
+    """Take the step for this delivery, unless it is done, renewed by its owner or moved on.
+
+    One read of the run and its steps, then one compare-and-swap UPDATE that only
+    one delivery can win. This is the ledger's hot path.
     """
     now = utcnow()
     conn = session.connection()
@@ -270,33 +365,31 @@ def claim_step(
         return Claim("inactive")
     if mine.status in FINISHED:
         later = [row for row in phase_rows if row.position > mine.position]
-        pending = bool(later) and later[0].status == "pending"
+        pending = _untouched(later, next_task_id)
         return Claim("done", output=mine.output or {}, successor_pending=pending)
     if mine.run_status != PHASE_STATUS.get(phase) or mine.run_phase != phase:
         return Claim("inactive")
-    handed_over = (
-        mine.status == "running"
-        and task_id is not None
-        and mine.task_id == task_id
-        and mine.lease_until is not None
-        and mine.lease_until.replace(tzinfo=dt.UTC) > now
+    decision, takeover = verdict(mine, now=now, owner=owner)
+    if decision == "busy":
+        return Claim("busy")
+    history = list(mine.history or [])
+    if takeover is not None:
+        history.append({**takeover, "by": by})
+    claimed = conn.execute(
+        _CLAIM,
+        {
+            "b_id": mine.id,
+            "b_attempts": mine.attempts,
+            "b_status": mine.status,
+            "b_owner": owner.boot_id,
+            "b_now": now,
+            "b_lease_until": now + dt.timedelta(seconds=lease),
+            "b_task_id": task_id,
+            "b_history": history,
+        },
     )
-    attempt = mine.attempts
-    if not handed_over:
-        claimed = conn.execute(
-            _CLAIM,
-            {
-                "b_run_id": run_id,
-                "b_phase": phase,
-                "b_name": name,
-                "b_now": now,
-                "b_lease_until": now + dt.timedelta(seconds=lease),
-                "b_task_id": task_id,
-            },
-        )
-        if not cast("CursorResult[Any]", claimed).rowcount:
-            return Claim("busy")
-        attempt += 1
+    if not cast("CursorResult[Any]", claimed).rowcount:
+        return Claim("busy")
     successors = [str(row.name) for row in phase_rows if row.position > mine.position]
     outputs = {r.name: r.output or {} for r in rows if r.phase == FORWARD and r.status == "done"}
     context = StepContext(
@@ -307,11 +400,24 @@ def claim_step(
         tenant_id=mine.tenant_id,
         input=mine.input,
         outputs=outputs,
-        attempt=attempt,
+        attempt=mine.attempts + 1,
         error=mine.error,
         next_step=successors[0] if successors else None,
     )
-    return Claim("claimed", context=context)
+    return Claim("claimed", context=context, step_id=int(mine.id), takeover=takeover)
+
+
+def _untouched(later: list[Any], next_task_id: str | None) -> bool:
+    """Whether a redelivery of a done step should carry its chain on.
+
+    Yes when the next step is still pending and was handed to no message, or to
+    the very message this chain carries next (it may never have been sent: its
+    sender died between recording the step and publishing). A next step handed
+    to another chain (reconcile's) is that chain's to run.
+    """
+    if not later or later[0].status != "pending":
+        return False
+    return later[0].task_id is None or next_task_id is None or later[0].task_id == next_task_id
 
 
 def complete_step(
@@ -322,38 +428,77 @@ def complete_step(
     name: str,
     output: dict[str, Any],
     grace: float,
+    attempt: int,
+    owner: str,
     next_step: str | None = None,
     next_task_id: str | None = None,
-    lease: float = 0.0,
 ) -> bool:
-    """Record the step's output and move the run on; False if another delivery beat us.
+    """Record the step's output and move the run on; False if this attempt lost the step.
 
-    With ``next_task_id`` (the id of the chain message that carries
-    ``next_step``), the next step is claimed for that message in the same
-    transaction, so its delivery starts without a write of its own.
+    Fenced on the attempt and its owner: a process that was frozen past the owner
+    timeout and whose step was taken over gets False, and changes nothing. With
+    ``next_task_id`` (the id of the chain message that carries ``next_step``),
+    the next step is noted as handed to that message.
     """
     now = utcnow()
     conn = session.connection()
-    done = conn.execute(
-        _COMPLETE,
-        {"b_run_id": run_id, "b_phase": phase, "b_name": name, "b_output": output, "b_now": now},
-    )
+    fence = {"b_run_id": run_id, "b_phase": phase, "b_name": name, "b_attempt": attempt}
+    done = conn.execute(_COMPLETE, {**fence, "b_owner": owner, "b_output": output, "b_now": now})
     if not cast("CursorResult[Any]", done).rowcount:
-        return False
+        # A retried write whose first try did commit finds its own outcome recorded.
+        return _recorded_by(session, run_id, phase, name, attempt=attempt, owner=owner)
     if next_step is not None and next_task_id is not None:
         conn.execute(
             _HAND_OVER,
-            {
-                "b_run_id": run_id,
-                "b_phase": phase,
-                "b_name": next_step,
-                "b_now": now,
-                "b_lease_until": now + dt.timedelta(seconds=lease),
-                "b_task_id": next_task_id,
-            },
+            {"b_run_id": run_id, "b_phase": phase, "b_name": next_step, "b_task_id": next_task_id},
         )
     _advance(session, run_id=run_id, phase=phase, now=now, grace=grace)
     return True
+
+
+def _recorded_by(
+    session: Session, run_id: str, phase: str, name: str, *, attempt: int, owner: str
+) -> bool:
+    row = session.execute(
+        select(StepRun.status, StepRun.attempts, StepRun.owner_id).where(
+            StepRun.run_id == run_id, StepRun.phase == phase, StepRun.name == name
+        )
+    ).first()
+    return (
+        row is not None
+        and row.status == "done"
+        and (row.attempts, row.owner_id)
+        == (
+            attempt,
+            owner,
+        )
+    )
+
+
+def refuse_late(
+    session: Session, *, run_id: str, phase: str, name: str, attempt: int, owner: str
+) -> None:
+    """Note in the step's history that a taken-over attempt finished late and was refused."""
+    step = session.scalars(
+        select(StepRun).where(
+            StepRun.run_id == run_id, StepRun.phase == phase, StepRun.name == name
+        )
+    ).first()
+    if step is None:
+        return
+    entry = {
+        "event": "late_completion_refused",
+        "at": utcnow().isoformat(),
+        "attempt": attempt,
+        "owner": owner,
+    }
+    _rowcount(
+        session,
+        update(StepRun)
+        .where(StepRun.id == step.id, StepRun.attempts == step.attempts)
+        .values(history=[*(step.history or []), entry])
+        .execution_options(synchronize_session=False),
+    )
 
 
 def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, grace: float) -> None:
@@ -401,27 +546,31 @@ def fail_step(
     name: str,
     error: dict[str, Any],
     grace: float,
-) -> list[str]:
+    attempt: int,
+    owner: str,
+) -> list[str] | None:
     """Record a failed step; returns the compensation tasks to dispatch (forward phase).
 
     In the compensation phase a failure is recorded on the run and the remaining
-    compensations carry on, so as much as possible is cleaned up.
+    compensations carry on, so as much as possible is cleaned up. ``None``: this
+    attempt lost the step (fenced like :func:`complete_step`) and recorded nothing.
     """
     now = utcnow()
-    failed = _rowcount(
-        session,
-        update(StepRun)
-        .where(
-            StepRun.run_id == run_id,
-            StepRun.phase == phase,
-            StepRun.name == name,
-            StepRun.status == "running",
+    fence = {"b_run_id": run_id, "b_phase": phase, "b_name": name, "b_attempt": attempt}
+    failed = (
+        session.connection()
+        .execute(
+            update(_steps)
+            .where(_FENCE)
+            .values(status="failed", error=error, finished_at=now, lease_until=None),
+            {**fence, "b_owner": owner},
         )
-        .values(status="failed", error=error, finished_at=now, lease_until=None)
-        .execution_options(synchronize_session=False),
+        .rowcount
     )
+    if not failed:
+        return None
     run = session.get(WorkflowRun, run_id)
-    if not failed or run is None:
+    if run is None:
         return []
     if phase == COMPENSATE:
         errors = [*(run.error or {}).get("compensation_errors", []), {"step": name, **error}]
@@ -458,32 +607,38 @@ def wait_step(
     delay: float,
     error: dict[str, Any] | None,
     in_ledger: bool,
-) -> None:
-    """Park the step until ``delay`` has passed.
+    attempt: int,
+    owner: str,
+    slack: float,
+) -> bool:
+    """Park the step until ``delay`` has passed; False if this attempt lost the step.
 
     ``in_ledger``: the tick dispatches it when due (long waits never sit in the
-    broker); otherwise a short broker countdown is under way and the lease covers it.
+    broker); otherwise a short broker countdown is under way, and reconcile takes
+    the step back if that message has not claimed it ``slack`` seconds after due.
     """
     now = utcnow()
     due = now + dt.timedelta(seconds=delay)
-    values: dict[str, Any] = {"error": error, "lease_until": None}
+    values: dict[str, Any] = {"error": error, "lease_until": None, "owner_id": None}
     if in_ledger:
         values.update(status="waiting", due_at=due)
     else:
-        values.update(status="retrying", due_at=due, lease_until=due + dt.timedelta(seconds=30))
-    _rowcount(
-        session,
-        update(StepRun)
-        .where(StepRun.run_id == run_id, StepRun.phase == phase, StepRun.name == name)
-        .values(**values)
-        .execution_options(synchronize_session=False),
+        values.update(status="retrying", due_at=due, lease_until=due + dt.timedelta(seconds=slack))
+    fence = {"b_run_id": run_id, "b_phase": phase, "b_name": name, "b_attempt": attempt}
+    parked = (
+        session.connection()
+        .execute(update(_steps).where(_FENCE).values(**values), {**fence, "b_owner": owner})
+        .rowcount
     )
+    if not parked:
+        return False
     _rowcount(
         session,
         update(WorkflowRun)
         .where(WorkflowRun.id == run_id)
         .values(deadline_at=due + dt.timedelta(seconds=30), updated_at=now),
     )
+    return True
 
 
 def next_pending(session: Session, run: WorkflowRun) -> list[str]:
@@ -561,12 +716,10 @@ def stalled_runs(
         if current is None:
             continue
         busy_until = None
-        if (
-            current.status in ("running", "retrying")
-            and current.lease_until
-            and current.lease_until > now
-        ):
-            busy_until = current.lease_until
+        if current.status in ("running", "retrying"):
+            # Held, or parked for a countdown: abandoned_steps frees it once its owner is
+            # silent or its countdown message is overdue; until then it is busy.
+            busy_until = now
         elif current.status == "waiting" and current.due_at and current.due_at > now:
             busy_until = current.due_at
         new_deadline = (busy_until or now) + dt.timedelta(seconds=grace)
@@ -583,3 +736,168 @@ def stalled_runs(
             log.warning("workflow_stalled", workflow_id=run.id, step=current.name)
             taken.append((run.id, run.phase, next_pending(session, run)))
     return taken
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """A step freed from a dead owner (or an overdue countdown), to re-dispatch from."""
+
+    run_id: str
+    phase: str
+    step: str
+    tenant_id: str | None
+    #: The phase's unfinished steps from this one on.
+    tasks: list[str]
+    #: The message id the step is handed to (the first of the new chain).
+    task_id: str
+    takeover: dict[str, Any]
+
+
+def abandoned_steps(
+    session: Session, *, owner_timeout: float, grace: float, limit: int = 200
+) -> list[Abandoned]:
+    """Free the current steps whose owner stopped renewing them; returns what to re-dispatch.
+
+    Found without waiting for any grace: a running step silent for ``owner_timeout``
+    (its owner died or froze), a running step past its lease (alive but hung), and
+    a retrying step whose countdown message is overdue (it died with its worker).
+    Each is put back to ``pending``, handed to a fresh message id, with the takeover
+    in its history; the guard on ``attempts`` makes two reconcilers free it once.
+    """
+    now = utcnow()
+    silent = now - dt.timedelta(seconds=owner_timeout)
+    rows = session.execute(
+        select(
+            _steps.c.id,
+            _steps.c.run_id,
+            _steps.c.phase,
+            _steps.c.name,
+            _steps.c.status,
+            _steps.c.attempts,
+            _steps.c.owner_id,
+            _steps.c.heartbeat_at,
+            _steps.c.lease_until,
+            _steps.c.due_at,
+            _steps.c.history,
+            _workers.c.node.label("owner_node"),
+            _workers.c.pid.label("owner_pid"),
+            _runs.c.tenant_id,
+        )
+        .join(_runs, (_runs.c.id == _steps.c.run_id) & (_runs.c.phase == _steps.c.phase))
+        .outerjoin(_workers, _workers.c.boot_id == _steps.c.owner_id)
+        .where(
+            _runs.c.status.in_(PHASE_STATUS.values()),
+            (
+                (_steps.c.status == "running")
+                & (
+                    (_steps.c.heartbeat_at < silent)
+                    | (_steps.c.lease_until < now)
+                    | (_steps.c.heartbeat_at.is_(None) & (_steps.c.started_at < silent))
+                )
+            )
+            | ((_steps.c.status == "retrying") & (_steps.c.lease_until < now)),
+        )
+        .limit(limit)
+    ).all()
+    freed: list[Abandoned] = []
+    # Nobody can be holding these: any owner id but a real one reads as "someone else".
+    nobody = Owner(boot_id="", timeout=owner_timeout)
+    for row in rows:
+        takeover: dict[str, Any] | None
+        if row.status == "retrying":
+            takeover = {
+                "event": "takeover",
+                "at": now.isoformat(),
+                "reason": "countdown_lost",
+                "attempt": row.attempts,
+                "previous_owner": None,
+                "silent_for": _seconds_since(now, row.due_at),
+            }
+        else:
+            decision, takeover = verdict(row, now=now, owner=nobody)
+            if decision != "take" or takeover is None:
+                continue
+        task_id = uuid.uuid4().hex
+        released = session.connection().execute(
+            update(_steps)
+            .where(
+                _steps.c.id == row.id,
+                _steps.c.attempts == row.attempts,
+                _steps.c.status == row.status,
+            )
+            .values(
+                status="pending",
+                owner_id=None,
+                heartbeat_at=None,
+                lease_until=None,
+                task_id=task_id,
+                history=[*(row.history or []), {**takeover, "by": "reconcile"}],
+            )
+        )
+        if not cast("CursorResult[Any]", released).rowcount:
+            continue
+        session.execute(
+            update(WorkflowRun)
+            .where(WorkflowRun.id == row.run_id)
+            .values(deadline_at=now + dt.timedelta(seconds=grace), updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        tasks = list(
+            session.scalars(
+                select(StepRun.name)
+                .where(
+                    StepRun.run_id == row.run_id,
+                    StepRun.phase == row.phase,
+                    StepRun.status.not_in(FINISHED),
+                )
+                .order_by(StepRun.position)
+            ).all()
+        )
+        freed.append(
+            Abandoned(
+                run_id=row.run_id,
+                phase=row.phase,
+                step=row.name,
+                tenant_id=row.tenant_id,
+                tasks=tasks,
+                task_id=task_id,
+                takeover=takeover,
+            )
+        )
+    return freed
+
+
+def lost_workers(session: Session, *, owner_timeout: float) -> list[dict[str, Any]]:
+    """Mark the processes that stopped beating as lost, once each; returns them.
+
+    Each comes with the steps it still held, for the log line and the event.
+    """
+    now = utcnow()
+    silent = now - dt.timedelta(seconds=owner_timeout)
+    lost = session.execute(
+        update(_workers)
+        .where(
+            _workers.c.beat_at < silent,
+            _workers.c.lost_at.is_(None),
+            _workers.c.stopped_at.is_(None),
+        )
+        .values(lost_at=now)
+        .returning(_workers.c.boot_id, _workers.c.node, _workers.c.pid, _workers.c.beat_at)
+    ).all()
+    found = []
+    for boot_id, node, pid, beat_at in lost:
+        held = session.execute(
+            select(_steps.c.run_id, _steps.c.name).where(
+                _steps.c.owner_id == boot_id, _steps.c.status == "running"
+            )
+        ).all()
+        found.append(
+            {
+                "boot_id": boot_id,
+                "node": node,
+                "pid": pid,
+                "silent_for": _seconds_since(now, beat_at),
+                "held": [{"workflow_id": r, "step": n} for r, n in held],
+            }
+        )
+    return found

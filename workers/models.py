@@ -36,6 +36,7 @@ __all__ = [
     "StepRun",
     "Tenant",
     "UsageRecord",
+    "WorkerProcess",
     "WorkflowRun",
     "utcnow",
 ]
@@ -178,9 +179,38 @@ class StepRun(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     due_at: Mapped[dt.datetime | None] = mapped_column()
     lease_until: Mapped[dt.datetime | None] = mapped_column()
+    #: The message that runs (or, while pending, should run) the step.
     task_id: Mapped[str | None] = mapped_column(String(64))
+    #: The process that holds the step while it runs: a :class:`WorkerProcess` boot id.
+    owner_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    #: The owner's last proof that it is still running this step (renewed by its heartbeat).
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column()
+    #: Takeovers and refused late completions, oldest first.
+    history: Mapped[list[Any] | None] = mapped_column(default=list)
     started_at: Mapped[dt.datetime | None] = mapped_column()
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class WorkerProcess(Base):
+    """One process that runs steps (a pool child), proving it is alive with heartbeats.
+
+    A process gets a fresh ``boot_id`` each time it starts, so a restarted pid is
+    never mistaken for the process that held a step before it.
+    """
+
+    __tablename__ = "workers"
+
+    boot_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: The Celery node name (``w1@host``); the CLI groups processes by it.
+    node: Mapped[str] = mapped_column(String(200), index=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    beat_at: Mapped[dt.datetime] = mapped_column(index=True)
+    #: Set on a clean exit: the process holds nothing any more.
+    stopped_at: Mapped[dt.datetime | None] = mapped_column()
+    #: Set when reconcile noticed the heartbeats had stopped; cleared if it beats again.
+    lost_at: Mapped[dt.datetime | None] = mapped_column()
 
 
 class Operation(Base):

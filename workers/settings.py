@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -77,8 +77,9 @@ class Settings(BaseSettings):
 
     #: How often beat dispatches due waits and retries (seconds).
     tick_interval: float = 2.0
-    #: How often beat looks for workflows that stopped making progress (seconds).
-    reconcile_interval: float = 15.0
+    #: How often beat looks for workflows that stopped making progress and steps whose
+    #: owner died (seconds); with the owner timeout this bounds recovery from a dead worker.
+    reconcile_interval: float = 5.0
     #: How often beat compares the platforms with the database (seconds).
     drift_interval: float = 60.0
     #: Whether that comparison destroys orphaned instances (otherwise it reports them).
@@ -93,6 +94,16 @@ class Settings(BaseSettings):
     retry_backoff_max: float = 300.0
     #: Hard and soft Celery time limits of one step (seconds).
     step_time_limit: float = 300.0
+    #: How often each worker process proves it is alive and renews the steps it runs (s).
+    heartbeat_interval: float = 2.0
+    #: A step whose owner has not renewed it for this long is taken over (seconds):
+    #: recovery from a dead worker takes about this, whatever ``step_time_limit`` is.
+    owner_timeout: float = 10.0
+    #: Redis brokers: a message delivered but not acknowledged for this long goes back to
+    #: its queue (kombu's ``visibility_timeout``, 3600 s by default). It bounds how long the
+    #: messages of a wholly killed worker wait. Shorter than a step only costs a duplicate
+    #: delivery, which the ledger turns away; long waits never sit in the broker.
+    broker_visibility_timeout: float = 15.0
 
     #: How long one health probe waits for an answer (seconds).
     health_timeout: float = 2.0
@@ -151,6 +162,22 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         # Workers, beat and the CLI may start in different folders; pin the path once.
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _liveness(self) -> Settings:
+        # One missed beat must never look like a dead owner.
+        if self.owner_timeout < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"owner_timeout ({self.owner_timeout} s) must be at least twice "
+                f"heartbeat_interval ({self.heartbeat_interval} s)"
+            )
+        if self.max_broker_countdown >= self.broker_visibility_timeout:
+            raise ValueError(
+                f"max_broker_countdown ({self.max_broker_countdown} s) must be shorter than "
+                f"broker_visibility_timeout ({self.broker_visibility_timeout} s): a countdown "
+                "held past it is delivered twice"
+            )
+        return self
 
     @property
     def sqlalchemy_url(self) -> str:

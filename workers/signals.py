@@ -8,6 +8,7 @@ from typing import Any
 import structlog
 from celery import signals
 
+from workers import liveness
 from workers.db import dispose_engines
 from workers.logging import configure_logging
 from workers.settings import get_settings
@@ -35,10 +36,18 @@ def _metrics(**_kwargs: Any) -> None:
         metrics.serve(settings.prometheus_port, directory)
 
 
+@signals.celeryd_init.connect
+def _remember_node(sender: str | None = None, **_kwargs: Any) -> None:
+    # Before the pool forks: each child's heartbeat names the node it belongs to.
+    if sender:
+        liveness.set_node(sender)
+
+
 @signals.worker_process_shutdown.connect
 def _child_gone(pid: int | None = None, **_kwargs: Any) -> None:
     from workers import metrics
 
+    liveness.stop_current()
     metrics.mark_process_dead(pid or os.getpid(), metrics.metrics_directory(get_settings()))
 
 
@@ -46,6 +55,15 @@ def _child_gone(pid: int | None = None, **_kwargs: Any) -> None:
 def _after_fork(**_kwargs: Any) -> None:
     # A prefork child must not share the parent's pooled database connections.
     dispose_engines()
+    # Each pool child proves it is alive from its first moment (`cul8er workers` lists it).
+    settings = get_settings()
+    liveness.current(database_url=settings.sqlalchemy_url, interval=settings.heartbeat_interval)
+
+
+@signals.worker_shutdown.connect
+def _worker_gone(**_kwargs: Any) -> None:
+    # Solo and thread pools run steps in the main process: its heartbeat ends here.
+    liveness.stop_current()
 
 
 @signals.task_prerun.connect

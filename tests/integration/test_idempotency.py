@@ -258,7 +258,7 @@ def test_compensation_steps_twice_leave_nothing(stack: Stack) -> None:
         session.execute(
             StepRun.__table__.update()
             .where(StepRun.run_id == run_id, StepRun.name == "cul8er.tenants.health_check")
-            .values(status="running", attempts=1)
+            .values(status="running", attempts=1, owner_id="forced")
         )
         tasks = ledger.fail_step(
             session,
@@ -267,7 +267,10 @@ def test_compensation_steps_twice_leave_nothing(stack: Stack) -> None:
             name="cul8er.tenants.health_check",
             error={"code": "permanent", "message": "forced"},
             grace=3600,
+            attempt=1,
+            owner="forced",
         )
+        assert tasks is not None
     # When each compensation is delivered twice at once
     for task in tasks:
         _deliver_twice(stack, run_id, task, phase="compensate")

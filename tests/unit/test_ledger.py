@@ -7,7 +7,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tasks import workflows as wf
 from workers import ledger
@@ -33,21 +33,67 @@ def new_run(db: str, grace: float = 60) -> str:
         ).id
 
 
+#: The process that claims in these tests, unless one is named, and another one.
+ME = "a" * 32
+OTHER = "b" * 32
+
+
 def claim(
-    db: str, run_id: str, name: str, phase: str = "forward", task_id: str | None = None
+    db: str,
+    run_id: str,
+    name: str,
+    phase: str = "forward",
+    task_id: str | None = None,
+    owner: str = ME,
+    timeout: float = 10,
+    next_task_id: str | None = None,
 ) -> ledger.Claim:
     with session_scope(db) as session:
         return ledger.claim_step(
-            session, run_id=run_id, phase=phase, name=name, task_id=task_id or uuid4().hex, lease=30
+            session,
+            run_id=run_id,
+            phase=phase,
+            name=name,
+            task_id=task_id or uuid4().hex,
+            lease=30,
+            owner=ledger.Owner(boot_id=owner, timeout=timeout),
+            next_task_id=next_task_id,
         )
 
 
 def complete(
-    db: str, run_id: str, name: str, phase: str = "forward", output: dict | None = None
+    db: str,
+    run_id: str,
+    name: str,
+    phase: str = "forward",
+    output: dict | None = None,
+    attempt: int = 1,
+    owner: str = ME,
 ) -> bool:
     with session_scope(db) as session:
         return ledger.complete_step(
-            session, run_id=run_id, phase=phase, name=name, output=output or {"ok": name}, grace=60
+            session,
+            run_id=run_id,
+            phase=phase,
+            name=name,
+            output=output or {"ok": name},
+            grace=60,
+            attempt=attempt,
+            owner=owner,
+        )
+
+
+def fail(db: str, run_id: str, name: str, error: dict, phase: str = "forward") -> list[str] | None:
+    with session_scope(db) as session:
+        return ledger.fail_step(
+            session,
+            run_id=run_id,
+            phase=phase,
+            name=name,
+            error=error,
+            grace=60,
+            attempt=1,
+            owner=ME,
         )
 
 
@@ -59,10 +105,10 @@ def test_a_claimed_step_is_busy_for_a_second_delivery(db: str) -> None:
     assert first.context.attempt == 1 and first.context.input == {"plan": "free"}
     # When a second delivery arrives meanwhile
     # Then it steps aside
-    assert claim(db, run_id, STEPS[0]).outcome == "busy"
+    assert claim(db, run_id, STEPS[0], owner=OTHER).outcome == "busy"
 
 
-def test_completion_hands_the_next_step_to_the_next_chain_message(db: str) -> None:
+def test_completion_hands_the_next_step_over_without_a_lease(db: str) -> None:
     run_id = new_run(db)
     ctx = claim(db, run_id, STEPS[0]).context
     assert ctx is not None and ctx.next_step == STEPS[1]
@@ -75,12 +121,24 @@ def test_completion_hands_the_next_step_to_the_next_chain_message(db: str) -> No
             name=STEPS[0],
             output={},
             grace=60,
+            attempt=1,
+            owner=ME,
             next_step=STEPS[1],
             next_task_id="next-message",
-            lease=30,
         )
-    # Then that message owns step 1 at once, and any other delivery steps aside
-    assert claim(db, run_id, STEPS[1]).outcome == "busy"
+    # Then step 1 records that message but holds no lease: nobody has started it
+    with session_scope(db) as session:
+        handed = session.scalars(select(StepRun).where(StepRun.name == STEPS[1])).one()
+        assert (handed.status, handed.task_id, handed.lease_until) == (
+            "pending",
+            "next-message",
+            None,
+        )
+    # A redelivery of step 0 carrying that same next message goes on (it may never have
+    # been sent); one of another chain leaves it to that message
+    assert claim(db, run_id, STEPS[0], next_task_id="next-message").successor_pending is True
+    assert claim(db, run_id, STEPS[0], next_task_id="other-chain").successor_pending is False
+    # The lease starts when a worker starts the step
     owned = claim(db, run_id, STEPS[1], task_id="next-message")
     assert owned.outcome == "claimed" and owned.context is not None
     assert owned.context.attempt == 1
@@ -94,8 +152,10 @@ def test_a_done_step_returns_its_stored_output(db: str) -> None:
     again = claim(db, run_id, STEPS[0])
     assert again.outcome == "done" and again.output == {"subnet": "10.100.0.0/24"}
     assert again.successor_pending is True
-    # Completing twice is refused; once the next step started, the chain is not continued
-    assert complete(db, run_id, STEPS[0]) is False
+    # Completing again is a no-op for the same attempt and refused for any other
+    assert complete(db, run_id, STEPS[0]) is True
+    assert complete(db, run_id, STEPS[0], attempt=2) is False
+    # once the next step started, the chain is not continued
     claim(db, run_id, STEPS[1])
     assert claim(db, run_id, STEPS[0]).successor_pending is False
     # Later steps see earlier outputs
@@ -110,6 +170,7 @@ def test_the_last_step_finishes_the_run(db: str) -> None:
     for name in STEPS:
         assert claim(db, run_id, name).outcome == "claimed"
         assert complete(db, run_id, name)
+    assert complete(db, run_id, STEPS[-1], owner=OTHER) is False
     with session_scope(db) as session:
         run = session.get(WorkflowRun, run_id)
         assert run is not None
@@ -126,15 +187,8 @@ def test_failure_compensates_completed_steps_in_reverse(db: str) -> None:
         complete(db, run_id, name)
     claim(db, run_id, STEPS[4])
     # When the health check fails for good
-    with session_scope(db) as session:
-        tasks = ledger.fail_step(
-            session,
-            run_id=run_id,
-            phase="forward",
-            name=STEPS[4],
-            error={"code": "permanent", "message": "boom"},
-            grace=60,
-        )
+    tasks = fail(db, run_id, STEPS[4], {"code": "permanent", "message": "boom"})
+    assert tasks is not None
     # Then the completed steps with compensations are undone newest first, then on_failure
     assert tasks == [
         "cul8er.tenants.drop_datastore",
@@ -161,26 +215,10 @@ def test_a_failed_compensation_is_recorded_and_the_rest_go_on(db: str) -> None:
     claim(db, run_id, STEPS[0])
     complete(db, run_id, STEPS[0])
     claim(db, run_id, STEPS[1])
-    with session_scope(db) as session:
-        tasks = ledger.fail_step(
-            session,
-            run_id=run_id,
-            phase="forward",
-            name=STEPS[1],
-            error={"code": "permanent", "message": "no"},
-            grace=60,
-        )
+    tasks = fail(db, run_id, STEPS[1], {"code": "permanent", "message": "no"})
     assert tasks == ["cul8er.tenants.release_network", "cul8er.tenants.mark_failed"]
     claim(db, run_id, tasks[0], phase="compensate")
-    with session_scope(db) as session:
-        ledger.fail_step(
-            session,
-            run_id=run_id,
-            phase="compensate",
-            name=tasks[0],
-            error={"code": "transient", "message": "db gone"},
-            grace=60,
-        )
+    fail(db, run_id, tasks[0], {"code": "transient", "message": "db gone"}, phase="compensate")
     assert claim(db, run_id, tasks[1], phase="compensate").outcome == "claimed"
     complete(db, run_id, tasks[1], phase="compensate")
     with session_scope(db) as session:
@@ -201,6 +239,9 @@ def test_a_ledger_wait_is_dispatched_once_when_due(db: str) -> None:
             delay=60,
             error=None,
             in_ledger=True,
+            attempt=1,
+            owner=ME,
+            slack=10,
         )
     # Not due yet: nothing to dispatch, and an early delivery cannot take it
     with session_scope(db) as session:
@@ -220,30 +261,15 @@ def test_a_ledger_wait_is_dispatched_once_when_due(db: str) -> None:
     assert claim(db, run_id, STEPS[0]).context.attempt == 2  # type: ignore[union-attr]
 
 
-def test_stalled_runs_are_taken_once_and_live_leases_are_left_alone(db: str) -> None:
+def test_stalled_runs_are_taken_once_and_held_steps_are_left_alone(db: str) -> None:
     stalled = new_run(db, grace=-1)  # its first message was lost
-    leased = new_run(db, grace=-1)
-    claim(db, leased, STEPS[0])  # a live delivery holds it
+    held = new_run(db, grace=-1)
+    claim(db, held, STEPS[0])  # a live delivery holds it
     with session_scope(db) as session:
         taken = ledger.stalled_runs(session, grace=60)
     assert taken == [(stalled, "forward", STEPS)]
     with session_scope(db) as session:
         assert ledger.stalled_runs(session, grace=60) == []
-    # An expired lease (worker killed) makes the run stalled again
-    with session_scope(db) as session:
-        session.execute(
-            update(StepRun)
-            .where(StepRun.run_id == leased)
-            .values(lease_until=utcnow() - dt.timedelta(seconds=1))
-        )
-        session.execute(
-            update(WorkflowRun)
-            .where(WorkflowRun.id == leased)
-            .values(deadline_at=utcnow() - dt.timedelta(seconds=1))
-        )
-    with session_scope(db) as session:
-        assert ledger.stalled_runs(session, grace=60) == [(leased, "forward", STEPS)]
-    assert claim(db, leased, STEPS[0]).context.attempt == 2  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 5, 20])
