@@ -91,7 +91,11 @@ def test_a_renewed_step_is_never_taken_and_a_silent_one_is(db: str) -> None:
     assert row.owner_id == "b" * 32 and row.attempts == 2
     (record,) = row.history or []
     assert record["reason"] == "owner_silent" and record["by"] == "delivery"
-    assert record["previous_owner"] == {"boot_id": owner.boot_id, "node": "w1@host", "pid": owner.pid}
+    assert record["previous_owner"] == {
+        "boot_id": owner.boot_id,
+        "node": "w1@host",
+        "pid": owner.pid,
+    }
     assert 10 < record["silent_for"] < 20
 
 
