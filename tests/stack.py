@@ -60,6 +60,12 @@ TEST_PLANS = """
     max_instances: 1
     images:
       local: "{python} -m plugins.platforms.instance_server --unhealthy"
+  glacial:
+    cpu_cores: 0.5
+    memory_gb: 0.5
+    max_instances: 1
+    images:
+      local: "{python} -m plugins.platforms.instance_server --startup-delay 90"
   duo:
     cpu_cores: 1
     memory_gb: 1
@@ -232,6 +238,46 @@ class Stack:
             if view["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
                 return view
             time.sleep(0.1)
+
+    def step_row(self, run_id: str, name: str, phase: str = "forward") -> Any:
+        """The ledger row of one step of a run (detached, read-only)."""
+        from sqlalchemy import select
+
+        from workers.models import StepRun
+
+        with self.session() as session:
+            return session.scalars(
+                select(StepRun).where(
+                    StepRun.run_id == run_id, StepRun.phase == phase, StepRun.name == name
+                )
+            ).one()
+
+    def wait_step_running(
+        self, run_id: str, name: str, timeout: float = 60, phase: str = "forward"
+    ) -> Any:
+        """Poll until a step is running with an owner; returns its row."""
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.step_row(run_id, name, phase)
+            if row.status == "running" and row.owner_id:
+                return row
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} of {run_id} never ran (status {row.status})")
+            time.sleep(0.05)
+
+    def worker_of(self, boot_id: str) -> tuple[subprocess.Popen[bytes], int]:
+        """The worker of this stack whose pool child is ``boot_id``, and that child's pid."""
+        from workers.models import WorkerProcess
+
+        with self.session() as session:
+            row = session.get(WorkerProcess, boot_id)
+            assert row is not None, f"no heartbeat row for {boot_id}"
+            pid = row.pid
+        parents = {pid, *(p.pid for p in psutil.Process(pid).parents())}
+        for process in self.processes:
+            if process.pid in parents and process.poll() is None:
+                return process, pid
+        raise AssertionError(f"process {pid} belongs to no live worker of this stack")
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
         """SIGKILL a worker and all its pool processes at once."""

@@ -47,6 +47,7 @@ __all__ = [
     "next_pending",
     "refuse_late",
     "stalled_runs",
+    "unstarted",
     "verdict",
     "wait_step",
 ]
@@ -654,6 +655,23 @@ def next_pending(session: Session, run: WorkflowRun) -> list[str]:
             .order_by(StepRun.position)
         ).all()
     )
+
+
+def unstarted(session: Session, run_id: str | None) -> list[tuple[str, str, list[str]]]:
+    """The run's phase again, ``[(run_id, phase, tasks)]``, if no step of it ever started.
+
+    For a redelivered public call whose first delivery committed the run and died
+    before sending it: sending again at worst duplicates a message the ledger turns away.
+    """
+    run = session.get(WorkflowRun, run_id) if run_id else None
+    if run is None or run.status not in PHASE_STATUS.values():
+        return []
+    started = session.scalars(
+        select(StepRun.id).where(
+            StepRun.run_id == run.id, StepRun.phase == run.phase, StepRun.attempts > 0
+        )
+    ).first()
+    return [] if started is not None else [(run.id, run.phase, next_pending(session, run))]
 
 
 def due_waits(session: Session, *, limit: int = 500) -> list[tuple[str, str, list[str]]]:

@@ -143,12 +143,16 @@ def _run_once(
         with session_scope() as session:
             stored = session.get(Operation, key)
             if stored is not None:
-                return stored.result
-            outcome = service(session, payload)
-            result = {"ok": True, **outcome.data}
-            session.add(
-                Operation(key=key, task_name=name, tenant_id=outcome.tenant_id, result=result)
-            )
+                # A redelivery: the first call may have died between its commit and its send.
+                result = stored.result
+                send = ledger.unstarted(session, result.get("workflow_id"))
+            else:
+                outcome = service(session, payload)
+                result = {"ok": True, **outcome.data}
+                session.add(
+                    Operation(key=key, task_name=name, tenant_id=outcome.tenant_id, result=result)
+                )
+                send = outcome.dispatch
     except IntegrityError as exc:
         # A concurrent call with the same key won the insert: answer as it did.
         with session_scope() as session:
@@ -156,7 +160,7 @@ def _run_once(
         if stored is not None:
             return stored.result
         raise TransientError(f"conflicting write, will retry: {exc.orig}") from exc
-    for run_id, phase, tasks in outcome.dispatch:
+    for run_id, phase, tasks in send:
         # After commit: if this send is lost, reconcile finds the run past its deadline.
         ledger.dispatch(task.app, run_id, phase, tasks)
     return result

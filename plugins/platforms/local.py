@@ -149,12 +149,20 @@ class LocalPlatform:
             proc = self._find(spec.name)
             stored = self._read_spec(spec.name)
             if proc is not None:
-                return self._adopt(stored or spec, proc, write_spec=stored is None)
-            self._instance_dir(spec.name).mkdir(parents=True, exist_ok=True)
-            _write_json(self._instance_dir(spec.name) / "spec.json", spec.model_dump(mode="json"))
-            pid = self._spawn(spec)
-            log.info("instance_created", instance=spec.name, pid=pid, tenant_id=spec.tenant_id)
-            return self._info(spec, pid)
+                spec = stored or spec
+                pid = self._adopt(spec, proc, write_spec=stored is None)
+                event = "instance_found"
+            else:
+                self._instance_dir(spec.name).mkdir(parents=True, exist_ok=True)
+                spec_path = self._instance_dir(spec.name) / "spec.json"
+                _write_json(spec_path, spec.model_dump(mode="json"))
+                pid = self._spawn(spec)
+                event = "instance_created"
+        # The boot is awaited outside the lock: a creator frozen while its instance boots
+        # must not hold up the worker that takes its step over (it adopts the process).
+        self._wait_port(spec.name, pid)
+        log.info(event, instance=spec.name, pid=pid, tenant_id=spec.tenant_id)
+        return self._info(spec, pid)
 
     def destroy_instance(self, name: str) -> None:
         """Kill the instance and remove its cgroups, folder and lock; a missing one is success."""
@@ -174,10 +182,14 @@ class LocalPlatform:
             spec = self._require_spec(name)
             proc = self._find(name)
             if proc is not None:
-                return self._adopt(spec, proc, write_spec=False)
-            pid = self._spawn(spec)
-            log.info("instance_started", instance=name, pid=pid)
-            return self._info(spec, pid)
+                pid = self._adopt(spec, proc, write_spec=False)
+                event = "instance_found"
+            else:
+                pid = self._spawn(spec)
+                event = "instance_started"
+        self._wait_port(name, pid)
+        log.info(event, instance=name, pid=pid)
+        return self._info(spec, pid)
 
     def stop_instance(self, name: str) -> None:
         """SIGTERM the instance's process group, SIGKILL after a grace; data is kept."""
@@ -305,7 +317,7 @@ class LocalPlatform:
         return self._leader(self._scan(name).get(name, []))
 
     def _spawn(self, spec: InstanceSpec) -> int:
-        """Start the instance process under its limits and wait until it listens."""
+        """Start the instance process under its limits; the caller waits until it listens."""
         directory = self._instance_dir(spec.name)
         (directory / "data").mkdir(parents=True, exist_ok=True)
         (directory / "port").unlink(missing_ok=True)
@@ -332,11 +344,10 @@ class LocalPlatform:
         self._enforce(spec.name, spec.limits, child.pid)
         _write_json(directory / "limits.json", self._plan(spec.limits))
         log.info("instance_spawned", instance=spec.name, pid=child.pid, argv=argv)
-        self._wait_port(spec.name, child.pid)
         return child.pid
 
-    def _adopt(self, spec: InstanceSpec, proc: psutil.Process, *, write_spec: bool) -> InstanceInfo:
-        """Return a live instance, finishing what a killed worker left undone."""
+    def _adopt(self, spec: InstanceSpec, proc: psutil.Process, *, write_spec: bool) -> int:
+        """Take over a live instance, finishing what a killed worker left undone; its pid."""
         directory = self._instance_dir(spec.name)
         directory.mkdir(parents=True, exist_ok=True)
         if write_spec:
@@ -344,9 +355,7 @@ class LocalPlatform:
         if not (directory / "limits.json").exists():
             self._enforce(spec.name, spec.limits, proc.pid)
             _write_json(directory / "limits.json", self._plan(spec.limits))
-        self._wait_port(spec.name, proc.pid)
-        log.info("instance_found", instance=spec.name, pid=proc.pid)
-        return self._info(spec, proc.pid)
+        return int(proc.pid)
 
     def _wait_port(self, name: str, pid: int) -> int:
         """The port the instance wrote; it may be booting still, or die trying."""
