@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.errors import TransientError
@@ -107,9 +107,13 @@ def session_scope(url: str | None = None, *, durable: bool = True) -> Iterator[S
             session.execute(text("SET LOCAL synchronous_commit TO OFF"))
         yield session
         session.commit()
-    except OperationalError as exc:
+    except DBAPIError as exc:
         session.rollback()
-        raise TransientError(f"database unavailable: {exc.orig!s}") from exc
+        # A lost connection (a killed backend, a restarted server) is worth retrying;
+        # psycopg reports some of those as InterfaceError, flagged as a disconnect.
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            raise TransientError(f"database unavailable: {exc.orig!s}") from exc
+        raise
     except BaseException:
         session.rollback()
         raise

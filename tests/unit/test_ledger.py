@@ -278,3 +278,15 @@ def test_backoff_grows_with_jitter_and_a_cap(attempt: int) -> None:
     delays = {backoff(attempt, base=1.0, cap=300.0) for _ in range(50)}
     assert all(full / 2 <= d <= full for d in delays)
     assert len(delays) > 1
+
+
+def test_a_run_that_never_started_is_offered_again_and_a_started_one_is_not(db: str) -> None:
+    # Given a run committed by a public call that died before sending it
+    run_id = new_run(db)
+    with session_scope(db) as session:
+        assert ledger.unstarted(session, run_id) == [(run_id, "forward", STEPS)]
+        assert ledger.unstarted(session, None) == []
+    # When its first step has been claimed once, a redelivered call sends nothing more
+    claim(db, run_id, STEPS[0])
+    with session_scope(db) as session:
+        assert ledger.unstarted(session, run_id) == []
