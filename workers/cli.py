@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from workers.cli_economics import autoscale_cli, beat_cli, invoice_cli, usage_cli
 from workers.cli_plugins import plugin_cli
+from workers.cli_workers import workers_cli
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
 from workers.errors import Cul8erError
@@ -49,6 +50,7 @@ cli.add_typer(usage_cli, name="usage")
 cli.add_typer(invoice_cli, name="invoice")
 cli.add_typer(autoscale_cli, name="autoscale")
 cli.add_typer(beat_cli, name="beat")
+cli.add_typer(workers_cli)  # adds the `workers` command itself
 
 console = Console()
 err = Console(stderr=True)
@@ -476,6 +478,29 @@ def workflow_list(
     console.print(table)
 
 
+def _who(owner: dict[str, Any] | None) -> str:
+    """A step owner as ``node pid N``; its boot id when the process row is gone."""
+    if not owner:
+        return "-"
+    if owner.get("node") is None:
+        return f"boot {str(owner.get('boot_id'))[:8]}"
+    return f"{owner['node']} pid {owner['pid']}"
+
+
+def _takeovers(takeovers: list[dict[str, Any]]) -> str:
+    """How many times a step was taken over, with the reason and victim of the last one."""
+    if not takeovers:
+        return "-"
+    last = takeovers[-1]
+    detail = [str(last.get("reason"))]
+    if last.get("silent_for") is not None:
+        detail[0] += f" {last['silent_for']:.1f}s"
+    if last.get("previous_owner"):
+        detail.append(f"from {_who(last['previous_owner'])}")
+    prefix = "last " if len(takeovers) > 1 else ""
+    return f"{len(takeovers)} ({prefix}{', '.join(detail)})"
+
+
 def _print_run(view: dict[str, Any]) -> None:
     console.print(
         f"[bold]{view['workflow_id']}[/] {view['kind']} tenant={view['tenant_id']} "
@@ -488,23 +513,57 @@ def _print_run(view: dict[str, Any]) -> None:
         )
         for extra in error.get("compensation_errors", []):
             console.print(f"[red]compensation error[/] in {extra['step']}: {extra['message']}")
-    table = Table("phase", "step", "status", "attempts", "started", "finished", "error")
+    table = Table("phase", "step", "status", "attempts")
+    # Folded, never cut short: node names and pids stay whole in a narrow terminal.
+    table.add_column("owner", overflow="fold")
+    table.add_column("takeovers", overflow="fold")
+    table.add_column("started")
+    table.add_column("finished")
+    table.add_column("error", overflow="fold")
     for s in view["steps"]:
         table.add_row(
             s["phase"],
             s["name"].rsplit(".", 1)[-1],
             s["status"],
             str(s["attempts"]),
+            _who(s.get("owner")),
+            _takeovers(s.get("takeovers") or []),
             (s["started_at"] or "-")[11:23],
             (s["finished_at"] or "-")[11:23],
             ((s["error"] or {}).get("message") or "")[:80],
         )
     console.print(table)
+    entries = sorted(
+        (
+            (str(entry.get("at") or ""), s["phase"], s["name"].rsplit(".", 1)[-1], entry)
+            for s in view["steps"]
+            for entry in s.get("history") or []
+        ),
+        key=lambda item: item[0],
+    )
+    if not entries:
+        return
+    console.print("history:")
+    for at, phase, step, entry in entries:
+        line = [at[11:23] or "-", f"{phase}/{step}", str(entry.get("event"))]
+        if entry.get("reason"):
+            line.append(f"reason={entry['reason']}")
+        if entry.get("attempt") is not None:
+            line.append(f"attempt={entry['attempt']}")
+        if entry.get("event") == "takeover":
+            line.append(f"previous_owner={_who(entry.get('previous_owner'))}")
+        if entry.get("owner"):
+            line.append(f"owner={str(entry['owner'])[:8]}")
+        if entry.get("silent_for") is not None:
+            line.append(f"silent_for={entry['silent_for']:.1f}s")
+        if entry.get("by"):
+            line.append(f"by={entry['by']}")
+        console.print("  " + " ".join(line), markup=False, highlight=False, soft_wrap=True)
 
 
 @workflow_cli.command("show")
 def workflow_show(workflow_id: str, as_json: JsonOpt = False) -> None:
-    """One run with its persisted steps, status and errors."""
+    """One run: each step's status, attempts, owner and takeovers, then the steps' history."""
     from tasks.maintenance import describe_run
 
     with session_scope() as session:
