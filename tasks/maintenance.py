@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 
 from schemas.tasks import WorkflowStatus
 from tasks import workflows as _declared  # noqa: F401  (registers the workflow kinds)
-from workers import ledger
+from workers import ledger, liveness
 from workers.app import app
 from workers.db import session_scope
 from workers.errors import NotFoundError
@@ -59,7 +59,10 @@ def reconcile() -> int:
     with session_scope() as session:
         lost = ledger.lost_workers(session, owner_timeout=settings.owner_timeout)
         freed = ledger.abandoned_steps(
-            session, owner_timeout=settings.owner_timeout, grace=settings.reconcile_grace
+            session,
+            owner_timeout=settings.owner_timeout,
+            grace=settings.reconcile_grace,
+            namespace=liveness.namespace(),
         )
         stalled = ledger.stalled_runs(session, grace=settings.reconcile_grace)
     for worker in lost:

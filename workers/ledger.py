@@ -23,6 +23,7 @@ import structlog
 from celery import chain
 from sqlalchemy import JSON, bindparam, case, select, update
 
+from workers.liveness import exited
 from workers.models import StepRun, UTCDateTime, WorkerProcess, WorkflowRun, utcnow
 from workers.workflow import COMPENSATE, FORWARD, StepContext, get_workflow
 
@@ -176,6 +177,8 @@ _READ_RUN = (
         _steps.c.history,
         _workers.c.node.label("owner_node"),
         _workers.c.pid.label("owner_pid"),
+        _workers.c.namespace.label("owner_namespace"),
+        _workers.c.started_at.label("owner_started"),
         _runs.c.kind,
         _runs.c.tenant_id,
         _runs.c.input,
@@ -287,6 +290,8 @@ class Owner:
     timeout: float
     #: Steps this very process is running now (it may re-claim its own other steps).
     holding: frozenset[int] = frozenset()
+    #: The claimer's pid namespace: an owner in the same one is checked for having exited.
+    namespace: str | None = None
 
 
 @overload
@@ -322,6 +327,10 @@ def verdict(row: Any, *, now: dt.datetime, owner: Owner) -> tuple[str, dict[str,
         # Our own earlier attempt, which ended without recording an outcome (its
         # database write failed): take it back at once, unless it runs right now.
         reason = None if row.id in owner.holding else "abandoned"
+    elif _exited(row, owner):
+        # Its process is gone (a pool child killed, its worker SIGKILLed) and we can see
+        # it from here: no need to wait for its heartbeats to go stale.
+        reason = "owner_exited"
     elif lease is not None and lease <= now:
         reason = "lease_expired"  # alive but hung past the step's time limit
     elif beat is None or (now - beat).total_seconds() > owner.timeout:
@@ -338,6 +347,14 @@ def verdict(row: Any, *, now: dt.datetime, owner: Owner) -> tuple[str, dict[str,
         "previous_owner": {"boot_id": row.owner_id, "node": row.owner_node, "pid": row.owner_pid},
         "silent_for": _seconds_since(now, beat),
     }
+
+
+def _exited(row: Any, owner: Owner) -> bool:
+    if owner.namespace is None or row.owner_namespace != owner.namespace:
+        return False
+    if row.owner_pid is None or row.owner_started is None:
+        return False
+    return exited(int(row.owner_pid), _aware(row.owner_started))
 
 
 def claim_step(
@@ -772,12 +789,18 @@ class Abandoned:
 
 
 def abandoned_steps(
-    session: Session, *, owner_timeout: float, grace: float, limit: int = 200
+    session: Session,
+    *,
+    owner_timeout: float,
+    grace: float,
+    namespace: str | None = None,
+    limit: int = 200,
 ) -> list[Abandoned]:
     """Free the current steps whose owner stopped renewing them; returns what to re-dispatch.
 
     Found without waiting for any grace: a running step silent for ``owner_timeout``
-    (its owner died or froze), a running step past its lease (alive but hung), and
+    (its owner died or froze), one whose owner in ``namespace`` (this host) has
+    exited, a running step past its lease (alive but hung), and
     a retrying step whose countdown message is overdue (it died with its worker).
     Each is put back to ``pending``, handed to a fresh message id, with the takeover
     in its history; the guard on ``attempts`` makes two reconcilers free it once.
@@ -799,6 +822,8 @@ def abandoned_steps(
             _steps.c.history,
             _workers.c.node.label("owner_node"),
             _workers.c.pid.label("owner_pid"),
+            _workers.c.namespace.label("owner_namespace"),
+            _workers.c.started_at.label("owner_started"),
             _runs.c.tenant_id,
         )
         .join(_runs, (_runs.c.id == _steps.c.run_id) & (_runs.c.phase == _steps.c.phase))
@@ -811,6 +836,8 @@ def abandoned_steps(
                     (_steps.c.heartbeat_at < silent)
                     | (_steps.c.lease_until < now)
                     | (_steps.c.heartbeat_at.is_(None) & (_steps.c.started_at < silent))
+                    # Owners on this host are checked for having exited, at once.
+                    | (_workers.c.namespace == namespace)
                 )
             )
             | ((_steps.c.status == "retrying") & (_steps.c.lease_until < now)),
@@ -819,7 +846,7 @@ def abandoned_steps(
     ).all()
     freed: list[Abandoned] = []
     # Nobody can be holding these: any owner id but a real one reads as "someone else".
-    nobody = Owner(boot_id="", timeout=owner_timeout)
+    nobody = Owner(boot_id="", timeout=owner_timeout, namespace=namespace)
     for row in rows:
         takeover: dict[str, Any] | None
         if row.status == "retrying":

@@ -15,13 +15,17 @@ for the process that held a step before it.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import functools
 import os
 import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import psutil
 import structlog
 from sqlalchemy import insert, update
 
@@ -31,7 +35,7 @@ from workers.models import StepRun, WorkerProcess, utcnow
 if TYPE_CHECKING:
     from sqlalchemy import CursorResult, Table
 
-__all__ = ["Heartbeat", "current", "set_node", "stop_current"]
+__all__ = ["Heartbeat", "current", "exited", "namespace", "set_node", "stop_current"]
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +46,37 @@ _steps = cast("Table", StepRun.__table__)
 _node: str | None = None
 _current: Heartbeat | None = None
 _current_lock = threading.Lock()
+
+
+@functools.cache
+def namespace() -> str:
+    """Where a pid names one process: this host, its kernel boot and the pid namespace.
+
+    Two containers may share a host name; they never share a pid namespace.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pids = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return f"{socket.gethostname()}/?/?"
+    return f"{socket.gethostname()}/{boot}/{pids}"
+
+
+def exited(pid: int, started_at: dt.datetime) -> bool:
+    """Whether process ``pid``, which started beating at ``started_at``, has exited.
+
+    Only meaningful in the process's own :func:`namespace`. A pid taken since by a
+    younger process counts as exited; a zombie (killed, not yet reaped) too.
+    """
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        return bool(process.create_time() > started_at.timestamp() + 1.0)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False  # cannot tell: leave it to the heartbeat
 
 
 def set_node(name: str) -> None:
@@ -58,6 +93,7 @@ class Heartbeat:
         self.pid = os.getpid()
         self.host = socket.gethostname()
         self.node = node or f"{self.pid}@{self.host}"
+        self.namespace = namespace()
         self.interval = interval
         self._url = database_url
         self._held: dict[int, str] = {}
@@ -134,6 +170,7 @@ class Heartbeat:
                         node=self.node,
                         host=self.host,
                         pid=self.pid,
+                        namespace=self.namespace,
                         started_at=now,
                         beat_at=now,
                     )

@@ -205,6 +205,8 @@ class WorkerProcess(Base):
     node: Mapped[str] = mapped_column(String(200), index=True)
     host: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int] = mapped_column(Integer)
+    #: Host, kernel boot and pid namespace: where ``pid`` names this very process.
+    namespace: Mapped[str] = mapped_column(String(200))
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     beat_at: Mapped[dt.datetime] = mapped_column(index=True)
     #: Set on a clean exit: the process holds nothing any more.

@@ -60,6 +60,15 @@ def _after_fork(**_kwargs: Any) -> None:
     liveness.current(database_url=settings.sqlalchemy_url, interval=settings.heartbeat_interval)
 
 
+@signals.worker_ready.connect
+def _beat_in_main(sender: Any = None, **_kwargs: Any) -> None:
+    # Solo and thread pools run steps in the main process: it beats from the start.
+    pool = getattr(sender, "pool", None)
+    if type(pool).__module__ in ("celery.concurrency.solo", "celery.concurrency.thread"):
+        settings = get_settings()
+        liveness.current(database_url=settings.sqlalchemy_url, interval=settings.heartbeat_interval)
+
+
 @signals.worker_shutdown.connect
 def _worker_gone(**_kwargs: Any) -> None:
     # Solo and thread pools run steps in the main process: its heartbeat ends here.

@@ -69,7 +69,10 @@ class StepTask(Task[Any, Any]):
         )
         structlog.contextvars.bind_contextvars(workflow_id=run_id, step=self.name)
         owner = ledger.Owner(
-            boot_id=beat.boot_id, timeout=settings.owner_timeout, holding=frozenset(beat.held)
+            boot_id=beat.boot_id,
+            timeout=settings.owner_timeout,
+            holding=frozenset(beat.held),
+            namespace=beat.namespace,
         )
         try:
             with session_scope(durable=False) as session:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -261,7 +264,9 @@ def test_the_heartbeat_thread_renews_while_the_process_lives_and_stops_when_told
             time.sleep(0.5)
             renewed = step_row(db, run_id, STEPS[0]).heartbeat_at
             assert renewed is not None and (utcnow() - renewed).total_seconds() < 1
-        # Released: the thread renews the process, not the step
+        # Released: once a beat already under way has ended, the thread renews the
+        # process, not the step
+        time.sleep(0.3)
         age(db, run_id, STEPS[0], 60)
         time.sleep(0.5)
         stale = step_row(db, run_id, STEPS[0]).heartbeat_at
@@ -278,3 +283,32 @@ def test_settings_refuse_an_owner_timeout_a_missed_beat_would_trip() -> None:
         Settings(owner_timeout=3, heartbeat_interval=2)
     with pytest.raises(ValueError, match="broker_visibility_timeout"):
         Settings(broker_visibility_timeout=4, max_broker_countdown=5)
+
+
+def test_an_owner_that_exited_on_this_host_is_taken_over_at_once(db: str) -> None:
+    # Given a step owned by a process of this host that has exited (a killed pool child)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with session_scope(db) as session:
+        session.add(
+            WorkerProcess(
+                boot_id="c" * 32,
+                node="w1@host",
+                host="host",
+                pid=gone.pid,
+                namespace=liveness.namespace(),
+                started_at=utcnow() - dt.timedelta(seconds=5),
+                beat_at=utcnow(),
+            )
+        )
+    run_id = new_run(db)
+    claim(db, run_id, STEPS[0], "c" * 32)
+    # When its message is redelivered at once, its heartbeat still fresh
+    here = liveness.namespace()
+    elsewhere = claim(db, run_id, STEPS[0], "d" * 32, namespace="other-host/x/1")
+    taken = claim(db, run_id, STEPS[0], "d" * 32, namespace=here)
+    # Then a claimer on another host must wait for the owner timeout, one on this host need not
+    assert elsewhere.outcome == "busy"
+    assert taken.takeover is not None and taken.takeover["reason"] == "owner_exited"
+    # and an owner that is this very (live) process is never "exited"
+    assert liveness.exited(os.getpid(), utcnow()) is False

@@ -22,6 +22,7 @@ def upgrade() -> None:
     sa.Column('node', sa.String(length=200), nullable=False),
     sa.Column('host', sa.String(length=200), nullable=False),
     sa.Column('pid', sa.Integer(), nullable=False),
+    sa.Column('namespace', sa.String(length=200), nullable=False),
     sa.Column('started_at', sa.DateTime(), nullable=False),
     sa.Column('beat_at', sa.DateTime(), nullable=False),
     sa.Column('stopped_at', sa.DateTime(), nullable=True),
