@@ -62,7 +62,7 @@ def reconcile() -> int:
             session,
             owner_timeout=settings.owner_timeout,
             grace=settings.reconcile_grace,
-            namespace=liveness.namespace(),
+            namespace=liveness.namespace() if settings.owner_exit_check else None,
         )
         stalled = ledger.stalled_runs(session, grace=settings.reconcile_grace)
     for worker in lost:

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     #: A step whose owner has not renewed it for this long is taken over (seconds):
     #: recovery from a dead worker takes about this, whatever ``step_time_limit`` is.
     owner_timeout: float = 10.0
+    #: Whether a claimer on the owner's own host checks that the owner's process still
+    #: exists: a killed pool child's step is then taken over at once, not after the timeout.
+    owner_exit_check: bool = True
     #: Redis brokers: a message delivered but not acknowledged for this long goes back to
     #: its queue (kombu's ``visibility_timeout``, 3600 s by default). It bounds how long the
     #: messages of a wholly killed worker wait. Shorter than a step only costs a duplicate

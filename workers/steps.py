@@ -72,7 +72,7 @@ class StepTask(Task[Any, Any]):
             boot_id=beat.boot_id,
             timeout=settings.owner_timeout,
             holding=frozenset(beat.held),
-            namespace=beat.namespace,
+            namespace=beat.namespace if settings.owner_exit_check else None,
         )
         try:
             with session_scope(durable=False) as session:
