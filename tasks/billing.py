@@ -10,9 +10,8 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from workers import billing
 from workers.app import app
-from workers.db import session_scope
 from workers.errors import NotFoundError, TransientError, ValidationFailedError
-from workers.models import Invoice, Operation, utcnow
+from workers.models import Invoice, utcnow
 from workers.public import Outcome, public_task, rejection
 from workers.schedule import claim_slot, slot_start
 from workers.settings import get_settings
@@ -57,20 +56,6 @@ def _parse_as_of(value: str) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def _won_slot(task_id: str | None, slot: dt.datetime) -> bool:
-    """Whether this message owns ``slot``: it claimed it now, or claimed it before.
-
-    A redelivered message (a worker died mid-run) or a retry keeps its task id and goes on;
-    a second beat's message for the same slot has another id and stops.
-    """
-    if claim_slot(CLOSE_TASK, slot, result={"task_id": task_id}):
-        return True
-    with session_scope() as session:
-        # The key ``workers.schedule.claim_slot`` stores the claim under.
-        claim = session.get(Operation, f"{CLOSE_TASK}:{slot.isoformat()}")
-        return claim is not None and task_id is not None and claim.result.get("task_id") == task_id
-
-
 @app.task(
     name=CLOSE_TASK,
     bind=True,
@@ -93,7 +78,9 @@ def close_periods(self: Any, as_of: str | None = None) -> dict[str, Any]:
     if as_of is None:
         moment = utcnow()
         slot = slot_start(_slot_interval(), now=moment)
-        if not _won_slot(self.request.id, slot):
+        # A redelivered message (a worker died mid-run) or a retry keeps its task id and
+        # goes on; a second beat's message for the same slot has another id and stops.
+        if not claim_slot(CLOSE_TASK, slot, task_id=self.request.id):
             log.info("billing_slot_taken", slot=slot.isoformat())
             return {"ok": True, "skipped": True, "slot": slot.isoformat()}
     else:

@@ -28,7 +28,7 @@ from workers.errors import (
 from workers.models import Tenant
 from workers.public import rejection
 from workers.queues import Queue
-from workers.schedule import claim_slot
+from workers.schedule import claim_slot, claimed_slot
 from workers.settings import get_settings
 
 __all__ = [
@@ -78,17 +78,24 @@ def _window(window_start: str | None, window_end: str | None) -> metering.Window
         ) from exc
 
 
-@app.task(name=METER_ALL, base=MeteringTask, ignore_result=True)
-def meter_all() -> dict[str, Any]:
-    """Claim this schedule slot and send the active tenants to ``meter_tenants`` in chunks."""
+@app.task(name=METER_ALL, base=MeteringTask, ignore_result=True, bind=True)
+def meter_all(self: MeteringTask) -> dict[str, Any]:
+    """Claim this schedule slot and send the active tenants to ``meter_tenants`` in chunks.
+
+    A redelivery of the message (its worker died while sending) sends every chunk of
+    the window it claimed again, however late it comes: chunks meter idempotently.
+    """
     settings = get_settings()
-    window = metering.window_for(settings.meter_interval)
+    task_id = self.request.id
+    claimed = claimed_slot(METER_ALL, task_id) if task_id else None
+    window = metering.window_for(settings.meter_interval, now=claimed)
     # The tenants first: a failure up to the claim retries the whole slot, and after the
     # claim only sending is left.
     with session_scope() as session:
         tenant_ids = metering.active_tenant_ids(session)
     chunks = list(metering.chunked(tenant_ids, settings.meter_chunk_size))
-    if not claim_slot(METER_ALL, window.end, result={"tenants": len(tenant_ids)}):
+    result = {"tenants": len(tenant_ids)}
+    if not claim_slot(METER_ALL, window.end, result=result, task_id=task_id):
         log.info("metering_slot_taken", window_start=window.start.isoformat())
         return {"ok": True, "skipped": "slot already claimed", **window.to_json()}
     with app.producer_or_acquire() as producer:

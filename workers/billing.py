@@ -36,7 +36,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 import structlog
-from sqlalchemy import Column, Integer, MetaData, String, Table, and_, func, select, text
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from workers.db import session_scope
@@ -427,8 +438,10 @@ class CloseSummary:
     as_of: dt.datetime
     tenants: int = 0
     periods: int = 0
-    #: Ids of the invoices this call inserted (and emitted), oldest period first.
+    #: Ids of the invoices this call inserted, oldest period first.
     inserted: list[str] = field(default_factory=list)
+    #: ``invoice.finalized`` events this call published (its own and any left unpublished).
+    published: int = 0
     #: Tenants with more due periods than one run closes.
     backlog: int = 0
     #: Tenants skipped because a plan of theirs could not be priced.
@@ -441,6 +454,7 @@ class CloseSummary:
             "tenants": self.tenants,
             "periods": self.periods,
             "invoices": len(self.inserted),
+            "published": self.published,
             "backlog": self.backlog,
             "failed": self.failed,
         }
@@ -473,8 +487,11 @@ def close_periods(
 ) -> CloseSummary:
     """Invoice every period that ended by ``as_of`` (now; never later) and is not yet.
 
-    Tenants are taken in chunks of ``chunk_size``, one transaction each; the
-    ``invoice.finalized`` events of a chunk are emitted once it is committed.
+    Tenants are taken in chunks of ``chunk_size``, one transaction each. Invoices are
+    inserted unpublished, and their ``invoice.finalized`` events emitted once the chunk
+    is committed, then marked published: a close killed in between leaves them to the
+    next close, which publishes whatever is unpublished first (an outbox). A repeated
+    event carries the same event id, which webhooks send as the Idempotency-Key.
     """
     settings = get_settings()
     now = utcnow()
@@ -484,6 +501,7 @@ def close_periods(
         raise ConfigError(f"unknown billing period {kind!r}")
     catalog = plans_file if plans_file is not None else settings.plans_file
     summary = CloseSummary(as_of=moment)
+    summary.published += publish_pending(url=url, chunk_size=chunk_size)
     after = ""
     while True:
         with session_scope(url) as session:
@@ -491,13 +509,41 @@ def close_periods(
             last, finalized = _close_chunk(
                 session, after, moment, kind, catalog, chunk_size, max_periods, summary
             )
-        for payload in finalized:
-            _emit(payload)
+        if finalized:
+            summary.published += publish_pending(url=url, chunk_size=chunk_size)
         if last is None:
             break
         after = last
     log.info("billing_closed", **summary.as_dict())
     return summary
+
+
+def publish_pending(*, url: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+    """Emit ``invoice.finalized`` for every invoice not yet published; how many.
+
+    Each batch is emitted, then marked, under the close lock: a kill between the two
+    emits the batch again later, under the same event ids.
+    """
+    published = 0
+    while True:
+        with session_scope(url) as session:
+            _lock(session)
+            pending = session.scalars(
+                select(Invoice)
+                .where(Invoice.published_at.is_(None))
+                .order_by(Invoice.created_at, Invoice.id)
+                .limit(chunk_size)
+            ).all()
+            if not pending:
+                return published
+            for invoice in pending:
+                _emit(invoice)
+            session.execute(
+                update(Invoice)
+                .where(Invoice.id.in_([invoice.id for invoice in pending]))
+                .values(published_at=utcnow())
+            )
+        published += len(pending)
 
 
 def _lock(session: Session) -> None:
@@ -722,21 +768,21 @@ def _insert_invoices(session: Session, rows: list[dict[str, Any]]) -> list[str]:
     return [str(value) for value in inserted]
 
 
-def _emit(row: dict[str, Any]) -> None:
-    """``invoice.finalized`` for an invoice this close inserted (committed already)."""
+def _emit(invoice: Invoice) -> None:
+    """``invoice.finalized`` for a committed invoice."""
     emit(
         "invoice.finalized",
-        tenant_id=row["tenant_id"],
-        subject=row["id"],
-        event_id=invoice_event_id(row["id"]),
+        tenant_id=invoice.tenant_id,
+        subject=invoice.id,
+        event_id=invoice_event_id(invoice.id),
         data={
-            "invoice_id": row["id"],
-            "tenant_id": row["tenant_id"],
-            "period_start": row["period_start"].isoformat(),
-            "period_end": row["period_end"].isoformat(),
-            "currency": row["currency"],
-            "total": str(row["total"]),
-            "lines": row["lines"],
-            "created_at": row["created_at"].isoformat(),
+            "invoice_id": invoice.id,
+            "tenant_id": invoice.tenant_id,
+            "period_start": invoice.period_start.isoformat(),
+            "period_end": invoice.period_end.isoformat(),
+            "currency": invoice.currency,
+            "total": str(invoice.total),
+            "lines": invoice.lines,
+            "created_at": invoice.created_at.isoformat(),
         },
     )

@@ -335,6 +335,9 @@ class Invoice(Base):
     lines: Mapped[list[Any]] = mapped_column(default=list)
     status: Mapped[str] = mapped_column(String(16), default="finalized")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: When its ``invoice.finalized`` event was handed to the observers; ``None`` until
+    #: then (an outbox: a close killed before publishing leaves it to the next close).
+    published_at: Mapped[dt.datetime | None] = mapped_column(index=True)
 
 
 class AutoscaleDecision(Base):

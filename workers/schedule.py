@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from workers.db import session_scope
 from workers.models import Operation, utcnow
 
-__all__ = ["claim_slot", "slot_start"]
+__all__ = ["claim_slot", "claimed_slot", "slot_start"]
 
 
 def slot_start(interval: float, *, now: dt.datetime | None = None) -> dt.datetime:
@@ -27,15 +27,49 @@ def slot_start(interval: float, *, now: dt.datetime | None = None) -> dt.datetim
 
 
 def claim_slot(
-    name: str, slot: dt.datetime, *, result: dict[str, Any] | None = None, url: str | None = None
+    name: str,
+    slot: dt.datetime,
+    *,
+    result: dict[str, Any] | None = None,
+    task_id: str | None = None,
+    url: str | None = None,
 ) -> bool:
-    """Whether this call won ``name``'s run for ``slot`` (``False``: it ran already)."""
+    """Whether this call owns ``name``'s run for ``slot`` (``False``: another run has it).
+
+    With ``task_id`` the claim belongs to that message: a redelivery of it (its worker
+    died after the claim, before finishing) owns the slot still and carries on, while
+    a second beat's message, with another id, stops. :func:`claimed_slot` tells a
+    redelivered message which slot it claimed, even once the clock has moved on.
+    """
     key = f"{name}:{slot.isoformat()}"
+    stored = {**(result or {}), **({"task_id": task_id} if task_id else {})}
     try:
         with session_scope(url) as session:
-            if session.get(Operation, key) is not None:
-                return False
-            session.add(Operation(key=key, task_name=name, tenant_id=None, result=result or {}))
+            existing = session.get(Operation, key)
+            if existing is not None:
+                return task_id is not None and existing.result.get("task_id") == task_id
+            session.add(Operation(key=key, task_name=name, tenant_id=None, result=stored))
+            if task_id is not None:
+                session.add(
+                    Operation(
+                        key=_task_key(name, task_id),
+                        task_name=name,
+                        tenant_id=None,
+                        result={"slot": slot.isoformat()},
+                    )
+                )
     except IntegrityError:
-        return False
+        # A concurrent claim won; it may be another delivery of this very message.
+        return task_id is not None and claimed_slot(name, task_id, url=url) == slot
     return True
+
+
+def claimed_slot(name: str, task_id: str, *, url: str | None = None) -> dt.datetime | None:
+    """The slot the message ``task_id`` claimed for ``name`` on an earlier delivery, if any."""
+    with session_scope(url) as session:
+        claim = session.get(Operation, _task_key(name, task_id))
+        return dt.datetime.fromisoformat(claim.result["slot"]) if claim is not None else None
+
+
+def _task_key(name: str, task_id: str) -> str:
+    return f"{name}:task:{task_id}"

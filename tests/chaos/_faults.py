@@ -40,11 +40,11 @@ T = TypeVar("T")
 
 IN_CI = bool(os.environ.get("CI"))
 #: Set to replay a run: every random choice of a chaos test comes from this seed.
-SEED_VARIABLE = "CHAOS_SEED"
+SEED_VARIABLE = "CUL8ER_CHAOS_SEED"
 
 
 def seeded_random(test: str) -> random.Random:
-    """A ``random.Random`` for one test, its seed printed (``CHAOS_SEED=<n>`` replays it)."""
+    """A ``random.Random`` for one test, its seed printed (``CUL8ER_CHAOS_SEED=<n>`` replays it)."""
     given = os.environ.get(SEED_VARIABLE)
     seed = int(given) if given else random.SystemRandom().randrange(2**32)
     print(f"\n[{test}] seed {seed} (replay: {SEED_VARIABLE}={seed})")

@@ -14,7 +14,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from tasks.billing import close_periods as close_task
 from tasks.billing import get_invoice
@@ -543,3 +543,20 @@ def test_get_invoice_answers_the_invoice_or_not_found(db: str) -> None:
     assert [x["kind"] for x in found["lines"]] == ["base"]
     assert missing["ok"] is False and missing["error"]["code"] == "not_found"
     assert malformed["ok"] is False and malformed["error"]["code"] == "validation_error"
+
+
+def test_events_a_killed_close_left_unpublished_go_out_with_the_next_close(db: str) -> None:
+    # Given two tenants whose periods a close invoiced and published
+    for tenant in ("out1", "out2"):
+        add_tenant(db, tenant, dt.date(2026, 4, 1), [("pro", at(2026, 4, 1), None)])
+    first = billing.close_periods(at(2026, 5, 1), url=db)
+    assert len(first.inserted) == 2 and first.published == 2
+    assert all(i.published_at is not None for i in invoices(db))
+    # When a close had died after committing its invoices, before publishing them
+    with session_scope(db) as session:
+        session.execute(update(Invoice).values(published_at=None))
+    # Then the next close inserts nothing and publishes both; the one after, nothing
+    second = billing.close_periods(at(2026, 5, 1), url=db)
+    assert second.inserted == [] and second.published == 2
+    assert all(i.published_at is not None for i in invoices(db))
+    assert billing.close_periods(at(2026, 5, 1), url=db).published == 0
