@@ -775,6 +775,7 @@ def _emit(invoice: Invoice) -> None:
         tenant_id=invoice.tenant_id,
         subject=invoice.id,
         event_id=invoice_event_id(invoice.id),
+        occurred_at=invoice.created_at,
         data={
             "invoice_id": invoice.id,
             "tenant_id": invoice.tenant_id,

@@ -9,6 +9,7 @@ others carry on. Nothing is sent when no observer is active.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,7 @@ def emit(
     subject: str | None = None,
     data: dict[str, Any] | None = None,
     event_id: uuid.UUID | None = None,
+    occurred_at: dt.datetime | None = None,
 ) -> Event | None:
     """Publish an event to the observers; the event, or ``None`` when nobody listens.
 
@@ -74,6 +76,8 @@ def emit(
         # emission then carries the same Idempotency-Key to webhooks.
         event_id=event_id or uuid.uuid4(),
         event_type=event_type,
+        # With a deterministic id, the moment too: a repeated emission is the same event.
+        occurred_at=occurred_at or dt.datetime.now(dt.UTC),
         tenant_id=tenant_id,
         workflow_id=workflow_id,
         subject=subject,
