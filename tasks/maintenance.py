@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 
 from schemas.tasks import WorkflowStatus
 from tasks import workflows as _declared  # noqa: F401  (registers the workflow kinds)
-from workers import ledger, liveness
+from workers import ledger, liveness, takeover
 from workers.app import app
 from workers.db import session_scope
 from workers.errors import NotFoundError
@@ -57,8 +57,8 @@ def reconcile() -> int:
     """
     settings = get_settings()
     with session_scope() as session:
-        lost = ledger.lost_workers(session, owner_timeout=settings.owner_timeout)
-        freed = ledger.abandoned_steps(
+        lost = takeover.lost_workers(session, owner_timeout=settings.owner_timeout)
+        freed = takeover.abandoned_steps(
             session,
             owner_timeout=settings.owner_timeout,
             grace=settings.reconcile_grace,

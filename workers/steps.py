@@ -16,7 +16,7 @@ import structlog
 import tenacity
 from celery import Task
 
-from workers import ledger, liveness
+from workers import ledger, liveness, takeover
 from workers.app import app
 from workers.db import session_scope
 from workers.errors import Cul8erError, TransientError
@@ -68,7 +68,7 @@ class StepTask(Task[Any, Any]):
             database_url=settings.sqlalchemy_url, interval=settings.heartbeat_interval
         )
         structlog.contextvars.bind_contextvars(workflow_id=run_id, step=self.name)
-        owner = ledger.Owner(
+        owner = takeover.Owner(
             boot_id=beat.boot_id,
             timeout=settings.owner_timeout,
             holding=frozenset(beat.held),

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tasks import workflows as wf
-from workers import ledger
+from workers import ledger, takeover
 from workers.db import session_scope
 from workers.migrate import upgrade
 from workers.models import StepRun, WorkflowRun, utcnow
@@ -56,7 +56,7 @@ def claim(
             name=name,
             task_id=task_id or uuid4().hex,
             lease=30,
-            owner=ledger.Owner(boot_id=owner, timeout=timeout),
+            owner=takeover.Owner(boot_id=owner, timeout=timeout),
             next_task_id=next_task_id,
         )
 

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tasks import workflows as wf
-from workers import ledger, liveness
+from workers import ledger, liveness, takeover
 from workers.db import session_scope
 from workers.models import StepRun, WorkerProcess, WorkflowRun, utcnow
 from workers.settings import Settings
@@ -44,7 +44,7 @@ def claim(db: str, run_id: str, name: str, owner: str, **kwargs: object) -> ledg
             name=name,
             task_id=uuid4().hex,
             lease=float(kwargs.pop("lease", 300)),  # type: ignore[arg-type]
-            owner=ledger.Owner(boot_id=owner, timeout=10, **kwargs),  # type: ignore[arg-type]
+            owner=takeover.Owner(boot_id=owner, timeout=10, **kwargs),  # type: ignore[arg-type]
         )
 
 
@@ -209,8 +209,8 @@ def test_reconcile_frees_a_dead_owners_step_once_and_leaves_live_ones(db: str) -
         )
     # When reconcile looks (the run's deadline is far off: no grace is waited out)
     with session_scope(db) as session:
-        lost = ledger.lost_workers(session, owner_timeout=10)
-        freed = ledger.abandoned_steps(session, owner_timeout=10, grace=60)
+        lost = takeover.lost_workers(session, owner_timeout=10)
+        freed = takeover.abandoned_steps(session, owner_timeout=10, grace=60)
     # Then the dead process is reported once, with what it held
     assert [(w["node"], w["held"]) for w in lost] == [
         ("dead@host", [{"workflow_id": dead_run, "step": STEPS[0]}])
@@ -223,8 +223,8 @@ def test_reconcile_frees_a_dead_owners_step_once_and_leaves_live_ones(db: str) -
     assert row.history[0]["previous_owner"]["node"] == "dead@host"
     # A second reconcile finds nothing more, and the live step was never touched
     with session_scope(db) as session:
-        assert ledger.lost_workers(session, owner_timeout=10) == []
-        assert ledger.abandoned_steps(session, owner_timeout=10, grace=60) == []
+        assert takeover.lost_workers(session, owner_timeout=10) == []
+        assert takeover.abandoned_steps(session, owner_timeout=10, grace=60) == []
     assert step_row(db, live_run, STEPS[0]).owner_id == live.boot_id
     with session_scope(db) as session:
         run = session.get(WorkflowRun, dead_run)
@@ -249,7 +249,7 @@ def test_an_overdue_countdown_is_freed(db: str) -> None:
             slack=-1,  # its countdown message should have claimed it by now
         )
     with session_scope(db) as session:
-        freed = ledger.abandoned_steps(session, owner_timeout=10, grace=60)
+        freed = takeover.abandoned_steps(session, owner_timeout=10, grace=60)
     assert [f.takeover["reason"] for f in freed] == ["countdown_lost"]
 
 
