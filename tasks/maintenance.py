@@ -6,6 +6,7 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from kombu.exceptions import ChannelError
 from sqlalchemy import delete, select
 
 from schemas.tasks import WorkflowStatus
@@ -25,6 +26,7 @@ from workers.models import (
     utcnow,
 )
 from workers.public import Outcome, public_task
+from workers.queues import Queue
 from workers.settings import get_settings
 
 if TYPE_CHECKING:
@@ -64,7 +66,11 @@ def reconcile() -> int:
             grace=settings.reconcile_grace,
             namespace=liveness.namespace() if settings.owner_exit_check else None,
         )
-        stalled = ledger.stalled_runs(session, grace=settings.reconcile_grace)
+        stalled = ledger.stalled_runs(
+            session,
+            grace=settings.reconcile_grace,
+            idle_grace=settings.lost_message_grace if _queue_empty(Queue.LIFECYCLE) else None,
+        )
     for worker in lost:
         log.warning("worker_lost", **worker)
         emit("worker.lost", subject=worker["node"], data=worker)
@@ -92,6 +98,20 @@ def reconcile() -> int:
     if stalled:
         log.warning("workflows_resumed", count=len(stalled))
     return len(freed) + len(stalled)
+
+
+def _queue_empty(queue: str) -> bool:
+    """Whether no message waits in ``queue`` (False when the broker cannot tell)."""
+    try:
+        with app.connection_for_read() as conn:
+            channel: Any = conn.default_channel
+            declared = channel.queue_declare(queue=queue, passive=True)
+    except ChannelError:
+        return True  # Redis keeps no empty list: a queue never declared or drained is empty
+    except Exception as exc:
+        log.warning("queue_depth_unknown", queue=queue, error=str(exc))
+        return False
+    return int(declared.message_count) == 0
 
 
 def describe_run(session: Session, run: WorkflowRun) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import structlog
 from celery import chain
-from sqlalchemy import JSON, bindparam, case, select, update
+from sqlalchemy import JSON, bindparam, case, or_, select, update
 
 from workers.models import StepRun, UTCDateTime, WorkerProcess, WorkflowRun, utcnow
 from workers.takeover import Owner, verdict
@@ -640,18 +640,23 @@ def due_waits(session: Session, *, limit: int = 500) -> list[tuple[str, str, lis
 
 
 def stalled_runs(
-    session: Session, *, grace: float, limit: int = 200
+    session: Session, *, grace: float, idle_grace: float | None = None, limit: int = 200
 ) -> list[tuple[str, str, list[str]]]:
     """Take runs whose deadline passed with no progress: ``(run_id, phase, tasks)`` each.
 
-    A step still under a live lease or a future wait is left alone; the others
-    get their deadline pushed out (guarded, so two beats take a run once) and
-    are returned for re-dispatch from their first unfinished step.
+    A step still held, or under a future wait, is left alone; the others get their
+    deadline pushed out (guarded, so two beats take a run once) and are returned for
+    re-dispatch from their first unfinished step. ``idle_grace`` (given while no
+    backlog can explain a wait) also takes a run whose next step nobody has started
+    for that long since its last progress, before its deadline.
     """
     now = utcnow()
+    overdue = WorkflowRun.deadline_at < now
+    if idle_grace is not None:
+        overdue = or_(overdue, WorkflowRun.updated_at < now - dt.timedelta(seconds=idle_grace))
     runs = session.scalars(
         select(WorkflowRun)
-        .where(WorkflowRun.status.in_(PHASE_STATUS.values()), WorkflowRun.deadline_at < now)
+        .where(WorkflowRun.status.in_(PHASE_STATUS.values()), overdue)
         .order_by(WorkflowRun.deadline_at)
         .limit(limit)
     ).all()
@@ -669,6 +674,9 @@ def stalled_runs(
         ).first()
         if current is None:
             continue
+        early = run.deadline_at is not None and run.deadline_at >= now
+        if early and current.status != "pending":
+            continue  # taken for being idle: only an untouched step can have lost its message
         busy_until = None
         if current.status in ("running", "retrying"):
             # Held, or parked for a countdown: abandoned_steps frees it once its owner is
@@ -680,8 +688,12 @@ def stalled_runs(
         moved = _rowcount(
             session,
             update(WorkflowRun)
-            .where(WorkflowRun.id == run.id, WorkflowRun.deadline_at == run.deadline_at)
-            .values(deadline_at=new_deadline)
+            .where(
+                WorkflowRun.id == run.id,
+                WorkflowRun.deadline_at == run.deadline_at,
+                WorkflowRun.updated_at == run.updated_at,
+            )
+            .values(deadline_at=new_deadline, updated_at=now)
             .execution_options(synchronize_session=False),
         )
         if moved and busy_until is None:

@@ -84,8 +84,13 @@ class Settings(BaseSettings):
     drift_interval: float = 60.0
     #: Whether that comparison destroys orphaned instances (otherwise it reports them).
     drift_prune: bool = False
-    #: A run with no progress for this long past its step's deadline is re-dispatched.
+    #: A run with no owner and no progress for this long is re-dispatched (its message was
+    #: lost, or waits behind a backlog: a duplicate then only costs the ledger a read).
     reconcile_grace: float = 120.0
+    #: The same, sooner, while the step queue is empty: no backlog can be holding the
+    #: message, and a dead worker's unacknowledged ones are back after the visibility
+    #: timeout, so a step still untouched this long after its hand-over was lost (s).
+    lost_message_grace: float = 30.0
     #: Retries shorter than this wait in the broker; longer ones wait in the ledger.
     max_broker_countdown: float = 5.0
     #: Attempts of one step before a TransientError becomes a failure.
@@ -173,6 +178,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"owner_timeout ({self.owner_timeout} s) must be at least twice "
                 f"heartbeat_interval ({self.heartbeat_interval} s)"
+            )
+        if self.lost_message_grace <= self.broker_visibility_timeout:
+            raise ValueError(
+                f"lost_message_grace ({self.lost_message_grace} s) must be longer than "
+                f"broker_visibility_timeout ({self.broker_visibility_timeout} s): a killed "
+                "worker's messages are not lost before they come back"
             )
         if self.max_broker_countdown >= self.broker_visibility_timeout:
             raise ValueError(

@@ -290,3 +290,20 @@ def test_a_run_that_never_started_is_offered_again_and_a_started_one_is_not(db: 
     claim(db, run_id, STEPS[0])
     with session_scope(db) as session:
         assert ledger.unstarted(session, run_id) == []
+
+
+def test_an_untouched_step_idle_past_the_idle_grace_is_taken_before_its_deadline(db: str) -> None:
+    # Given a run whose first message was lost 40 s ago, its deadline still far off
+    lost = new_run(db, grace=600)
+    held = new_run(db, grace=600)
+    claim(db, held, STEPS[0])  # a delivery holds this one: never "lost"
+    with session_scope(db) as session:
+        session.execute(update(WorkflowRun).values(updated_at=utcnow() - dt.timedelta(seconds=40)))
+    # When the queue is busy (no idle grace), nothing is taken before the deadline
+    with session_scope(db) as session:
+        assert ledger.stalled_runs(session, grace=600) == []
+    # When the queue is empty, the untouched run is taken once, the held one never
+    with session_scope(db) as session:
+        assert ledger.stalled_runs(session, grace=600, idle_grace=30) == [(lost, "forward", STEPS)]
+    with session_scope(db) as session:
+        assert ledger.stalled_runs(session, grace=600, idle_grace=30) == []
