@@ -279,3 +279,69 @@ def test_sigkills_during_compensation_still_clean_up_everything(stack_factory) -
     assert set(statuses) == {"failed"}
     assert instance_processes(stack.data_dir) == []
     assert _tenant_schemas(stack) == []
+
+
+def _docker():  # noqa: ANN202
+    import docker
+
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+        client.images.get("cul8er/instance:latest")
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable engine here"
+        message = f"no Docker engine with cul8er/instance:latest ({exc}); scripts/platforms-up.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return client
+
+
+@pytest.mark.timeout(600)
+def test_sigkills_during_docker_provisions_leave_one_container_each_and_none_after(
+    stack_factory,
+) -> None:
+    engine = _docker()
+    rng = random.Random(_seed())
+    stack = stack_factory("redis-postgres")
+    stack.extra_env.update(
+        CUL8ER_DEFAULT_PLATFORM="docker", CUL8ER_STEP_TIME_LIMIT="300", CUL8ER_HEALTH_WINDOW="20"
+    )
+    chaos = Chaos(stack, ["a", "b"], rng)
+    stack.start_beat()
+    # Given six sign-ups on the Docker platform
+    tenants = [f"d{uuid.uuid4().hex[:8]}" for _ in range(6)]
+    run_ids = [
+        stack.call("cul8er.tenants.create", name=t, plan="free", tenant_id=t)["workflow_id"]
+        for t in tenants
+    ]
+
+    def containers(tenant_id: str) -> list[str]:
+        found = engine.containers.list(all=True, filters={"label": f"cul8er.tenant={tenant_id}"})
+        return sorted(c.name for c in found)
+
+    try:
+        # When worker process groups are SIGKILLed every ~1.5 s for 12 s
+        chaos.storm(seconds=12, every=1.5)
+        assert chaos.last_kill is not None
+        # Then every provision succeeds, with exactly one container per tenant
+        states = _wait_all(stack, run_ids, timeout=240)
+        ends = [finished for _, finished in states.values() if finished is not None]
+        print(
+            f"docker: {chaos.kills} kills ({chaos.mid_step} with steps running); last workflow "
+            f"ended {(max(ends) - chaos.last_kill).total_seconds():.1f} s after the last kill; "
+            f"takeovers: {dict(_takeover_reasons(stack, run_ids))}"
+        )
+        assert {status for status, _ in states.values()} == {"succeeded"}, states
+        for tenant_id in tenants:
+            assert containers(tenant_id) == [f"t-{tenant_id}-app-0"]
+        # And after deprovisioning, no container of theirs is left
+        gone = [
+            stack.call("cul8er.tenants.deprovision", tenant_id=t)["workflow_id"] for t in tenants
+        ]
+        states = _wait_all(stack, gone, timeout=240)
+        assert {status for status, _ in states.values()} == {"succeeded"}, states
+        assert [c for t in tenants for c in containers(t)] == []
+    finally:
+        for tenant_id in tenants:
+            for name in containers(tenant_id):
+                engine.containers.get(name).remove(force=True)
