@@ -66,6 +66,7 @@ def reconcile() -> int:
             grace=settings.reconcile_grace,
             namespace=liveness.namespace() if settings.owner_exit_check else None,
         )
+        resend = [(step, ledger.pending_tasks(session, step.run_id, step.phase)) for step in freed]
         stalled = ledger.stalled_runs(
             session,
             grace=settings.reconcile_grace,
@@ -74,25 +75,15 @@ def reconcile() -> int:
     for worker in lost:
         log.warning("worker_lost", **worker)
         emit("worker.lost", subject=worker["node"], data=worker)
-    for step in freed:
-        previous = step.takeover.get("previous_owner") or {}
-        log.warning(
-            "step_taken_over",
-            workflow_id=step.run_id,
-            step=step.step,
-            reason=step.takeover["reason"],
-            previous_node=previous.get("node"),
-            previous_pid=previous.get("pid"),
-            silent_for=step.takeover.get("silent_for"),
-        )
-        emit(
-            "step.taken_over",
+    for step, tasks in resend:
+        takeover.announce(
+            step.takeover,
             tenant_id=step.tenant_id,
             workflow_id=step.run_id,
-            subject=step.step,
-            data={"phase": step.phase, "takeover": {**step.takeover, "by": "reconcile"}},
+            step=step.step,
+            phase=step.phase,
         )
-        ledger.dispatch(app, step.run_id, step.phase, step.tasks, first_task_id=step.task_id)
+        ledger.dispatch(app, step.run_id, step.phase, tasks, first_task_id=step.task_id)
     for run_id, phase, tasks in stalled:
         ledger.dispatch(app, run_id, phase, tasks)
     if stalled:

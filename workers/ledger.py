@@ -24,7 +24,7 @@ from celery import chain
 from sqlalchemy import JSON, bindparam, case, or_, select, update
 
 from workers.models import StepRun, UTCDateTime, WorkerProcess, WorkflowRun, utcnow
-from workers.takeover import Owner, verdict
+from workers.takeover import OWNER_COLUMNS, Owner, verdict
 from workers.workflow import (
     COMPENSATE,
     FINAL_RUN,
@@ -50,6 +50,7 @@ __all__ = [
     "fail_step",
     "new_run",
     "next_pending",
+    "pending_tasks",
     "refuse_late",
     "stalled_runs",
     "unstarted",
@@ -171,10 +172,7 @@ _READ_RUN = (
         _steps.c.owner_id,
         _steps.c.heartbeat_at,
         _steps.c.history,
-        _workers.c.node.label("owner_node"),
-        _workers.c.pid.label("owner_pid"),
-        _workers.c.namespace.label("owner_namespace"),
-        _workers.c.started_at.label("owner_started"),
+        *OWNER_COLUMNS,
         _runs.c.kind,
         _runs.c.tenant_id,
         _runs.c.input,
@@ -205,10 +203,12 @@ _CLAIM = (
         heartbeat_at=bindparam("b_now", type_=UTCDateTime()),
         lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
         task_id=bindparam("b_task_id"),
-        history=bindparam("b_history", type_=JSON()),
         started_at=bindparam("b_now", type_=UTCDateTime()),
     )
 )
+
+#: The same claim as a takeover, which also records it in the step's history.
+_TAKE = _CLAIM.values(history=bindparam("b_history", type_=JSON()))
 
 #: The owner's attempt, and only it, may record the step's outcome.
 _FENCE = (
@@ -309,11 +309,10 @@ def claim_step(
     decision, takeover = verdict(mine, now=now, owner=owner)
     if decision == "busy":
         return Claim("busy")
-    history = list(mine.history or [])
     if takeover is not None:
-        history.append({**takeover, "by": by})
+        takeover = {**takeover, "by": by}
     claimed = conn.execute(
-        _CLAIM,
+        _CLAIM if takeover is None else _TAKE,
         {
             "b_id": mine.id,
             "b_attempts": mine.attempts,
@@ -322,7 +321,7 @@ def claim_step(
             "b_now": now,
             "b_lease_until": now + dt.timedelta(seconds=lease),
             "b_task_id": task_id,
-            "b_history": history,
+            "b_history": [*(mine.history or []), takeover],
         },
     )
     if not cast("CursorResult[Any]", claimed).rowcount:
@@ -580,12 +579,17 @@ def wait_step(
 
 def next_pending(session: Session, run: WorkflowRun) -> list[str]:
     """The unfinished steps of the run's current phase, in order."""
+    return pending_tasks(session, run.id, run.phase)
+
+
+def pending_tasks(session: Session, run_id: str, phase: str) -> list[str]:
+    """The unfinished steps of one phase of a run, in order."""
     return list(
         session.scalars(
             select(StepRun.name)
             .where(
-                StepRun.run_id == run.id,
-                StepRun.phase == run.phase,
+                StepRun.run_id == run_id,
+                StepRun.phase == phase,
                 StepRun.status.not_in(FINISHED),
             )
             .order_by(StepRun.position)

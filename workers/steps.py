@@ -84,7 +84,7 @@ class StepTask(Task[Any, Any]):
                     task_id=self.request.id,
                     lease=settings.step_lease,
                     owner=owner,
-                    next_task_id=self._next_task_id(self._successor_name()),
+                    next_task_id=self._next_task_id(),
                 )
         except TransientError as exc:
             # The database is away before anything ran: deliver the step again shortly.
@@ -98,7 +98,13 @@ class StepTask(Task[Any, Any]):
         structlog.contextvars.bind_contextvars(tenant_id=ctx.tenant_id, attempt=ctx.attempt)
         with beat.holding(claim.step_id, f"{run_id}/{self.name}"):
             if claim.takeover is not None:
-                self._taken_over(ctx, claim.takeover)
+                takeover.announce(
+                    claim.takeover,
+                    tenant_id=ctx.tenant_id,
+                    workflow_id=run_id,
+                    step=self.name,
+                    phase=phase,
+                )
             self._event("step.started", ctx)
             return self._run(fn, ctx, beat.boot_id)
 
@@ -139,24 +145,6 @@ class StepTask(Task[Any, Any]):
         self._event("step.succeeded", ctx)
         return output
 
-    def _successor_name(self) -> str | None:
-        # The task this chain carries next (request.chain holds the rest, last first).
-        chain: Any = self.request.chain or []
-        following = chain[-1] if chain else None
-        task = following.get("task") if isinstance(following, dict) else None
-        return task if isinstance(task, str) else None
-
-    def _taken_over(self, ctx: StepContext, takeover: dict[str, Any]) -> None:
-        previous = takeover.get("previous_owner") or {}
-        log.warning(
-            "step_taken_over",
-            reason=takeover["reason"],
-            previous_node=previous.get("node"),
-            previous_pid=previous.get("pid"),
-            silent_for=takeover.get("silent_for"),
-        )
-        self._event("step.taken_over", ctx, takeover=takeover)
-
     def _refused(self, ctx: StepContext, owner: str) -> None:
         # This attempt lost the step (taken over while this process was frozen or cut
         # off): whatever it did is the new owner's to adopt; record nothing, stop here.
@@ -172,12 +160,14 @@ class StepTask(Task[Any, Any]):
             )
         self._stop_chain()
 
-    def _next_task_id(self, next_step: str | None) -> str | None:
-        """The id of the chain message that will carry ``next_step``, if this chain has it."""
+    def _next_task_id(self, next_step: str | None = None) -> str | None:
+        """The id of the chain message sent next (only if it carries ``next_step``, when named)."""
         # request.chain holds the rest of the chain, last element first.
         chain: Any = self.request.chain or []
         following = chain[-1] if chain else None
-        if not next_step or not isinstance(following, dict) or following.get("task") != next_step:
+        if not isinstance(following, dict):
+            return None
+        if next_step is not None and following.get("task") != next_step:
             return None
         task_id = following.get("options", {}).get("task_id")
         return task_id if isinstance(task_id, str) else None

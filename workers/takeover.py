@@ -16,21 +16,40 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast, overload
 
+import structlog
 from sqlalchemy import select, update
 
 from workers.liveness import exited
 from workers.models import StepRun, WorkerProcess, WorkflowRun, utcnow
-from workers.workflow import FINISHED, PHASE_STATUS
+from workers.workflow import PHASE_STATUS
 
 if TYPE_CHECKING:
     from sqlalchemy import CursorResult, Table
     from sqlalchemy.orm import Session
 
-__all__ = ["Abandoned", "Owner", "abandoned_steps", "lost_workers", "verdict"]
+__all__ = [
+    "Abandoned",
+    "OWNER_COLUMNS",
+    "Owner",
+    "abandoned_steps",
+    "announce",
+    "lost_workers",
+    "verdict",
+]
+
+log = structlog.get_logger(__name__)
 
 _steps = cast("Table", StepRun.__table__)
 _runs = cast("Table", WorkflowRun.__table__)
 _workers = cast("Table", WorkerProcess.__table__)
+
+#: What :func:`verdict` needs of a step's owner, from ``workers`` joined on ``owner_id``.
+OWNER_COLUMNS = (
+    _workers.c.node.label("owner_node"),
+    _workers.c.pid.label("owner_pid"),
+    _workers.c.namespace.label("owner_namespace"),
+    _workers.c.started_at.label("owner_started"),
+)
 
 
 @dataclass(frozen=True)
@@ -92,14 +111,53 @@ def verdict(row: Any, *, now: dt.datetime, owner: Owner) -> tuple[str, dict[str,
         reason = None
     if reason is None:
         return "busy", None
-    return "take", {
+    previous = {"boot_id": row.owner_id, "node": row.owner_node, "pid": row.owner_pid}
+    return "take", _record(now, reason, row.attempts, previous, since=beat)
+
+
+def _record(
+    now: dt.datetime,
+    reason: str,
+    attempt: int,
+    previous: dict[str, Any] | None,
+    *,
+    since: dt.datetime | None,
+) -> dict[str, Any]:
+    """A takeover, as the step's history keeps it (``by`` is added by whoever takes)."""
+    return {
         "event": "takeover",
         "at": now.isoformat(),
         "reason": reason,
-        "attempt": row.attempts,
-        "previous_owner": {"boot_id": row.owner_id, "node": row.owner_node, "pid": row.owner_pid},
-        "silent_for": _seconds_since(now, beat),
+        "attempt": attempt,
+        "previous_owner": previous,
+        "silent_for": _seconds_since(now, since),
     }
+
+
+def announce(
+    takeover: dict[str, Any], *, tenant_id: str | None, workflow_id: str, step: str, phase: str
+) -> None:
+    """A takeover's log line and ``step.taken_over`` event."""
+    from workers.events import emit
+
+    previous = takeover.get("previous_owner") or {}
+    log.warning(
+        "step_taken_over",
+        workflow_id=workflow_id,
+        step=step,
+        reason=takeover["reason"],
+        by=takeover.get("by"),
+        previous_node=previous.get("node"),
+        previous_pid=previous.get("pid"),
+        silent_for=takeover.get("silent_for"),
+    )
+    emit(
+        "step.taken_over",
+        tenant_id=tenant_id,
+        workflow_id=workflow_id,
+        subject=step,
+        data={"phase": phase, "takeover": takeover},
+    )
 
 
 def _exited(row: Any, owner: Owner) -> bool:
@@ -118,10 +176,9 @@ class Abandoned:
     phase: str
     step: str
     tenant_id: str | None
-    #: The phase's unfinished steps from this one on.
-    tasks: list[str]
     #: The message id the step is handed to (the first of the new chain).
     task_id: str
+    #: The takeover, as recorded in the step's history.
     takeover: dict[str, Any]
 
 
@@ -157,10 +214,7 @@ def abandoned_steps(
             _steps.c.lease_until,
             _steps.c.due_at,
             _steps.c.history,
-            _workers.c.node.label("owner_node"),
-            _workers.c.pid.label("owner_pid"),
-            _workers.c.namespace.label("owner_namespace"),
-            _workers.c.started_at.label("owner_started"),
+            *OWNER_COLUMNS,
             _runs.c.tenant_id,
         )
         .join(_runs, (_runs.c.id == _steps.c.run_id) & (_runs.c.phase == _steps.c.phase))
@@ -187,18 +241,12 @@ def abandoned_steps(
     for row in rows:
         takeover: dict[str, Any] | None
         if row.status == "retrying":
-            takeover = {
-                "event": "takeover",
-                "at": now.isoformat(),
-                "reason": "countdown_lost",
-                "attempt": row.attempts,
-                "previous_owner": None,
-                "silent_for": _seconds_since(now, row.due_at),
-            }
+            takeover = _record(now, "countdown_lost", row.attempts, None, since=row.due_at)
         else:
             decision, takeover = verdict(row, now=now, owner=nobody)
             if decision != "take" or takeover is None:
                 continue
+        takeover = {**takeover, "by": "reconcile"}
         task_id = uuid.uuid4().hex
         released = session.connection().execute(
             update(_steps)
@@ -213,7 +261,7 @@ def abandoned_steps(
                 heartbeat_at=None,
                 lease_until=None,
                 task_id=task_id,
-                history=[*(row.history or []), {**takeover, "by": "reconcile"}],
+                history=[*(row.history or []), takeover],
             )
         )
         if not cast("CursorResult[Any]", released).rowcount:
@@ -224,24 +272,12 @@ def abandoned_steps(
             .values(deadline_at=now + dt.timedelta(seconds=grace), updated_at=now)
             .execution_options(synchronize_session=False)
         )
-        tasks = list(
-            session.scalars(
-                select(StepRun.name)
-                .where(
-                    StepRun.run_id == row.run_id,
-                    StepRun.phase == row.phase,
-                    StepRun.status.not_in(FINISHED),
-                )
-                .order_by(StepRun.position)
-            ).all()
-        )
         freed.append(
             Abandoned(
                 run_id=row.run_id,
                 phase=row.phase,
                 step=row.name,
                 tenant_id=row.tenant_id,
-                tasks=tasks,
                 task_id=task_id,
                 takeover=takeover,
             )
