@@ -3,7 +3,7 @@
 Every fault is a real one done to a real process: a Redis server of the test's own stopped
 and started again, PostgreSQL backends terminated by an admin connection, a worker's
 process group SIGKILLed. Nothing is mocked; the checks read the database, the local
-platform's processes and what a loopback webhook received.
+platform's processes and a loopback webhook (tests/webhook.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -416,44 +414,3 @@ def deprovision_all(stack: Stack, provisions: list[Provision], timeout: float = 
     assert leftovers == [], [(p.pid, p.cmdline()) for p in leftovers]
     count = read(stack, lambda s: s.scalar(select(func.count()).select_from(NetworkAllocation)))
     assert count == 0
-
-
-# -- a webhook on loopback -----------------------------------------------------------------------
-
-
-@dataclass
-class Receiver:
-    """A webhook endpoint on 127.0.0.1 keeping ``(Idempotency-Key, event)`` per POST."""
-
-    url: str = ""
-    received: list[tuple[str | None, dict[str, Any]]] = field(default_factory=list)
-
-    def of_type(self, event_type: str) -> list[tuple[str | None, dict[str, Any]]]:
-        return [(k, e) for k, e in list(self.received) if e.get("event_type") == event_type]
-
-
-@contextlib.contextmanager
-def webhook_receiver() -> Iterator[Receiver]:
-    """A running :class:`Receiver`; it answers 200 to every POST."""
-    found = Receiver()
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with lock:
-                found.received.append((self.headers.get("Idempotency-Key"), body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    found.url = f"http://127.0.0.1:{server.server_port}/hook"
-    try:
-        yield found
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -28,9 +28,9 @@ from tests.chaos._faults import (
     start_provisions,
     until,
     wait_runs,
-    webhook_receiver,
 )
 from tests.stack import Stack
+from tests.webhook import webhook_receiver
 from workers import billing, metering
 from workers.models import Instance, Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
 

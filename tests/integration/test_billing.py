@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from tests.stack import Stack
+from tests.webhook import Receiver, webhook_receiver
 from workers import billing
 from workers.models import Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
 
@@ -28,40 +25,10 @@ pytestmark = pytest.mark.integration
 CLOSE_TASK = "cul8er.billing.close_periods"
 
 
-@dataclass
-class Receiver:
-    """A webhook endpoint on 127.0.0.1 keeping ``(Idempotency-Key, event)`` per POST."""
-
-    url: str = ""
-    received: list[tuple[str | None, dict[str, Any]]] = field(default_factory=list)
-
-    def invoices(self) -> list[tuple[str | None, dict[str, Any]]]:
-        return [(k, e) for k, e in list(self.received) if e["event_type"] == "invoice.finalized"]
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with lock:
-                found.received.append((self.headers.get("Idempotency-Key"), body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    found.url = f"http://127.0.0.1:{server.server_port}/hook"
-    try:
+    with webhook_receiver() as found:
         yield found
-    finally:
-        server.shutdown()
 
 
 def billing_stack(stack: Stack, receiver: Receiver, *, close_interval: str = "1") -> Stack:
@@ -148,7 +115,7 @@ def check_invoices_and_events(
 ) -> list[Invoice]:
     """Exactly the wanted invoices, contiguous, each reported once under its derived key."""
     # Given every close has settled: the webhook has one event per invoice
-    assert until(lambda: len(receiver.invoices()) >= len(invoices_of(stack)) > 0)
+    assert until(lambda: len(receiver.of_type("invoice.finalized")) >= len(invoices_of(stack)) > 0)
     time.sleep(2)  # a duplicate event, were there one, would arrive now
     found = invoices_of(stack)
     assert {(i.tenant_id, i.period_start) for i in found} >= wanted
@@ -160,7 +127,7 @@ def check_invoices_and_events(
         for before, after in zip(chain, chain[1:], strict=False):
             assert before.period_end == after.period_start
     # And one invoice.finalized per invoice, keyed by the id derived from the invoice id
-    events = receiver.invoices()
+    events = receiver.of_type("invoice.finalized")
     keys = Counter(key for key, _ in events)
     assert all(count == 1 for count in keys.values()), keys
     assert {key for key, _ in events} == {str(billing.invoice_event_id(i.id)) for i in found}
