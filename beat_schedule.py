@@ -3,7 +3,7 @@ not imported (loading the schedule imports no task module).
 
 Each entry's ``expires`` is at most its interval: a message that waited past its slot is
 dropped rather than run in the next one. The runs themselves claim their schedule slot
-(``workers.schedule.claim_slot``), so a second beat, or a re-run, does nothing.
+(``workers.runtime.schedule.claim_slot``), so a second beat, or a re-run, does nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from celery.schedules import crontab
 
 if TYPE_CHECKING:
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
 __all__ = ["build_beat_schedule"]
 

@@ -46,7 +46,7 @@ def pg_database() -> Iterator[str]:
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
-        from workers.db import dispose_engines, get_engine
+        from workers.runtime.db import dispose_engines, get_engine
 
         get_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}").dispose()
         dispose_engines()

@@ -63,10 +63,10 @@ STATS = '''
 
 if __name__ != "__main__":
     # Imported by the worker (CUL8ER_IMPORTS): the bare fan-out's two tasks.
-    from workers.app import app
-    from workers.db import session_scope
-    from workers.metering import active_tenant_ids, chunked
-    from workers.settings import get_settings
+    from workers.economics.metering import active_tenant_ids, chunked
+    from workers.runtime.app import app
+    from workers.runtime.db import session_scope
+    from workers.runtime.settings import get_settings
 
     @app.task(name="bench.metering.bare_all", acks_late=True, ignore_result=True)
     def bare_all(task_ids: list[str], window_start: str, window_end: str) -> None:
@@ -96,7 +96,7 @@ if __name__ != "__main__":
 def make_plugin(parent: Path) -> Path:
     """The stand-in platform plugin under ``parent``; returns the folder for the plugin path."""
     from schemas.manifest import PluginType
-    from workers.plugin_template import write_manifest, write_plugin
+    from workers.pluginhost.template import write_manifest, write_plugin
 
     project = write_plugin(parent, name=PLUGIN, plugin_type=PluginType.PLATFORM, trusted=True)
     root = project / f"cul8er_{PLUGIN}"
@@ -125,8 +125,8 @@ def seed(database_url: str, tenants: int) -> None:
     """``tenants`` active tenants, each with one instance on the stand-in platform."""
     from sqlalchemy import insert
 
-    from workers.db import session_scope
-    from workers.models import Instance, Tenant, utcnow
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import Instance, Tenant, utcnow
 
     now = utcnow()
     ids = [f"b{i:05d}" for i in range(tenants)]
@@ -183,8 +183,8 @@ def seed_billing(database_url: str, windows: int) -> tuple[int, dt.datetime]:
     """
     from sqlalchemy import text
 
-    from workers.db import session_scope
-    from workers.models import utcnow
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import utcnow
 
     today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
     start = today - dt.timedelta(days=40)
@@ -232,7 +232,7 @@ def seed_billing(database_url: str, windows: int) -> tuple[int, dt.datetime]:
 def billing_close(database_url: str, tenants: int, windows: int) -> None:
     """Time closing every tenant's ended month over the usage written by ``seed_billing``."""
     from bench._harness import emit
-    from workers.billing import close_periods
+    from workers.economics.billing import close_periods
 
     started = time.perf_counter()
     rows, start = seed_billing(database_url, windows)
@@ -284,8 +284,8 @@ def metering_tick(client: Any, database_url: str, tenants: int, interval: int) -
     """Seconds from sending ``meter_all`` at a slot's start to its last chunk's commit."""
     from sqlalchemy import func, select
 
-    from workers.db import session_scope
-    from workers.models import UsageRecord
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import UsageRecord
 
     slot = next_slot(interval)
     window_start = slot - dt.timedelta(seconds=interval)
@@ -313,7 +313,7 @@ def broker() -> Iterator[str]:
         redis.Redis.from_url(REDIS).flushdb()
         yield REDIS
         return
-    from workers.embedded import EmbeddedRedis
+    from workers.runtime.embedded import EmbeddedRedis
 
     with tempfile.TemporaryDirectory() as folder:
         embedded = EmbeddedRedis(Path(folder))
@@ -344,7 +344,7 @@ def main() -> None:
     from celery import Celery
 
     from bench._harness import emit, pg_database, wait_ready, workers
-    from workers.logging import configure_logging
+    from workers.runtime.logging import configure_logging
 
     configure_logging(fmt="console", level="WARNING")
     logging.getLogger().setLevel(logging.WARNING)
@@ -353,7 +353,7 @@ def main() -> None:
         tempfile.TemporaryDirectory() as plugins,
         broker() as broker_url,
     ):
-        from workers.migrate import upgrade
+        from workers.runtime.migrate import upgrade
 
         upgrade(database_url)
         plugin_path = make_plugin(Path(plugins))

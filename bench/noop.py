@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.app import app
-from workers.steps import step
-from workers.workflow import Step, StepContext, Workflow, workflows
+from workers.engine.steps import step
+from workers.engine.workflow import Step, StepContext, Workflow, workflows
+from workers.runtime.app import app
 
 #: Steps in the benchmark workflow.
 STEPS = 7

@@ -22,9 +22,9 @@ from bench._harness import emit, percentiles  # noqa: E402
 
 def run(platform_name: str, n: int) -> dict[str, dict[str, float]]:
     from schemas.platform import InstanceSpec, Limits
-    from workers.errors import Cul8erError
-    from workers.registry import get_platform
-    from workers.settings import Settings
+    from workers.pluginhost.handles import get_platform
+    from workers.runtime.errors import Cul8erError
+    from workers.runtime.settings import Settings
 
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="cul8er-bench-")))
     platform = get_platform(platform_name, settings)
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--platforms", default="local,docker,incus")
     args = parser.parse_args()
-    from workers.logging import configure_logging
+    from workers.runtime.logging import configure_logging
 
     configure_logging(fmt="console", level="WARNING")
     for platform_name in args.platforms.split(","):

@@ -12,8 +12,8 @@ Prints figures, never fails on timing::
    plugin also checksums, signature and the static import scan) without any module import.
    "libs" is what ``-X importtime`` attributes to non-cul8er modules (third-party and stdlib)
    while loading the plugin alone, from one extra process each. The processes import
-   ``workers.plugins`` (the registry and its SQLAlchemy, pydantic, cryptography) before timing,
-   as every worker has by the time plugins load. Target: p99 <= 20 ms per plugin.
+   ``workers.pluginhost.registry`` (the registry and its SQLAlchemy, pydantic, cryptography)
+   before timing, as every worker has by the time plugins load. Target: p99 <= 20 ms per plugin.
 2. ``PluginRegistry(settings).boot()`` in fresh processes, on a migrated SQLite database in a
    temporary ``CUL8ER_DATA_DIR`` (the generated folder plugin on ``CUL8ER_PLUGIN_PATH``).
 3. Time from spawning ``celery -A workers.app worker`` (every built-in active) to its first
@@ -108,7 +108,7 @@ class BenchObserver:
 
 def make_third_party(folder: Path) -> tuple[Path, str]:
     """Write a signed observer plugin under ``folder``; its root and the trusted public key."""
-    from workers.plugin_trust import (
+    from workers.pluginhost.trust import (
         MANIFEST_FILE,
         SIGNATURE_FILE,
         file_digests,
@@ -146,12 +146,13 @@ _LOAD_CHILD = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
 
-    import workers.plugins  # noqa: F401 - what a worker has imported before plugins load
+    # What a worker has imported before plugins load:
+    import workers.pluginhost.registry  # noqa: F401
     from plugins.builtin import builtin_manifest
-    from workers.errors import PluginError
-    from workers.plugin_discovery import read_candidate
-    from workers.plugin_loader import load_builtin, load_candidate
-    from workers.settings import Settings
+    from workers.runtime.errors import PluginError
+    from workers.pluginhost.discovery import read_candidate
+    from workers.pluginhost.loader import load_builtin, load_candidate
+    from workers.runtime.settings import Settings
 
     spec = json.loads(sys.argv[1])
     settings = Settings(data_dir=spec["data_dir"], plugin_trusted_keys=spec["keys"])
@@ -361,8 +362,8 @@ _BOOT_CHILD = textwrap.dedent(
     """\
     import json, time
 
-    from workers.plugins import PluginRegistry
-    from workers.settings import Settings
+    from workers.pluginhost.registry import PluginRegistry
+    from workers.runtime.settings import Settings
 
     started = time.perf_counter()
     registry = PluginRegistry(Settings()).boot()
@@ -377,7 +378,7 @@ _BOOT_CHILD = textwrap.dedent(
 
 
 def measure_boot(runs: int, data: Path, plugin_folder: Path, key: str) -> None:
-    from workers.migrate import upgrade
+    from workers.runtime.migrate import upgrade
 
     url = f"sqlite:///{data / 'cul8er.db'}"
     upgrade(url)
@@ -496,7 +497,7 @@ def measure_workers(runs: int, work: Path) -> None:
         return
     from celery import Celery
 
-    from workers.migrate import upgrade
+    from workers.runtime.migrate import upgrade
 
     data = work / "worker-data"
     data.mkdir()

@@ -62,7 +62,7 @@ STEP = "cul8er.tenants.create_instances"
 PLAN = "slowboot"
 #: The production default of ``step_time_limit``; the lease is 10 s longer.
 PRODUCTION_STEP_TIME_LIMIT = 300.0
-#: Defaults of the owner rule (workers/settings.py), for the expected bounds printed.
+#: Defaults of the owner rule (workers/runtime/settings.py), for the expected bounds printed.
 OWNER_TIMEOUT, RECONCILE = 10.0, 5.0
 #: A killed step is resumed within this margin past the rule's bound, or it is reported.
 SLACK = 3.0
@@ -215,8 +215,8 @@ def step_rows(database_url: str, run_ids: list[str]) -> dict[str, Any]:
     """The ``create_instances`` row of each run, with its owner's node and pid."""
     from sqlalchemy import select
 
-    from workers.db import session_scope
-    from workers.models import StepRun, WorkerProcess
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import StepRun, WorkerProcess
 
     with session_scope(database_url) as session:
         rows = session.execute(
@@ -239,8 +239,8 @@ def step_rows(database_url: str, run_ids: list[str]) -> dict[str, Any]:
 def run_statuses(database_url: str, run_ids: list[str]) -> dict[str, str]:
     from sqlalchemy import select
 
-    from workers.db import session_scope
-    from workers.models import WorkflowRun
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import WorkflowRun
 
     with session_scope(database_url) as session:
         rows = session.execute(
@@ -366,7 +366,7 @@ def arm_stack(
     import redis
 
     from tests.stack import write_plans
-    from workers.migrate import upgrade
+    from workers.runtime.migrate import upgrade
 
     redis.Redis.from_url(redis_url).flushdb()
     data_dir = Path(tempfile.mkdtemp(prefix="cul8er-bench-recovery-"))
@@ -564,7 +564,7 @@ def main() -> None:
 
     import logging
 
-    from workers.logging import configure_logging
+    from workers.runtime.logging import configure_logging
 
     configure_logging(fmt="console", level="WARNING")
     logging.getLogger().setLevel(logging.WARNING)

@@ -38,9 +38,9 @@ def bare_chain(client: Celery, runs: int) -> list[float]:
 
 def ledger_chain(client: Celery, database_url: str, runs: int) -> list[float]:
     from bench.noop import NOOP
-    from workers import ledger
-    from workers.db import session_scope
-    from workers.models import WorkflowRun
+    from workers.engine import ledger
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import WorkflowRun
 
     samples = []
     for i in range(runs + 5):
@@ -60,8 +60,8 @@ def ledger_chain(client: Celery, database_url: str, runs: int) -> list[float]:
 
 
 def provisions(client: Celery, database_url: str, count: int) -> list[float]:
-    from workers.db import session_scope
-    from workers.models import WorkflowRun
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import WorkflowRun
 
     def wait(run_id: str) -> str:
         while True:
@@ -98,13 +98,13 @@ def main() -> None:
 
     import redis
 
-    from workers.logging import configure_logging
+    from workers.runtime.logging import configure_logging
 
     configure_logging(fmt="console", level="WARNING")
     logging.getLogger().setLevel(logging.WARNING)
     redis.Redis.from_url(REDIS).flushdb()
     with pg_database() as database_url:
-        from workers.migrate import upgrade
+        from workers.runtime.migrate import upgrade
 
         upgrade(database_url)
         env = {

@@ -18,9 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tasks import workflows as wf
-from workers import ledger
-from workers.app import app
-from workers.autoscale import (
+from workers.economics.autoscale import (
     NO_ACTION,
     SOURCE_METRICS,
     Decision,
@@ -30,9 +28,13 @@ from workers.autoscale import (
     lookback,
     resolve_rules,
 )
-from workers.db import session_scope
-from workers.events import emit
-from workers.models import (
+from workers.economics.plans import load_catalog
+from workers.engine import ledger
+from workers.engine.events import emit
+from workers.engine.workflow import FORWARD
+from workers.runtime.app import app
+from workers.runtime.db import session_scope
+from workers.runtime.models import (
     AuditEvent,
     AutoscaleDecision,
     Instance,
@@ -41,10 +43,8 @@ from workers.models import (
     UsageRecord,
     utcnow,
 )
-from workers.plans import load_catalog
-from workers.schedule import claim_slot, slot_start
-from workers.settings import get_settings
-from workers.workflow import FORWARD
+from workers.runtime.schedule import claim_slot, slot_start
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import structlog
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from workers import billing
-from workers.app import app
-from workers.errors import NotFoundError, TransientError, ValidationFailedError
-from workers.models import Invoice, utcnow
-from workers.public import Outcome, public_task, rejection
-from workers.schedule import claim_slot, slot_start
-from workers.settings import get_settings
+from workers.economics import billing
+from workers.engine.public import Outcome, public_task, rejection
+from workers.runtime.app import app
+from workers.runtime.errors import NotFoundError, TransientError, ValidationFailedError
+from workers.runtime.models import Invoice, utcnow
+from workers.runtime.schedule import claim_slot, slot_start
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -13,16 +13,16 @@ from typing import Any
 import structlog
 from sqlalchemy import select
 
-from plugins.provisioners._instances import instance_spec
 from plugins.provisioners.shared_cluster import SHARED_TENANT_ID
 from tasks.steps import record_instance
-from workers.app import app
-from workers.db import session_scope
-from workers.errors import Cul8erError
-from workers.models import AuditEvent, Instance, Tenant
-from workers.plans import get_plan
-from workers.registry import get_platform
-from workers.settings import get_settings
+from workers.economics.plans import get_plan
+from workers.engine.instances import instance_spec
+from workers.pluginhost.handles import get_platform
+from workers.runtime.app import app
+from workers.runtime.db import session_scope
+from workers.runtime.errors import Cul8erError
+from workers.runtime.models import AuditEvent, Instance, Tenant
+from workers.runtime.settings import get_settings
 
 __all__ = ["reconcile_platforms"]
 

@@ -7,12 +7,12 @@ from typing import Any
 import structlog
 
 from schemas.events import Event
-from workers.app import app
-from workers.errors import Cul8erError, TransientError
-from workers.events import DELIVER_TASK, active_observers
-from workers.plugin_tasks import invoke
-from workers.settings import get_settings
-from workers.steps import backoff
+from workers.engine.events import DELIVER_TASK, active_observers
+from workers.engine.steps import backoff
+from workers.pluginhost.calls import invoke
+from workers.runtime.app import app
+from workers.runtime.errors import Cul8erError, TransientError
+from workers.runtime.settings import get_settings
 
 __all__ = ["deliver"]
 

@@ -14,12 +14,12 @@ from typing import Any, Final
 import structlog
 from sqlalchemy import select, update
 
-from plugins.provisioners._instances import probe
-from workers.app import app
-from workers.db import session_scope
-from workers.models import AuditEvent, Instance, Tenant
-from workers.schedule import claim_slot, slot_start
-from workers.settings import get_settings
+from workers.engine.instances import probe
+from workers.runtime.app import app
+from workers.runtime.db import session_scope
+from workers.runtime.models import AuditEvent, Instance, Tenant
+from workers.runtime.schedule import claim_slot, slot_start
+from workers.runtime.settings import get_settings
 
 __all__ = ["SWEEP", "sweep", "sweep_once"]
 

@@ -11,12 +11,14 @@ from sqlalchemy import delete, select
 
 from schemas.tasks import WorkflowStatus
 from tasks import workflows as _declared  # noqa: F401  (registers the workflow kinds)
-from workers import ledger, liveness, takeover
-from workers.app import app
-from workers.db import session_scope
-from workers.errors import NotFoundError
-from workers.events import emit
-from workers.models import (
+from workers.engine import ledger, takeover
+from workers.engine.events import emit
+from workers.engine.public import Outcome, public_task
+from workers.runtime import liveness
+from workers.runtime.app import app
+from workers.runtime.db import session_scope
+from workers.runtime.errors import NotFoundError
+from workers.runtime.models import (
     MeterReading,
     Operation,
     StepRun,
@@ -25,9 +27,8 @@ from workers.models import (
     WorkflowRun,
     utcnow,
 )
-from workers.public import Outcome, public_task
-from workers.queues import Queue
-from workers.settings import get_settings
+from workers.runtime.queues import Queue
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -15,21 +15,21 @@ from typing import Any
 import structlog
 from celery import Task
 
-from workers import metering
-from workers.app import app
-from workers.db import session_scope
-from workers.errors import (
+from workers.economics import metering
+from workers.engine.public import rejection
+from workers.runtime.app import app
+from workers.runtime.db import session_scope
+from workers.runtime.errors import (
     ConflictError,
     NotFoundError,
     PermanentError,
     TransientError,
     ValidationFailedError,
 )
-from workers.models import Tenant
-from workers.public import rejection
-from workers.queues import Queue
-from workers.schedule import claim_slot, claimed_slot
-from workers.settings import get_settings
+from workers.runtime.models import Tenant
+from workers.runtime.queues import Queue
+from workers.runtime.schedule import claim_slot, claimed_slot
+from workers.runtime.settings import get_settings
 
 __all__ = [
     "METER_ALL",

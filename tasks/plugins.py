@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from schemas.tasks import InstallPlugin, PluginByName, ReloadPlugin
-from workers import plugin_admin
-from workers.errors import PluginError, PluginRefusedError
-from workers.public import Outcome, public_task
-from workers.settings import get_settings
+from workers.engine.public import Outcome, public_task
+from workers.pluginhost import admin as plugin_admin
+from workers.runtime.errors import PluginError, PluginRefusedError
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -21,15 +21,8 @@ from sqlalchemy.exc import IntegrityError
 
 from tasks import workflows as wf
 from tasks.autoscale import start_tenant_workflow
-from workers import ledger
-from workers.app import app
-from workers.db import session_scope
-from workers.errors import NotFoundError
-from workers.events import emit
-from workers.models import AuditEvent, Operation, Tenant, UsageRecord, utcnow
-from workers.plans import load_catalog
-from workers.public import Outcome, public_task
-from workers.quotas import (
+from workers.economics.plans import load_catalog
+from workers.economics.quotas import (
     PaymentFailed,
     PaymentSucceeded,
     clear_payment,
@@ -39,8 +32,15 @@ from workers.quotas import (
     quota_reason,
     record_payment_failure,
 )
-from workers.settings import get_settings
-from workers.workflow import FORWARD
+from workers.engine import ledger
+from workers.engine.events import emit
+from workers.engine.public import Outcome, public_task
+from workers.engine.workflow import FORWARD
+from workers.runtime.app import app
+from workers.runtime.db import session_scope
+from workers.runtime.errors import NotFoundError
+from workers.runtime.models import AuditEvent, Operation, Tenant, UsageRecord, utcnow
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -14,23 +14,30 @@ import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from plugins.provisioners._instances import instance_name, instance_spec, probe
 from schemas.platform import InstanceInfo
 from schemas.plugins import ProvisionRequest, ProvisionResult
-from workers.db import session_scope
-from workers.errors import ConfigError, NotFoundError, PoolExhaustedError, TransientError
-from workers.events import emit
-from workers.models import AuditEvent, Instance, NetworkAllocation, PlanPeriod, Tenant, utcnow
-from workers.plans import get_plan
-from workers.registry import get_platform, get_provisioner
-from workers.settings import get_settings
-from workers.steps import step
+from workers.economics.plans import get_plan
+from workers.engine.events import emit
+from workers.engine.instances import instance_name, instance_spec, probe
+from workers.engine.steps import step
+from workers.pluginhost.handles import get_platform, get_provisioner
+from workers.runtime.db import session_scope
+from workers.runtime.errors import ConfigError, NotFoundError, PoolExhaustedError, TransientError
+from workers.runtime.models import (
+    AuditEvent,
+    Instance,
+    NetworkAllocation,
+    PlanPeriod,
+    Tenant,
+    utcnow,
+)
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from workers.contracts import Platform
-    from workers.workflow import StepContext
+    from workers.engine.workflow import StepContext
+    from workers.pluginhost.contracts import Platform
 
 __all__ = ["instance_name", "instance_spec", "probe", "record_instance", "record_plan_period"]
 

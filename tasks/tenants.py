@@ -17,9 +17,13 @@ from schemas.tasks import (
     SuspendTenant,
 )
 from tasks import workflows as wf
-from workers import ledger
-from workers.errors import ConflictError, NotFoundError, ValidationFailedError
-from workers.models import (
+from workers.economics.plans import get_plan
+from workers.engine import ledger
+from workers.engine.public import Outcome, public_task
+from workers.engine.workflow import FORWARD
+from workers.pluginhost.handles import plugin_names
+from workers.runtime.errors import ConflictError, NotFoundError, ValidationFailedError
+from workers.runtime.models import (
     AuditEvent,
     Instance,
     NetworkAllocation,
@@ -28,16 +32,12 @@ from workers.models import (
     WorkflowRun,
     utcnow,
 )
-from workers.plans import get_plan
-from workers.public import Outcome, public_task
-from workers.registry import plugin_names
-from workers.settings import get_settings
-from workers.workflow import FORWARD
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from workers.workflow import Workflow
+    from workers.engine.workflow import Workflow
 
 __all__: list[str] = []
 

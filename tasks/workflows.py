@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.workflow import Step, Workflow, workflows
+from workers.engine.workflow import Step, Workflow, workflows
 
 __all__ = ["CHANGE_PLAN", "DEPROVISION", "PROVISION", "RESUME", "SUSPEND"]
 

@@ -24,9 +24,9 @@ from tests.stack import (
     instance_processes,
     reachable,
 )
-from workers.embedded import EmbeddedRedis
-from workers.migrate import upgrade
-from workers.settings import Settings, get_settings
+from workers.runtime.embedded import EmbeddedRedis
+from workers.runtime.migrate import upgrade
+from workers.runtime.settings import Settings, get_settings
 
 IN_CI = bool(os.environ.get("CI"))
 SERVICES = {"postgres": 5432, "redis": 6379, "rabbitmq": 5672}

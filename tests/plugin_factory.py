@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from schemas.manifest import PluginType
-from workers.plugin_template import write_plugin
-from workers.plugin_trust import MANIFEST_FILE, SIGNATURE_FILE, file_digests, sign_manifest
+from workers.pluginhost.template import write_plugin
+from workers.pluginhost.trust import MANIFEST_FILE, SIGNATURE_FILE, file_digests, sign_manifest
 
 __all__ = [
     "edit_module",

@@ -25,9 +25,9 @@ import psutil
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from workers.db import session_scope
-from workers.embedded import EmbeddedRedis
-from workers.migrate import upgrade
+from workers.runtime.db import session_scope
+from workers.runtime.embedded import EmbeddedRedis
+from workers.runtime.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -83,7 +83,7 @@ def reachable(host: str, port: int) -> bool:
 
 def write_plans(path: Path) -> Path:
     """The built-in catalog plus the test plans, as a YAML file."""
-    builtin = (ROOT / "workers" / "plans.yaml").read_text()
+    builtin = (ROOT / "workers" / "economics" / "plans.yaml").read_text()
     path.write_text(builtin.rstrip() + "\n" + TEST_PLANS)
     return path
 
@@ -208,7 +208,7 @@ class Stack:
 
     def add_tenant(self, tenant_id: str, name: str) -> None:
         """A tenant row in ``provisioning`` on the local platform, as a create would leave it."""
-        from workers.models import Tenant, utcnow
+        from workers.runtime.models import Tenant, utcnow
 
         with self.session() as session:
             session.add(
@@ -227,7 +227,7 @@ class Stack:
     def wait_run(self, run_id: str, timeout: float = 90) -> dict[str, Any]:
         """Poll the ledger until the run ends; returns the run as ``workflows.status`` does."""
         from tasks.maintenance import describe_run
-        from workers.models import WorkflowRun
+        from workers.runtime.models import WorkflowRun
 
         deadline = time.monotonic() + timeout
         while True:
@@ -243,7 +243,7 @@ class Stack:
         """The ledger row of one step of a run (detached, read-only)."""
         from sqlalchemy import select
 
-        from workers.models import StepRun
+        from workers.runtime.models import StepRun
 
         with self.session() as session:
             return session.scalars(
@@ -267,7 +267,7 @@ class Stack:
 
     def worker_of(self, boot_id: str) -> tuple[subprocess.Popen[bytes], int]:
         """The worker of this stack whose pool child is ``boot_id``, and that child's pid."""
-        from workers.models import WorkerProcess
+        from workers.runtime.models import WorkerProcess
 
         with self.session() as session:
             row = session.get(WorkerProcess, boot_id)
@@ -331,7 +331,7 @@ def drop_pg_database(url: str) -> None:
     """Drop a database made by :func:`create_pg_database`."""
     import psycopg
 
-    from workers.db import get_engine
+    from workers.runtime.db import get_engine
 
     get_engine(url).dispose()
     name = url.rsplit("/", 1)[1]

@@ -1,29 +1,11 @@
-"""The Celery application, ``workers.app:app``: ``celery -A workers.app worker|beat|flower``."""
+"""The entry point ``workers.app:app`` for every ``celery -A workers.app worker|beat|flower``.
+
+The application itself lives in the runtime (:mod:`workers.runtime.app`); this module only
+names it where Celery, compose files and the README look for it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from celery import Celery
-
-from workers import signals as _signals  # noqa: F401  (connects the handlers)
-from workers.config import celery_config
-from workers.embedded import EmbeddedRedis
-from workers.settings import get_settings
+from workers.runtime.app import app
 
 __all__ = ["app"]
-
-app = Celery("cul8er")
-app.config_from_object(celery_config(get_settings()))
-
-
-@app.on_configure.connect
-def _start_embedded_broker(**_kwargs: Any) -> None:
-    # Lazy: only a process that really talks to the broker starts (or reuses) the embedded one.
-    settings = get_settings()
-    if settings.embedded_broker:
-        EmbeddedRedis(settings.data_dir).ensure_running()
-
-
-# Last: the plugin runtime registers its tasks and worker signals on ``app`` defined above.
-from workers import plugin_tasks as _plugin_tasks  # noqa: E402, F401

@@ -3,7 +3,7 @@
 A plugin module names a factory in its manifest (``"factory": "Plugin"``); cul8er
 calls ``factory(config, context)`` with the validated config model (or ``None`` when
 the plugin has none) and a :class:`PluginContext`. The object returned implements the
-contract of the plugin's type (``workers.contracts``). It may define
+contract of the plugin's type (``workers.pluginhost.contracts``). It may define
 ``self_test(self) -> None``: raising there refuses the plugin (and a reload keeps the
 previous version serving).
 """
@@ -18,7 +18,7 @@ import structlog
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
 __all__ = ["PluginContext"]
 

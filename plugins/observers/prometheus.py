@@ -1,8 +1,8 @@
 """The ``prometheus`` observer: events counted into metrics a Prometheus server scrapes.
 
 Every worker process writes its values to mmap files under ``settings.prometheus_dir``
-(default ``data_dir/prometheus``, see :mod:`workers.metrics`); the exporter a worker's
-main process serves (``prometheus_port``) or :func:`workers.metrics.render` sums them.
+(default ``data_dir/prometheus``, see :mod:`workers.runtime.metrics`); the exporter a worker's
+main process serves (``prometheus_port``) or :func:`workers.runtime.metrics.render` sums them.
 
 Series:
 
@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from schemas.plugins import Ack, HealthStatus
-from workers import metrics
-from workers.errors import PermanentError
-from workers.settings import get_settings
+from workers.runtime import metrics
+from workers.runtime.errors import PermanentError
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -33,8 +33,8 @@ from tenacity import (
 )
 
 from schemas.plugins import Ack, HealthStatus
-from workers.errors import PermanentError, TransientError
-from workers.secrets import remember
+from workers.pluginhost.secrets import remember
+from workers.runtime.errors import PermanentError, TransientError
 
 if TYPE_CHECKING:
     from schemas.events import Event

@@ -34,7 +34,7 @@ from tenacity import (
 )
 
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
-from workers.errors import (
+from workers.runtime.errors import (
     ConflictError,
     NotFoundError,
     PermanentError,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from workers.plugin_api import PluginContext
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
 __all__ = ["IncusPlatform"]
 

@@ -32,13 +32,13 @@ from pydantic import ValidationError
 
 from plugins.platforms._cgroups import CFS_PERIOD_US, Cgroups
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
-from workers.errors import NotFoundError, PermanentError, TransientError
+from workers.runtime.errors import NotFoundError, PermanentError, TransientError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from workers.plugin_api import PluginContext
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
 __all__ = ["LocalPlatform"]
 

@@ -15,19 +15,19 @@ import structlog
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from plugins.provisioners._instances import check_tenant_id, health_report, instance_spec
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
-from workers.db import get_engine, session_scope
-from workers.errors import ConflictError, NotFoundError, PermanentError, TransientError
-from workers.models import Tenant
-from workers.registry import get_platform
+from workers.engine.instances import check_tenant_id, health_report, instance_spec
+from workers.pluginhost.handles import get_platform
+from workers.runtime.db import get_engine, session_scope
+from workers.runtime.errors import ConflictError, NotFoundError, PermanentError, TransientError
+from workers.runtime.models import Tenant
 
 if TYPE_CHECKING:
     from schemas.platform import InstanceInfo
     from schemas.plugins import ProvisionRequest
-    from workers.contracts import Platform
     from workers.plugin_api import PluginContext
-    from workers.settings import Settings
+    from workers.pluginhost.contracts import Platform
+    from workers.runtime.settings import Settings
 
 __all__ = ["ContainerPerTenant", "tenant_platform"]
 

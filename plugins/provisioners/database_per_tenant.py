@@ -26,10 +26,10 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from plugins.provisioners._instances import check_tenant_id
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
-from workers.db import get_engine
-from workers.errors import NotFoundError, TransientError
+from workers.engine.instances import check_tenant_id
+from workers.runtime.db import get_engine
+from workers.runtime.errors import NotFoundError, TransientError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from schemas.plugins import ProvisionRequest
     from workers.plugin_api import PluginContext
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
 __all__ = [
     "DatabasePerTenant",

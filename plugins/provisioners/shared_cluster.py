@@ -23,20 +23,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from plugins.provisioners._instances import check_tenant_id, health_report
 from schemas.plans import Plan
 from schemas.platform import InstanceInfo, InstanceSpec, Limits
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
-from workers.errors import NotFoundError, PermanentError, TransientError
-from workers.registry import get_platform
+from workers.engine.instances import check_tenant_id, health_report
+from workers.pluginhost.handles import get_platform
+from workers.runtime.errors import NotFoundError, PermanentError, TransientError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
     from schemas.plugins import ProvisionRequest
-    from workers.contracts import Platform
     from workers.plugin_api import PluginContext
+    from workers.pluginhost.contracts import Platform
 
 __all__ = ["SHARED_TENANT_ID", "SharedCluster", "SharedClusterConfig", "pool_instance_name"]
 

@@ -11,8 +11,8 @@ import structlog
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from schemas.plugins import Ack, SecretValue
-from workers.errors import NotFoundError, PermanentError
-from workers.secrets import check_path, remember
+from workers.pluginhost.secrets import check_path, remember
+from workers.runtime.errors import NotFoundError, PermanentError
 
 if TYPE_CHECKING:
     from workers.plugin_api import PluginContext

@@ -24,8 +24,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
 
 from schemas.plugins import Ack, SecretValue
-from workers.errors import ConfigError, NotFoundError
-from workers.secrets import check_path, remember
+from workers.pluginhost.secrets import check_path, remember
+from workers.runtime.errors import ConfigError, NotFoundError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

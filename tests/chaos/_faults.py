@@ -30,9 +30,9 @@ from sqlalchemy import func, select, text
 
 from plugins.provisioners.database_per_tenant import store_exists
 from tests.stack import PG_ADMIN, Stack, create_pg_database, instance_processes
-from workers.errors import TransientError
-from workers.models import Instance, NetworkAllocation, StepRun, WorkflowRun
-from workers.settings import Settings
+from workers.runtime.errors import TransientError
+from workers.runtime.models import Instance, NetworkAllocation, StepRun, WorkflowRun
+from workers.runtime.settings import Settings
 
 T = TypeVar("T")
 

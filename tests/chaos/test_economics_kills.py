@@ -31,8 +31,8 @@ from tests.chaos._faults import (
 )
 from tests.stack import Stack
 from tests.webhook import webhook_receiver
-from workers import billing, metering
-from workers.models import Instance, Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
+from workers.economics import billing, metering
+from workers.runtime.models import Instance, Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from tests.chaos._faults import (
     wait_runs,
 )
 from tests.stack import Stack
-from workers.models import utcnow
+from workers.runtime.models import utcnow
 
 pytestmark = pytest.mark.integration
 

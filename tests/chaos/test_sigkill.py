@@ -24,7 +24,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from sqlalchemy import func, select, text
 
 from tests.stack import Stack, instance_processes
-from workers.models import Instance, NetworkAllocation, StepRun, Tenant, WorkflowRun, utcnow
+from workers.runtime.models import Instance, NetworkAllocation, StepRun, Tenant, WorkflowRun, utcnow
 
 pytestmark = pytest.mark.integration
 

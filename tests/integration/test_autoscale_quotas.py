@@ -22,7 +22,14 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.stack import ROOT, Stack
-from workers.models import AutoscaleDecision, Instance, Tenant, UsageRecord, WorkflowRun, utcnow
+from workers.runtime.models import (
+    AutoscaleDecision,
+    Instance,
+    Tenant,
+    UsageRecord,
+    WorkflowRun,
+    utcnow,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +116,7 @@ def add_rows(
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli_economics", *args],
+        [sys.executable, "-m", "workers.cli.economics", *args],
         env=stack.env,
         cwd=ROOT,
         capture_output=True,

@@ -17,8 +17,8 @@ from sqlalchemy import select
 
 from tests.stack import Stack
 from tests.webhook import Receiver, webhook_receiver
-from workers import billing
-from workers.models import Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
+from workers.economics import billing
+from workers.runtime.models import Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 
 def cli(stack: Stack, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers.cli.main", *args],
         env=stack.env,
         cwd=ROOT,
         capture_output=True,

@@ -17,8 +17,9 @@ from sqlalchemy import func, select
 from plugins.provisioners.database_per_tenant import store_exists
 from tasks import workflows as wf
 from tests.stack import Stack, instance_processes
-from workers import ledger
-from workers.models import (
+from workers.engine import ledger
+from workers.engine.workflow import Workflow
+from workers.runtime.models import (
     AuditEvent,
     Instance,
     NetworkAllocation,
@@ -27,8 +28,7 @@ from workers.models import (
     Tenant,
     WorkflowRun,
 )
-from workers.settings import Settings
-from workers.workflow import Workflow
+from workers.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 
 from plugins.provisioners.database_per_tenant import store_exists
 from tests.stack import Stack, instance_processes
-from workers.models import AuditEvent, Instance, NetworkAllocation, Tenant
-from workers.settings import Settings
+from workers.runtime.models import AuditEvent, Instance, NetworkAllocation, Tenant
+from workers.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -196,7 +196,7 @@ def test_failing_step_compensates_everything(running_stack: Stack, tmp_path) -> 
     assert not store_exists(settings, tenant_id)
     # and the error is readable in `cul8er workflow show`
     shown = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "workflow", "show", created["workflow_id"]],
+        [sys.executable, "-m", "workers.cli.main", "workflow", "show", created["workflow_id"]],
         env=stack.env,
         capture_output=True,
         text=True,
@@ -205,7 +205,15 @@ def test_failing_step_compensates_everything(running_stack: Stack, tmp_path) -> 
     assert shown.returncode == 0, shown.stderr
     assert "not healthy" in shown.stdout and "health_check" in shown.stdout
     as_json = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "workflow", "show", created["workflow_id"], "--json"],
+        [
+            sys.executable,
+            "-m",
+            "workers.cli.main",
+            "workflow",
+            "show",
+            created["workflow_id"],
+            "--json",
+        ],
         env=stack.env,
         capture_output=True,
         text=True,

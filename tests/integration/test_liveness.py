@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.stack import Stack, instance_processes
-from workers.models import Instance
+from workers.runtime.models import Instance
 
 pytestmark = pytest.mark.integration
 

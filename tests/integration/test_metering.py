@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 
 from tests.conftest import require, teardown_stack
 from tests.stack import Stack, create_pg_database
-from workers import metering
-from workers.models import Instance, UsageRecord, utcnow
+from workers.economics import metering
+from workers.runtime.models import Instance, UsageRecord, utcnow
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.stack import ROOT, Stack
-from workers.models import NetworkAllocation
+from workers.runtime.models import NetworkAllocation
 
 pytestmark = pytest.mark.integration
 
@@ -117,9 +117,9 @@ def platform_stack(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator
     stack.platform = platform  # type: ignore[attr-defined]
     yield stack
     # Whatever a failed test left on the engine for this stack's tenants goes too.
-    from workers.models import Tenant
-    from workers.registry import get_platform
-    from workers.settings import Settings
+    from workers.pluginhost.handles import get_platform
+    from workers.runtime.models import Tenant
+    from workers.runtime.settings import Settings
 
     with stack.session() as session:
         ours = set(session.scalars(select(Tenant.id)))
@@ -171,8 +171,8 @@ def test_tenant_lifecycle_on_a_real_engine(platform_stack: Stack) -> None:
     assert recorded["applied"]["cpu_cores"] == float(min(8, ncpu))
 
     # When it is metered
-    from workers.registry import get_platform
-    from workers.settings import Settings
+    from workers.pluginhost.handles import get_platform
+    from workers.runtime.settings import Settings
 
     engine = get_platform(platform, Settings(data_dir=stack.data_dir))
     engine.exec(name, ["sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])

@@ -26,8 +26,8 @@ from cryptography.fernet import Fernet
 from schemas.events import Event
 from schemas.manifest import PluginType
 from tests.stack import ROOT, Stack
-from workers.embedded import EmbeddedRedis
-from workers.plugin_template import write_manifest
+from workers.pluginhost.template import write_manifest
+from workers.runtime.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ def event(**data: Any) -> dict[str, Any]:
 
 def cli(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers.cli.main", *args],
         env=stack.env,
         cwd=ROOT,
         capture_output=True,
@@ -326,7 +326,7 @@ def test_a_planted_secret_never_leaves_the_plugin(stack: Stack, tmp_path: Path) 
     # Given a secret in the encrypted file store and a plugin whose config refers to it
     from plugins.secrets.file import FileSecrets, FileSecretsConfig
     from workers.plugin_api import PluginContext
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
     planted = "planted-s3cret-4711-value"
     key = Fernet.generate_key().decode()
@@ -372,7 +372,7 @@ def test_a_planted_secret_never_leaves_the_plugin(stack: Stack, tmp_path: Path) 
     assert any("plugins.leaky.observe_event" in json.dumps(t) for t in tasks.values())
     assert planted not in json.dumps(tasks)
     # And the table keeps the reference, never the value
-    from workers.models import Plugin
+    from workers.runtime.models import Plugin
 
     with stack.session() as session:
         row = session.get(Plugin, "leaky")
@@ -399,9 +399,9 @@ def _flower_tasks(port: int) -> dict[str, Any] | None:
 
 def test_a_plugin_task_delivered_twice_at_once_has_one_side_effect(stack: Stack) -> None:
     # Given a worker with two processes serving the local platform plugin's queue
-    from plugins.provisioners._instances import instance_spec
     from tests.stack import instance_processes
-    from workers.plans import get_plan
+    from workers.economics.plans import get_plan
+    from workers.engine.instances import instance_spec
 
     stack.start_worker("main", concurrency=2)
     spec = instance_spec("twice", get_plan("free"), "local", 0).model_dump(mode="json")
@@ -518,7 +518,7 @@ def test_a_plugin_action_delivered_twice_at_once_changes_state_once(
     # (the audit trail counts the changes: two deliveries of one task id share one result)
     from sqlalchemy import select
 
-    from workers.models import AuditEvent
+    from workers.runtime.models import AuditEvent
 
     with stack.session() as session:
         changes = [

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.stack import instance_processes
-from workers.models import StepRun, WorkflowRun
+from workers.runtime.models import StepRun, WorkflowRun
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +68,8 @@ def test_lost_message_is_resumed_by_reconcile(stack_factory) -> None:
     stack = stack_factory("embedded")
     # Given a provision run whose first message was lost (never sent)
     from tasks import workflows as wf
-    from workers import ledger
-    from workers.models import Tenant
+    from workers.engine import ledger
+    from workers.runtime.models import Tenant
 
     tenant_id = f"t{uuid.uuid4().hex[:8]}"
     stack.add_tenant(tenant_id, "Lost")

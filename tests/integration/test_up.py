@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.stack import ROOT, instance_processes
-from workers.embedded import EmbeddedRedis
+from workers.runtime.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def test_up_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "workers.cli", *args],
+            [sys.executable, "-m", "workers.cli.main", *args],
             env=env,
             cwd=ROOT,
             capture_output=True,
@@ -45,7 +45,7 @@ def test_up_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path) -> None:
 
     # When `cul8er up --flower` starts
     up = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "up", "--flower", "--flower-port", str(port)],
+        [sys.executable, "-m", "workers.cli.main", "up", "--flower", "--flower-port", str(port)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

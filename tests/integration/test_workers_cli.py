@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.stack import ROOT, Stack
-from workers.models import StepRun
+from workers.runtime.models import StepRun
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ LIVENESS = {"CUL8ER_OWNER_TIMEOUT": "4", "CUL8ER_HEARTBEAT_INTERVAL": "1"}
 def cli(stack: Stack, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """The real `cul8er` command line, with the stack's settings and a wide terminal."""
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers.cli.main", *args],
         env={**stack.env, "COLUMNS": "250"},
         cwd=ROOT,
         capture_output=True,

@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 from schemas.autoscale import AutoscaleRule
 from tasks import workflows as wf
 from tasks.autoscale import EVALUATE, evaluate_slot
-from workers.autoscale import TenantState, UsageWindow, decide, measure, resolve_rules
-from workers.cli_economics import autoscale_cli, beat_cli
-from workers.db import session_scope
-from workers.models import (
+from workers.cli.economics import autoscale_cli, beat_cli
+from workers.economics.autoscale import TenantState, UsageWindow, decide, measure, resolve_rules
+from workers.economics.plans import load_catalog
+from workers.runtime.db import session_scope
+from workers.runtime.models import (
     AuditEvent,
     AutoscaleDecision,
     Instance,
@@ -34,9 +35,8 @@ from workers.models import (
     WorkflowRun,
     utcnow,
 )
-from workers.plans import load_catalog
-from workers.schedule import claim_slot
-from workers.settings import Settings
+from workers.runtime.schedule import claim_slot
+from workers.runtime.settings import Settings
 
 T = TypeVar("T")
 

@@ -18,10 +18,10 @@ from sqlalchemy import func, select, update
 
 from tasks.billing import close_periods as close_task
 from tasks.billing import get_invoice
-from workers import billing
-from workers.db import session_scope
-from workers.models import Invoice, PlanPeriod, Tenant, UsageRecord
-from workers.settings import Settings
+from workers.economics import billing
+from workers.runtime.db import session_scope
+from workers.runtime.models import Invoice, PlanPeriod, Tenant, UsageRecord
+from workers.runtime.settings import Settings
 
 UTC = dt.UTC
 

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import select
 
 from tasks.maintenance import cleanup
-from workers.db import session_scope
-from workers.models import (
+from workers.runtime.db import session_scope
+from workers.runtime.models import (
     MeterReading,
     Operation,
     StepRun,
@@ -19,7 +19,7 @@ from workers.models import (
     WorkflowRun,
     utcnow,
 )
-from workers.settings import Settings
+from workers.runtime.settings import Settings
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import schemas
 import workers
 from schemas.tasks import PUBLIC_TASKS, CreateTenant
 from tasks.tenants import slugify
-from workers.errors import PluginError, ValidationFailedError
-from workers.plans import get_plan, load_catalog
-from workers.registry import check_platform
+from workers.economics.plans import get_plan, load_catalog
+from workers.pluginhost.handles import check_platform
+from workers.runtime.errors import PluginError, ValidationFailedError
 
 
 def test_seed_plans_have_the_seed_quotas() -> None:

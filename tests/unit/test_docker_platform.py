@@ -25,10 +25,10 @@ from structlog.testing import capture_logs
 
 from plugins.platforms.docker import DockerPlatform
 from schemas.platform import InstanceInfo, InstanceSpec, Limits
-from workers.contracts import Platform
-from workers.errors import NotFoundError, PermanentError, TransientError
-from workers.registry import check_platform
-from workers.settings import Settings
+from workers.pluginhost.contracts import Platform
+from workers.pluginhost.handles import check_platform
+from workers.runtime.errors import NotFoundError, PermanentError, TransientError
+from workers.runtime.settings import Settings
 
 IN_CI = bool(os.environ.get("CI"))
 IMAGE = os.environ.get("CUL8ER_DOCKER_IMAGE", "cul8er/instance:latest")

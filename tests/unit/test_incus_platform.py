@@ -23,9 +23,9 @@ pylxd = pytest.importorskip("pylxd")
 
 from plugins.platforms.incus import IncusPlatform  # noqa: E402
 from schemas.platform import InstanceInfo, InstanceSpec, Limits  # noqa: E402
-from workers.contracts import Platform  # noqa: E402
-from workers.errors import NotFoundError, PermanentError, TransientError  # noqa: E402
-from workers.registry import check_platform  # noqa: E402
+from workers.pluginhost.contracts import Platform  # noqa: E402
+from workers.pluginhost.handles import check_platform  # noqa: E402
+from workers.runtime.errors import NotFoundError, PermanentError, TransientError  # noqa: E402
 
 SOCKET = os.environ.get("CUL8ER_INCUS_SOCKET", "/var/lib/incus/unix.socket")
 IMAGE = os.environ.get("CUL8ER_INCUS_IMAGE", "cul8er-instance")

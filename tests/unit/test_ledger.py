@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import select, update
 
 from tasks import workflows as wf
-from workers import ledger, takeover
-from workers.db import session_scope
-from workers.migrate import upgrade
-from workers.models import StepRun, WorkflowRun, utcnow
-from workers.steps import backoff
+from workers.engine import ledger, takeover
+from workers.engine.steps import backoff
+from workers.runtime.db import session_scope
+from workers.runtime.migrate import upgrade
+from workers.runtime.models import StepRun, WorkflowRun, utcnow
 
 STEPS = wf.PROVISION.forward_tasks
 

@@ -15,10 +15,11 @@ import pytest
 from sqlalchemy import select, update
 
 from tasks import workflows as wf
-from workers import ledger, liveness, takeover
-from workers.db import session_scope
-from workers.models import StepRun, WorkerProcess, WorkflowRun, utcnow
-from workers.settings import Settings
+from workers.engine import ledger, takeover
+from workers.runtime import liveness
+from workers.runtime.db import session_scope
+from workers.runtime.models import StepRun, WorkerProcess, WorkflowRun, utcnow
+from workers.runtime.settings import Settings
 
 STEPS = wf.PROVISION.forward_tasks
 

@@ -21,9 +21,9 @@ import pytest
 
 from plugins.platforms.local import LocalPlatform
 from schemas.platform import InstanceInfo, InstanceSpec, Limits
-from workers.contracts import Platform
-from workers.errors import NotFoundError, PermanentError
-from workers.registry import check_platform
+from workers.pluginhost.contracts import Platform
+from workers.pluginhost.handles import check_platform
+from workers.runtime.errors import NotFoundError, PermanentError
 
 ROOT = Path(__file__).resolve().parents[2]
 CGROUP_ROOT = Path("/sys/fs/cgroup")

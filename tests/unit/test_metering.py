@@ -21,12 +21,12 @@ from plugins.platforms.local import LocalPlatform
 from schemas.platform import InstanceSpec
 from tests.conftest import require
 from tests.stack import create_pg_database, drop_pg_database
-from workers import metering
-from workers.db import session_scope
-from workers.metering import Reading, Sample, Window
-from workers.migrate import upgrade
-from workers.models import Instance, MeterReading, Tenant, UsageRecord, utcnow
-from workers.settings import Settings
+from workers.economics import metering
+from workers.economics.metering import Reading, Sample, Window
+from workers.runtime.db import session_scope
+from workers.runtime.migrate import upgrade
+from workers.runtime.models import Instance, MeterReading, Tenant, UsageRecord, utcnow
+from workers.runtime.settings import Settings
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

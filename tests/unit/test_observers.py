@@ -42,11 +42,11 @@ from plugins.observers.webhook import (
 from schemas.events import Event
 from schemas.manifest import PluginType
 from schemas.plugins import MetricSample
-from workers import metrics
-from workers.contracts import Observer, check_contract
-from workers.errors import PermanentError, TransientError
 from workers.plugin_api import PluginContext
-from workers.settings import Settings
+from workers.pluginhost.contracts import Observer, check_contract
+from workers.runtime import metrics
+from workers.runtime.errors import PermanentError, TransientError
+from workers.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -368,9 +368,9 @@ CHILD = textwrap.dedent(
     from plugins.observers.prometheus import PrometheusObserver
     from schemas.events import Event
     from schemas.plugins import MetricSample
-    from workers.errors import PermanentError
+    from workers.runtime.errors import PermanentError
     from workers.plugin_api import PluginContext
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
     data_dir, prom_dir, count, duration, gauge = sys.argv[1:6]
     settings = Settings(data_dir=Path(data_dir), prometheus_dir=Path(prom_dir))

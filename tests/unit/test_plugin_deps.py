@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from schemas.manifest import Manifest
-from workers.errors import PluginError
-from workers.plugin_deps import load_order
+from workers.pluginhost.deps import load_order
+from workers.runtime.errors import PluginError
 
 
 def manifest(name: str, version: str = "1.0.0", **fields: Any) -> Manifest:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from workers.plugin_discovery import discover
+from workers.pluginhost.discovery import discover
 
 #: A group no installed distribution uses, so only the plugin path is searched.
 NO_GROUP = "cul8er.tests.no-such-group"

@@ -25,17 +25,17 @@ from tests.plugin_factory import (
     plugin_root,
     sign,
 )
-from workers.db import session_scope
-from workers.embedded import EmbeddedRedis
-from workers.errors import ConflictError, PluginError
-from workers.migrate import upgrade
-from workers.models import AuditEvent, Plugin
-from workers.plugin_admin import reload, set_enabled, validate_path
-from workers.plugin_trust import MANIFEST_FILE, generate_keypair
-from workers.plugins import PluginRegistry, PluginUnavailableError
-from workers.settings import Settings, get_settings
+from workers.pluginhost.admin import reload, set_enabled, validate_path
+from workers.pluginhost.registry import PluginRegistry, PluginUnavailableError
+from workers.pluginhost.trust import MANIFEST_FILE, generate_keypair
+from workers.runtime.db import session_scope
+from workers.runtime.embedded import EmbeddedRedis
+from workers.runtime.errors import ConflictError, PluginError
+from workers.runtime.migrate import upgrade
+from workers.runtime.models import AuditEvent, Plugin
+from workers.runtime.settings import Settings, get_settings
 
-#: Exact lines of the observer template (``workers.plugin_template``) the tests edit.
+#: Exact lines of the observer template (``workers.pluginhost.template``) the tests edit.
 FLUSH = '''
     def flush(self) -> Ack:
         """Nothing is buffered."""
@@ -63,7 +63,7 @@ def process_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     the process-wide registry (``get_settings()``) who observes: it must not reach ``./var``
     of the working directory, nor another test's data. The broker is in memory.
     """
-    import workers.plugin_tasks as plugin_tasks
+    import workers.pluginhost.calls as plugin_tasks
 
     monkeypatch.setenv("CUL8ER_DATA_DIR", str(tmp_path / "process"))
     monkeypatch.setenv("CUL8ER_BROKER_URL", "memory://")
@@ -529,7 +529,7 @@ def test_registry_on_an_unmigrated_database_serves_without_state(tmp_path):
 
 
 def test_set_enabled_does_not_need_this_process_database(tmp_path, make_settings, monkeypatch):
-    import workers.plugin_tasks as plugin_tasks
+    import workers.pluginhost.calls as plugin_tasks
 
     # Given a plugin in a migrated database, while this process's own settings point at an
     # unmigrated one (the CLI run with --database-url from another folder)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from schemas.manifest import Manifest, Permission, PluginType
-from workers.errors import PluginError
-from workers.plugin_trust import (
+from workers.pluginhost.trust import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     check_imports,
@@ -20,6 +19,7 @@ from workers.plugin_trust import (
     verify_checksums,
     verify_signature,
 )
+from workers.runtime.errors import PluginError
 
 CORE = "def run() -> int:\n    return 1\n"
 

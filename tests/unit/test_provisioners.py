@@ -30,7 +30,6 @@ from sqlalchemy.pool import NullPool
 
 from plugins.builtin import BUILTIN_MANIFESTS
 from plugins.platforms.local import LocalPlatform
-from plugins.provisioners._instances import instance_name, instance_spec, probe
 from plugins.provisioners.container_per_tenant import ContainerPerTenant
 from plugins.provisioners.database_per_tenant import (
     DatabasePerTenant,
@@ -50,11 +49,12 @@ from schemas.platform import Limits
 from schemas.plugins import ProvisionRequest, ProvisionResult
 from tests.conftest import require
 from tests.stack import PG_ADMIN, create_pg_database, drop_pg_database, instance_processes
-from workers.contracts import check_contract
-from workers.db import session_scope
-from workers.errors import ConfigError, ConflictError, NotFoundError, PermanentError
+from workers.engine.instances import instance_name, instance_spec, probe
 from workers.plugin_api import PluginContext
-from workers.settings import Settings
+from workers.pluginhost.contracts import check_contract
+from workers.runtime.db import session_scope
+from workers.runtime.errors import ConfigError, ConflictError, NotFoundError, PermanentError
+from workers.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Never route loopback requests through an HTTP proxy from the environment.
@@ -77,7 +77,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from schemas.plugins import ProvisionRequest
     from workers.plugin_api import PluginContext
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
     args = json.loads(sys.argv[1])
     module = importlib.import_module(args["module"])
@@ -416,8 +416,8 @@ def test_container_meter_usage_sums_the_instances(data_dir: Path) -> None:
 def test_container_uses_the_platform_of_the_tenants_table(data_dir: Path) -> None:
     # Given a migrated database whose tenant lives on "local", and a default platform
     # that does not exist
-    from workers.migrate import upgrade
-    from workers.models import Tenant
+    from workers.runtime.migrate import upgrade
+    from workers.runtime.models import Tenant
 
     url = f"sqlite:///{data_dir / 'cul8er.db'}"
     data_dir.mkdir(parents=True)

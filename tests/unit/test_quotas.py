@@ -20,12 +20,12 @@ from typer.testing import CliRunner
 
 from tasks import workflows as wf
 from tasks.quotas import enforce_quotas, payment_failed, payment_succeeded
-from workers.cli_economics import invoice_cli, usage_cli
-from workers.db import session_scope
-from workers.models import AuditEvent, Invoice, Tenant, UsageRecord, WorkflowRun, utcnow
-from workers.plans import load_catalog
-from workers.quotas import GIB, excesses, period_start, quota_reason
-from workers.settings import Settings
+from workers.cli.economics import invoice_cli, usage_cli
+from workers.economics.plans import load_catalog
+from workers.economics.quotas import GIB, excesses, period_start, quota_reason
+from workers.runtime.db import session_scope
+from workers.runtime.models import AuditEvent, Invoice, Tenant, UsageRecord, WorkflowRun, utcnow
+from workers.runtime.settings import Settings
 
 T = TypeVar("T")
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from workers.schedule import claim_slot, claimed_slot
-from workers.settings import Settings
+from workers.runtime.schedule import claim_slot, claimed_slot
+from workers.runtime.settings import Settings
 
 SLOT = dt.datetime(2026, 12, 1, 10, 1, tzinfo=dt.UTC)
 

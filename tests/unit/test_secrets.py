@@ -30,10 +30,9 @@ from plugins.secrets.env import EnvSecrets, EnvSecretsConfig, variable_name
 from plugins.secrets.file import FileSecrets, FileSecretsConfig, generate_key
 from schemas.manifest import PluginType
 from schemas.plugins import SecretValue
-from workers.contracts import Secrets, check_contract
-from workers.errors import ConfigError, NotFoundError, PermanentError
 from workers.plugin_api import PluginContext
-from workers.secrets import (
+from workers.pluginhost.contracts import Secrets, check_contract
+from workers.pluginhost.secrets import (
     MASK,
     RedactingFilter,
     find_refs,
@@ -43,7 +42,8 @@ from workers.secrets import (
     remember,
     resolve,
 )
-from workers.settings import Settings
+from workers.runtime.errors import ConfigError, NotFoundError, PermanentError
+from workers.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -337,7 +337,7 @@ WRITER = textwrap.dedent(
     from pydantic import SecretStr
     from plugins.secrets.file import FileSecrets, FileSecretsConfig
     from workers.plugin_api import PluginContext
-    from workers.settings import Settings
+    from workers.runtime.settings import Settings
 
     store, key, name, go = sys.argv[1:5]
     root = pathlib.Path(store).parent
@@ -572,7 +572,7 @@ def test_remember_from_many_threads() -> None:
 def test_redact_returns_its_input_when_nothing_is_remembered() -> None:
     # Given a fresh process (the registry is process-wide)
     code = (
-        "from workers.secrets import redact, redact_text, remember\n"
+        "from workers.pluginhost.secrets import redact, redact_text, remember\n"
         "x = {'a': ['b']}\n"
         "assert redact(x) is x and redact_text('abcd') == 'abcd'\n"
         "remember('abcd')\n"

@@ -1,0 +1,458 @@
+"""``cul8er usage|invoice|autoscale|beat …``: read usage, invoices, autoscale decisions, beat.
+
+Every command reads the database directly (no worker needed) and has ``--json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+from typing import TYPE_CHECKING, Annotated, Any, Final
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+
+from workers.runtime.db import session_scope
+from workers.runtime.models import (
+    AutoscaleDecision,
+    Invoice,
+    Operation,
+    Tenant,
+    UsageRecord,
+    utcnow,
+)
+from workers.runtime.settings import get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+__all__ = ["autoscale_cli", "beat_cli", "economics_cli", "invoice_cli", "main", "usage_cli"]
+
+usage_cli = typer.Typer(help="Metered usage per tenant.", no_args_is_help=True)
+invoice_cli = typer.Typer(help="Invoices of closed billing periods.", no_args_is_help=True)
+autoscale_cli = typer.Typer(help="Autoscale decisions and why.", no_args_is_help=True)
+beat_cli = typer.Typer(help="The beat schedule and its last runs.", no_args_is_help=True)
+
+
+@usage_cli.callback()
+def _usage() -> None:
+    """Metered usage per tenant."""
+
+
+@invoice_cli.callback()
+def _invoice() -> None:
+    """Invoices of closed billing periods."""
+
+
+@autoscale_cli.callback()
+def _autoscale() -> None:
+    """Autoscale decisions and why."""
+
+
+@beat_cli.callback()
+def _beat() -> None:
+    """The beat schedule and its last runs."""
+
+
+#: All four under one app, for ``python -m workers.cli.economics`` (``cul8er`` adds each).
+economics_cli = typer.Typer(help="cul8er economics: usage, invoices, autoscale, beat.")
+economics_cli.add_typer(usage_cli, name="usage")
+economics_cli.add_typer(invoice_cli, name="invoice")
+economics_cli.add_typer(autoscale_cli, name="autoscale")
+economics_cli.add_typer(beat_cli, name="beat")
+
+console = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+#: How long past its expected run a crontab entry may be before it counts as overdue (s).
+CRONTAB_GRACE: Final = 600.0
+
+
+def _emit(data: Any) -> None:
+    console.print_json(json.dumps(data, default=str))
+
+
+def _not_found(what: str) -> typer.Exit:
+    err.print(f"[red]not_found[/]: {what}")
+    return typer.Exit(1)
+
+
+def _moment(text: str | None, option: str) -> dt.datetime | None:
+    """An ISO date or datetime from the command line; naive ones are UTC."""
+    if text is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        err.print(f"[red]validation_error[/]: {option}: not an ISO date or datetime: {text!r}")
+        raise typer.Exit(2) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise _not_found(f"tenant {tenant_id!r} does not exist")
+    return tenant
+
+
+# -- usage ------------------------------------------------------------------------------------
+
+
+def _total(aggregation: str, rows: list[UsageRecord]) -> float:
+    """The rows' total as their aggregation reads: a sum, a peak or a time-weighted mean."""
+    if aggregation == "max":
+        return max(r.value for r in rows)
+    if aggregation == "avg":
+        seconds = [(r.window_end - r.window_start).total_seconds() for r in rows]
+        covered = sum(seconds)
+        if covered <= 0:
+            return sum(r.value for r in rows) / len(rows)
+        return sum(r.value * s for r, s in zip(rows, seconds, strict=True)) / covered
+    return sum(r.value for r in rows)
+
+
+@usage_cli.command("show")
+def usage_show(
+    tenant_id: str,
+    start: Annotated[
+        str | None, typer.Option("--from", help="ISO start (default: the period's start).")
+    ] = None,
+    end: Annotated[str | None, typer.Option("--to", help="ISO end (default: now).")] = None,
+    metric: Annotated[str | None, typer.Option(help="Only this metric.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows shown per metric in the table.")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """A tenant's usage rows grouped per metric, with each metric's total."""
+    from workers.economics.quotas import period_start
+
+    settings = get_settings()
+    now = utcnow()
+    with session_scope() as session:
+        tenant = _tenant(session, tenant_id)
+        since = _moment(start, "--from") or period_start(
+            tenant.billing_anchor, settings.billing_period, now
+        )
+        until = _moment(end, "--to") or now
+        query = (
+            select(UsageRecord)
+            .where(
+                UsageRecord.tenant_id == tenant_id,
+                UsageRecord.window_start >= since,
+                UsageRecord.window_start < until,
+            )
+            .order_by(UsageRecord.metric, UsageRecord.window_start)
+        )
+        if metric:
+            query = query.where(UsageRecord.metric == metric)
+        rows = list(session.scalars(query))
+    grouped: dict[str, list[UsageRecord]] = {}
+    for row in rows:
+        grouped.setdefault(row.metric, []).append(row)
+    metrics: list[dict[str, Any]] = [
+        {
+            "metric": name,
+            "aggregation": group[0].aggregation,
+            "total": _total(group[0].aggregation, group),
+            "windows": len(group),
+            "rows": [
+                {
+                    "window_start": r.window_start.isoformat(),
+                    "window_end": r.window_end.isoformat(),
+                    "value": r.value,
+                }
+                for r in group
+            ],
+        }
+        for name, group in grouped.items()
+    ]
+    view = {
+        "tenant_id": tenant_id,
+        "from": since.isoformat(),
+        "to": until.isoformat(),
+        "metrics": metrics,
+    }
+    if as_json:
+        _emit(view)
+        return
+    console.print(f"[bold]{tenant_id}[/] usage from {view['from']} to {view['to']}")
+    if not metrics:
+        console.print("no usage recorded")
+        return
+    summary = Table("metric", "aggregation", "windows", "total")
+    for m in metrics:
+        summary.add_row(m["metric"], m["aggregation"], str(m["windows"]), f"{m['total']:.6g}")
+    console.print(summary)
+    for m in metrics:
+        table = Table("window start", "window end", "value", title=m["metric"])
+        shown = m["rows"][-limit:] if limit > 0 else []
+        for r in shown:
+            table.add_row(r["window_start"][:19], r["window_end"][:19], f"{r['value']:.6g}")
+        table.add_row("[bold]total[/]", f"{len(m['rows'])} windows", f"{m['total']:.6g}")
+        console.print(table)
+
+
+# -- invoices ---------------------------------------------------------------------------------
+
+
+def _money(value: Any) -> str:
+    return str(Decimal(str(value)).quantize(Decimal("0.0001"))) if value is not None else "-"
+
+
+def _invoice_view(invoice: Invoice, *, lines: bool) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "invoice_id": invoice.id,
+        "tenant_id": invoice.tenant_id,
+        "period_start": invoice.period_start.isoformat(),
+        "period_end": invoice.period_end.isoformat(),
+        "currency": invoice.currency,
+        "total": _money(invoice.total),
+        "status": invoice.status,
+        "lines_count": len(invoice.lines or []),
+        "created_at": invoice.created_at.isoformat(),
+    }
+    if lines:
+        view["lines"] = list(invoice.lines or [])
+    return view
+
+
+@invoice_cli.command("list")
+def invoice_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's invoices.")] = None,
+    limit: int = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Invoices, newest period first."""
+    with session_scope() as session:
+        query = select(Invoice).order_by(Invoice.period_start.desc(), Invoice.id).limit(limit)
+        if tenant:
+            query = query.where(Invoice.tenant_id == tenant)
+        views = [_invoice_view(i, lines=False) for i in session.scalars(query)]
+    if as_json:
+        _emit(views)
+        return
+    table = Table("invoice", "tenant", "period start", "period end", "total", "status", "lines")
+    for v in views:
+        table.add_row(
+            v["invoice_id"],
+            v["tenant_id"],
+            v["period_start"][:19],
+            v["period_end"][:19],
+            f"{v['total']} {v['currency']}",
+            v["status"],
+            str(v["lines_count"]),
+        )
+    console.print(table if views else "no invoices")
+
+
+@invoice_cli.command("show")
+def invoice_show(invoice_id: str, as_json: JsonOpt = False) -> None:
+    """One invoice with its lines."""
+    with session_scope() as session:
+        invoice = session.get(Invoice, invoice_id)
+        if invoice is None:
+            raise _not_found(f"invoice {invoice_id!r} does not exist")
+        view = _invoice_view(invoice, lines=True)
+    if as_json:
+        _emit(view)
+        return
+    console.print(
+        f"[bold]{view['invoice_id']}[/] tenant={view['tenant_id']} "
+        f"{view['period_start'][:19]} → {view['period_end'][:19]} status={view['status']} "
+        f"total={view['total']} {view['currency']}"
+    )
+    table = Table(
+        "kind", "plan", "metric", "from", "to", "quantity", "included", "unit price", "amount"
+    )
+    for line in view["lines"]:
+        table.add_row(
+            str(line.get("kind", "")),
+            str(line.get("plan") or "-"),
+            str(line.get("metric") or "-"),
+            str(line.get("from") or "-")[:19],
+            str(line.get("to") or "-")[:19],
+            str(line.get("quantity", "-")),
+            str(line.get("included", "-")),
+            str(line.get("unit_price", "-")),
+            _money(line.get("amount")) + (" (late)" if line.get("late") else ""),
+        )
+    table.add_row(
+        "[bold]total[/]", "", "", "", "", "", "", "", f"{view['total']} {view['currency']}"
+    )
+    console.print(table)
+
+
+# -- autoscale --------------------------------------------------------------------------------
+
+
+def _inputs_text(inputs: dict[str, Any]) -> str:
+    keys = ("value", "threshold", "window", "samples", "instances", "held_seconds")
+    return " ".join(f"{k}={inputs[k]}" for k in keys if k in inputs)
+
+
+@autoscale_cli.command("explain")
+def autoscale_explain(
+    tenant_id: str,
+    last: Annotated[int, typer.Option("--last", help="How many decisions, newest first.")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """A tenant's autoscale rules and its last decisions, with their inputs and reasons."""
+    from workers.economics.autoscale import resolve_rules
+    from workers.economics.plans import load_catalog
+
+    settings = get_settings()
+    with session_scope() as session:
+        tenant = _tenant(session, tenant_id)
+        plan = load_catalog(settings.plans_file).plans.get(tenant.plan)
+        rules, problems = resolve_rules(plan, tenant.meta or {}) if plan else ([], [])
+        decisions: list[dict[str, Any]] = [
+            {
+                "decided_at": d.decided_at.isoformat(),
+                "window_start": d.window_start.isoformat(),
+                "rule": d.rule,
+                "action": d.action,
+                "reason": d.reason,
+                "inputs": d.inputs,
+                "workflow_id": d.workflow_id,
+            }
+            for d in session.scalars(
+                select(AutoscaleDecision)
+                .where(AutoscaleDecision.tenant_id == tenant_id)
+                .order_by(AutoscaleDecision.decided_at.desc(), AutoscaleDecision.id.desc())
+                .limit(last)
+            )
+        ]
+        view = {
+            "tenant_id": tenant_id,
+            "plan": tenant.plan,
+            "status": tenant.status,
+            "rules": [r.model_dump(mode="json") for r in rules],
+            "rule_problems": problems,
+            "defaults": {
+                "cooldown": settings.autoscale_cooldown,
+                "stabilization": settings.autoscale_stabilization,
+            },
+            "decisions": decisions,
+        }
+    if as_json:
+        _emit(view)
+        return
+    console.print(f"[bold]{tenant_id}[/] on {view['plan']} ({view['status']})")
+    for rule in rules:
+        extra = f" → {rule.target_plan}" if rule.target_plan else ""
+        console.print(
+            f"rule [bold]{rule.name}[/]: {rule.metric} {rule.comparison} {rule.threshold:g} "
+            f"over {rule.window:g} s: {rule.action}{extra}"
+        )
+    for problem in problems:
+        err.print(f"[yellow]rule problem[/]: {problem}")
+    table = Table("decided", "rule", "action", "reason", "inputs", "workflow")
+    for d in decisions:
+        table.add_row(
+            d["decided_at"][:19],
+            d["rule"],
+            d["action"],
+            d["reason"],
+            _inputs_text(d["inputs"]),
+            d["workflow_id"] or "-",
+        )
+    console.print(table if decisions else "no decisions yet")
+
+
+# -- beat -------------------------------------------------------------------------------------
+
+
+def _last_slot(session: Session, task: str) -> dt.datetime | None:
+    """The newest slot ``task`` claimed (keys ``<task>:<slot>`` in ``operations``)."""
+    keys = session.scalars(
+        select(Operation.key)
+        .where(Operation.key.like(f"{task}:%"))
+        .order_by(Operation.created_at.desc())
+        .limit(20)
+    )
+    slots = []
+    for key in keys:
+        try:
+            slot = dt.datetime.fromisoformat(key[len(task) + 1 :])
+        except ValueError:
+            continue  # an idempotency key of the same task name, not a slot
+        slots.append(slot if slot.tzinfo else slot.replace(tzinfo=dt.UTC))
+    return max(slots, default=None)
+
+
+def _entry_status(
+    name: str, entry: dict[str, Any], last: dt.datetime | None, now: dt.datetime
+) -> dict[str, Any]:
+    schedule = entry["schedule"]
+    view: dict[str, Any] = {
+        "entry": name,
+        "task": entry["task"],
+        "queue": entry.get("options", {}).get("queue"),
+        "last_slot": last.isoformat() if last else None,
+        "next_due": None,
+        "overdue": None,
+    }
+    if isinstance(schedule, int | float):
+        view["schedule"] = f"every {float(schedule):g} s"
+        if last is not None:
+            due = last + dt.timedelta(seconds=float(schedule))
+            # One interval of slack: beat's own drift and the run's queueing.
+            view["next_due"] = due.isoformat()
+            view["overdue"] = now > due + dt.timedelta(seconds=float(schedule))
+    else:
+        view["schedule"] = str(schedule).strip("<>")
+        if last is not None:
+            due = now + schedule.remaining_estimate(last)
+            view["next_due"] = due.isoformat()
+            view["overdue"] = now > due + dt.timedelta(seconds=CRONTAB_GRACE)
+    return view
+
+
+@beat_cli.command("status")
+def beat_status(as_json: JsonOpt = False) -> None:
+    """Each beat entry: task, schedule, the last slot it claimed, and whether it is overdue."""
+    from beat_schedule import build_beat_schedule
+
+    settings = get_settings()
+    now = utcnow()
+    entries = build_beat_schedule(settings)
+    with session_scope() as session:
+        views = [
+            _entry_status(name, entry, _last_slot(session, entry["task"]), now)
+            for name, entry in entries.items()
+        ]
+    if as_json:
+        _emit(views)
+        return
+    table = Table("entry", "task", "schedule", "last slot", "next due", "overdue")
+    for v in views:
+        overdue = {None: "-", True: "[red]yes[/]", False: "no"}[v["overdue"]]
+        table.add_row(
+            v["entry"],
+            v["task"],
+            v["schedule"],
+            (v["last_slot"] or "never claimed")[:19],
+            (v["next_due"] or "-")[:19],
+            overdue,
+        )
+    console.print(table)
+    console.print("overdue '-': the task claims no schedule slot, or none yet")
+
+
+def main() -> None:
+    """Run the four groups on their own: ``python -m workers.cli.economics autoscale …``."""
+    from workers.runtime.logging import configure_logging
+
+    settings = get_settings()
+    # Logs go to stderr, so --json output on stdout stays parseable.
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    economics_cli()
+
+
+if __name__ == "__main__":
+    main()

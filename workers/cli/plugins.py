@@ -1,0 +1,183 @@
+"""``cul8er plugin …``: list, inspect, validate, scaffold, install, enable, disable, reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from schemas.manifest import PluginType
+from workers.pluginhost import admin as plugin_admin
+from workers.runtime.errors import Cul8erError
+from workers.runtime.settings import get_settings
+
+__all__ = ["plugin_cli"]
+
+plugin_cli = typer.Typer(
+    help="Plugins: list, validate, install, enable, reload.", no_args_is_help=True
+)
+console = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _print(data: Any, as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps(data, default=str))
+    else:
+        for key, value in data.items():
+            console.print(f"[bold]{key}[/]: {value}")
+
+
+def _refused(exc: Cul8erError, as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps({"ok": False, "error": exc.to_dict()}))
+    else:
+        err.print(f"[red]refused[/]: {exc}")
+    raise typer.Exit(1)
+
+
+@plugin_cli.command("list")
+def plugin_list(as_json: JsonOpt = False) -> None:
+    """Every plugin: version, type, state, queue, and why it failed."""
+    from workers.pluginhost.registry import PluginRegistry
+
+    registry = PluginRegistry(get_settings()).boot()
+    rows = registry.status()
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    for note in registry.notes:
+        # Duplicates resolved by version, skipped folders, refused archives.
+        err.print(f"[yellow]note[/]: {note}")
+    table = Table("name", "version", "type", "state", "trusted", "queue", "error")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["version"],
+            row["type"],
+            row["state"],
+            "yes" if row["trusted"] else "no",
+            row["queue"],
+            (row["error"] or "")[:80],
+        )
+    console.print(table)
+
+
+@plugin_cli.command("info")
+def plugin_info(name: str, as_json: JsonOpt = False) -> None:
+    """One plugin: its manifest, state, operations and config (secrets stay references)."""
+    from workers.pluginhost.contracts import operations
+    from workers.pluginhost.registry import PluginRegistry
+
+    registry = PluginRegistry(get_settings()).boot()
+    rows = {row["name"]: row for row in registry.status()}
+    if name not in rows:
+        err.print(f"[red]not_found[/]: no plugin {name!r}; installed: {', '.join(sorted(rows))}")
+        raise typer.Exit(1)
+    view = dict(rows[name])
+    served = registry.served.get(name)
+    if served is not None:
+        manifest = served.loaded.manifest
+        view.update(
+            description=manifest.description,
+            permissions=sorted(p.value for p in manifest.permissions),
+            requires=[r.model_dump() for r in manifest.requires],
+            operations=[f"plugins.{name}.{op}" for op in operations(manifest.type)],
+            config=served.config,
+            config_schema=served.loaded.config_model.model_json_schema()
+            if served.loaded.config_model
+            else None,
+        )
+    _print(view, as_json)
+
+
+@plugin_cli.command("validate")
+def plugin_validate(path: Path, as_json: JsonOpt = False) -> None:
+    """Run every check on a plugin folder, .zip or .tar.gz, installing nothing."""
+    try:
+        result = plugin_admin.validate_path(path, settings=get_settings())
+    except Cul8erError as exc:
+        _refused(exc, as_json)
+    _print(result, as_json)
+
+
+@plugin_cli.command("init")
+def plugin_init(
+    name: str,
+    plugin_type: Annotated[PluginType, typer.Option("--type", help="The plugin type.")] = (
+        PluginType.OBSERVER
+    ),
+    directory: Annotated[Path, typer.Option(help="Where to write the package.")] = Path("."),
+    trusted: Annotated[
+        bool, typer.Option(help="Run on general workers instead of the sandbox.")
+    ] = False,
+) -> None:
+    """Write a working plugin package: manifest, config model, a passing test, a README."""
+    from workers.pluginhost.template import write_plugin
+
+    project = write_plugin(directory, name=name, plugin_type=plugin_type, trusted=trusted)
+    console.print(f"wrote {project} (pip install {project})")
+
+
+@plugin_cli.command("rehash")
+def plugin_rehash(package: Path) -> None:
+    """Refresh a plugin folder's file hashes in its manifest after editing its code."""
+    from workers.pluginhost.trust import MANIFEST_FILE, file_digests
+
+    manifest_path = package / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = file_digests(package)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    console.print(f"{manifest_path}: {len(manifest['files'])} files hashed")
+
+
+@plugin_cli.command("install")
+def plugin_install(source: str, as_json: JsonOpt = False) -> None:
+    """Install from a folder, .zip or .tar.gz, or with pip (a package name or URL)."""
+    try:
+        result = plugin_admin.install(source, settings=get_settings())
+    except Cul8erError as exc:
+        _refused(exc, as_json)
+    _print(result, as_json)
+
+
+def _set(name: str, enabled: bool, as_json: bool) -> None:
+    try:
+        result = plugin_admin.set_enabled(name, enabled, settings=get_settings())
+    except Cul8erError as exc:
+        _refused(exc, as_json)
+    _print(result, as_json)
+
+
+@plugin_cli.command("enable")
+def plugin_enable(name: str, as_json: JsonOpt = False) -> None:
+    """Serve the plugin again; running workers follow within CUL8ER_PLUGIN_STATE_TTL."""
+    _set(name, True, as_json)
+
+
+@plugin_cli.command("disable")
+def plugin_disable(name: str, as_json: JsonOpt = False) -> None:
+    """Stop serving the plugin; its calls are refused until it is enabled."""
+    _set(name, False, as_json)
+
+
+@plugin_cli.command("reload")
+def plugin_reload(
+    name: str,
+    version: Annotated[str | None, typer.Option(help="A version found on the plugin path.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move to the newest version found; a version that fails its checks leaves the old one."""
+    try:
+        result = plugin_admin.reload(name, settings=get_settings(), version=version)
+    except Cul8erError as exc:
+        _refused(exc, as_json)
+    _print(result, as_json)
+    if not result.get("ok"):
+        raise typer.Exit(1)

@@ -1,0 +1,789 @@
+"""Billing: each tenant's periods, split by plan, priced, and invoiced exactly once.
+
+A tenant's periods run from its ``billing_anchor`` (midnight UTC) in steps of
+``billing_period``: calendar months from the anchor day (clamped to the month's length,
+so an anchor on the 31st bills Jan 31, Feb 28, Mar 31, ...), or days, hours or minutes.
+A period ``[start, end)`` is due once ``end <= as_of``.
+
+Closing intersects each due period with the tenant's ``plan_periods`` into parts, each
+priced on its own plan: a base line (the monthly price times the part's share of the
+period), and per metric a line for its usage in the part against the included quota,
+prorated the same way. Usage is aggregated in SQL for every due part of a chunk of
+tenants at once (one ``GROUP BY`` over a temporary table of parts), and the invoices of
+the chunk are inserted in one statement that ignores the ones already there.
+
+Usage that arrives after its period was invoiced (``recorded_at`` after that invoice's
+``created_at``) is billed by the next invoice on the plan of that moment, as lines marked
+``late``: every usage row is billed once, by the invoice whose cut-off first saw it.
+
+Closing is idempotent: an invoice's id is derived from its tenant and period, the table
+is unique on both, and only the close that inserted an invoice emits its
+``invoice.finalized`` event (whose id is derived from the invoice id). Closes of one
+database are serialised (an advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on
+SQLite), so a second beat or a redelivered message finds the work done.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+
+import structlog
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from workers.economics.plans import get_plan
+from workers.engine.events import emit
+from workers.runtime.db import session_scope
+from workers.runtime.errors import ConfigError, Cul8erError
+from workers.runtime.models import Invoice, PlanPeriod, Tenant, UsageRecord, UTCDateTime, utcnow
+from workers.runtime.settings import get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from schemas.plans import Plan
+
+__all__ = [
+    "CloseSummary",
+    "DEFAULT_CHUNK_SIZE",
+    "DuePeriod",
+    "MAX_PERIODS_PER_RUN",
+    "Part",
+    "PeriodKind",
+    "Priced",
+    "Usage",
+    "close_periods",
+    "due_periods",
+    "invoice_event_id",
+    "invoice_id",
+    "money",
+    "period_bounds",
+    "period_index",
+    "period_start",
+    "price_period",
+    "split_period",
+]
+
+log = structlog.get_logger(__name__)
+
+PeriodKind = Literal["month", "day", "hour", "minute"]
+
+#: Tenants whose periods one transaction closes: big enough for set-based aggregation to
+#: pay off, small enough that one transaction does not hold the writers back for long.
+DEFAULT_CHUNK_SIZE: Final = 2000
+#: Periods of one tenant closed by one run; a longer backlog continues in the next run.
+MAX_PERIODS_PER_RUN: Final = 400
+
+#: Amounts are kept to 1/100 of a cent; quantities shown to a millionth.
+MONEY: Final = Decimal("0.0001")
+QUANTITY: Final = Decimal("0.000001")
+ZERO: Final = Decimal(0)
+#: Bytes in a GB, as plans count memory and storage (GiB).
+BYTES_PER_GB: Final = Decimal(1024**3)
+
+_FIXED: Final[dict[str, dt.timedelta]] = {
+    "day": dt.timedelta(days=1),
+    "hour": dt.timedelta(hours=1),
+    "minute": dt.timedelta(minutes=1),
+}
+#: Before any usage: the lower bound of the window of late usage.
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+#: Invoice ids and event ids are uuid5 in these namespaces: the same close, the same ids.
+_INVOICE_NS: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://cul8er.dev/billing/invoice")
+_EVENT_NS: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://cul8er.dev/billing/invoice-event")
+#: ``pg_advisory_xact_lock`` key of billing closes ("cul8erb1").
+_PG_LOCK_KEY: Final = 0x6375_6C38_6572_6231
+
+#: Metrics metered in bytes, billed in GB under the plan's name for them.
+_BYTE_METRICS: Final = {
+    "disk_bytes": "storage_gb",
+    "storage_bytes": "storage_gb",
+    "memory_bytes": "memory_gb",
+}
+
+
+# -- periods ---------------------------------------------------------------------------------
+
+
+def _midnight(anchor: dt.date) -> dt.datetime:
+    return dt.datetime(anchor.year, anchor.month, anchor.day, tzinfo=dt.UTC)
+
+
+def period_start(anchor: dt.date, period: PeriodKind, index: int) -> dt.datetime:
+    """The start of the ``index``-th period from ``anchor`` (0 starts at the anchor)."""
+    if period == "month":
+        months = anchor.year * 12 + anchor.month - 1 + index
+        year, month0 = divmod(months, 12)
+        # Each period is counted from the anchor, never from the last clamped start: an
+        # anchor on the 31st comes back to the 31st after February's 28th.
+        day = min(anchor.day, calendar.monthrange(year, month0 + 1)[1])
+        return dt.datetime(year, month0 + 1, day, tzinfo=dt.UTC)
+    return _midnight(anchor) + _FIXED[period] * index
+
+
+def period_index(anchor: dt.date, period: PeriodKind, moment: dt.datetime) -> int:
+    """The index of the period ``moment`` falls in (negative before the anchor)."""
+    if period == "month":
+        index = (moment.year - anchor.year) * 12 + moment.month - anchor.month
+        if period_start(anchor, period, index) > moment:
+            index -= 1
+        return index
+    return (moment - _midnight(anchor)) // _FIXED[period]
+
+
+def period_bounds(
+    anchor: dt.date, period: PeriodKind, moment: dt.datetime
+) -> tuple[dt.datetime, dt.datetime]:
+    """``[start, end)`` of the period ``moment`` falls in."""
+    index = period_index(anchor, period, moment)
+    return period_start(anchor, period, index), period_start(anchor, period, index + 1)
+
+
+def due_periods(
+    anchor: dt.date,
+    period: PeriodKind,
+    *,
+    since: dt.datetime,
+    as_of: dt.datetime,
+    until: dt.datetime | None = None,
+    limit: int = MAX_PERIODS_PER_RUN,
+) -> list[tuple[dt.datetime, dt.datetime]]:
+    """The periods from the one holding ``since`` that ended by ``as_of``, oldest first.
+
+    At most ``limit``; ``until`` (a tenant's end) stops before the first period starting
+    at or after it.
+    """
+    index = period_index(anchor, period, since)
+    found: list[tuple[dt.datetime, dt.datetime]] = []
+    start = period_start(anchor, period, index)
+    while len(found) < limit:
+        end = period_start(anchor, period, index + 1)
+        if end > as_of or (until is not None and start >= until):
+            break
+        found.append((start, end))
+        index, start = index + 1, end
+    return found
+
+
+# -- parts and pricing -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """A stretch ``[start, end)`` of a period spent on one plan."""
+
+    plan: str
+    start: dt.datetime
+    end: dt.datetime
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One metric's usage over a part (or late), in billing units.
+
+    ``value`` is the sum for ``sum`` metrics, the peak for ``max`` and the mean for
+    ``avg``; bytes are already GB.
+    """
+
+    metric: str
+    aggregation: str
+    value: Decimal
+    first: dt.datetime | None = None
+    last: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Priced:
+    """An invoice's lines (JSON-ready), total and currency."""
+
+    lines: list[dict[str, Any]]
+    total: Decimal
+    currency: str
+
+
+def split_period(
+    start: dt.datetime,
+    end: dt.datetime,
+    history: Sequence[tuple[str, dt.datetime, dt.datetime | None]],
+    *,
+    until: dt.datetime | None = None,
+) -> list[Part]:
+    """The parts of ``[start, end)`` on each plan of ``history`` (plan, from, to|None).
+
+    A span is cut at the next span's start, so overlapping history never bills twice;
+    ``until`` (a terminated tenant's end) closes an open span.
+    """
+    spans = sorted(history, key=lambda span: span[1])
+    parts: list[Part] = []
+    for position, (plan, begins, ends) in enumerate(spans):
+        stop = end
+        for limit in (ends, until, spans[position + 1][1] if position + 1 < len(spans) else None):
+            if limit is not None:
+                stop = min(stop, limit)
+        lower = max(start, begins)
+        if lower < stop:
+            parts.append(Part(plan, lower, stop))
+    return parts
+
+
+def money(value: Decimal | float | str) -> Decimal:
+    """``value`` as an amount: a Decimal rounded half up to 1/100 of a cent."""
+    amount = value if isinstance(value, Decimal) else Decimal(str(value))
+    return amount.quantize(MONEY, rounding=ROUND_HALF_UP)
+
+
+def _quantity(value: Decimal) -> str:
+    shown = value.quantize(QUANTITY, rounding=ROUND_HALF_UP).normalize()
+    return format(shown, "f")
+
+
+def _quota(plan: Plan, metric: str) -> Decimal | None:
+    """A full period's included amount of ``metric`` on ``plan`` (``None``: unlimited)."""
+    quota: float | int | None
+    if metric == "requests":
+        quota = plan.max_requests_per_month
+    elif metric == "storage_gb":
+        quota = plan.storage_gb
+    elif metric == "memory_gb":
+        quota = plan.memory_gb
+    elif metric == "cpu_seconds":
+        # Plans cap cores, not CPU time: every CPU-second is billed where it has a price.
+        quota = 0
+    else:
+        return None
+    return None if quota is None else Decimal(str(quota))
+
+
+def _line(
+    kind: str,
+    plan: str,
+    metric: str | None,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+    quantity: str,
+    included: Decimal | None,
+    unit_price: Decimal,
+    amount: Decimal,
+    *,
+    late: bool = False,
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "plan": plan,
+        "metric": metric,
+        "from": start.isoformat() if start else None,
+        "to": end.isoformat() if end else None,
+        "quantity": quantity,
+        "included": None if included is None else _quantity(included),
+        "unit_price": str(unit_price),
+        "amount": str(money(amount)),
+        "late": late,
+    }
+
+
+def price_period(
+    start: dt.datetime,
+    end: dt.datetime,
+    parts: Sequence[Part],
+    usage: Mapping[int, Sequence[Usage]],
+    plans: Callable[[str], Plan],
+    *,
+    late: Sequence[Usage] = (),
+) -> Priced:
+    """Price one period: ``usage`` by part index, ``late`` usage on the last part's plan.
+
+    Per part, with ``share`` = part length / period length:
+
+    - base: ``monthly_price × share``;
+    - a ``sum`` metric: its total against ``quota × share``;
+    - a ``max``/``avg`` metric (a level, e.g. storage GB): ``level × share`` against
+      ``quota × share``, both in unit-periods (GB-months);
+    - a metric with an ``overage`` price is an ``overage`` line (the quantity above the
+      included amount times the unit price), any other an informative ``usage`` line.
+
+    Late usage includes nothing (its own period's quota was settled with that period):
+    ``sum`` metrics are billed in full at the current plan's price; a late level reading
+    is shown, not billed.
+    """
+    length = Decimal((end - start) // dt.timedelta(microseconds=1))
+    lines: list[dict[str, Any]] = []
+    currency = "USD"
+    for position, part in enumerate(parts):
+        plan = plans(part.plan)
+        currency = plan.currency
+        share = Decimal((part.end - part.start) // dt.timedelta(microseconds=1)) / length
+        lines.append(
+            _line(
+                "base",
+                plan.name,
+                None,
+                part.start,
+                part.end,
+                _quantity(share),
+                None,
+                plan.monthly_price,
+                plan.monthly_price * share,
+            )
+        )
+        for used in sorted(usage.get(position, ()), key=lambda u: u.metric):
+            quantity = used.value if used.aggregation == "sum" else used.value * share
+            quota = _quota(plan, used.metric)
+            price = plan.overage.get(used.metric)
+            if price is None:
+                included = None if quota is None else quota * share
+                lines.append(
+                    _line(
+                        "usage",
+                        plan.name,
+                        used.metric,
+                        part.start,
+                        part.end,
+                        _quantity(quantity),
+                        included,
+                        ZERO,
+                        ZERO,
+                    )
+                )
+                continue
+            # A priced metric without a quota (enterprise) is invoiced on all its usage.
+            included = (quota or ZERO) * share
+            lines.append(
+                _line(
+                    "overage",
+                    plan.name,
+                    used.metric,
+                    part.start,
+                    part.end,
+                    _quantity(quantity),
+                    included,
+                    price,
+                    max(ZERO, quantity - included) * price,
+                )
+            )
+    if late and parts:
+        plan = plans(parts[-1].plan)
+        for used in sorted(late, key=lambda u: u.metric):
+            price = plan.overage.get(used.metric)
+            billed = used.aggregation == "sum" and price is not None
+            lines.append(
+                _line(
+                    "overage" if billed else "usage",
+                    plan.name,
+                    used.metric,
+                    used.first,
+                    used.last,
+                    _quantity(used.value),
+                    ZERO if billed else None,
+                    price if billed and price is not None else ZERO,
+                    used.value * price if billed and price is not None else ZERO,
+                    late=True,
+                )
+            )
+    total = sum((Decimal(line["amount"]) for line in lines), ZERO)
+    return Priced(lines=lines, total=money(total), currency=currency)
+
+
+# -- identities ------------------------------------------------------------------------------
+
+
+def invoice_id(tenant_id: str, start: dt.datetime) -> str:
+    """The id of ``tenant_id``'s invoice for the period starting at ``start`` (32 hex)."""
+    moment = start.astimezone(dt.UTC).isoformat()
+    return uuid.uuid5(_INVOICE_NS, f"{tenant_id}|{moment}").hex
+
+
+def invoice_event_id(invoice: str) -> uuid.UUID:
+    """The ``invoice.finalized`` event id of an invoice: its webhook Idempotency-Key."""
+    return uuid.uuid5(_EVENT_NS, invoice)
+
+
+# -- closing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DuePeriod:
+    """One period of one tenant to invoice, with its parts and, first, the late usage."""
+
+    tenant_id: str
+    start: dt.datetime
+    end: dt.datetime
+    parts: tuple[Part, ...]
+    #: Bill usage of earlier windows recorded after this moment (the last invoice's).
+    late_after: dt.datetime | None = None
+
+
+@dataclass
+class CloseSummary:
+    """What one ``close_periods`` call did."""
+
+    as_of: dt.datetime
+    tenants: int = 0
+    periods: int = 0
+    #: Ids of the invoices this call inserted, oldest period first.
+    inserted: list[str] = field(default_factory=list)
+    #: ``invoice.finalized`` events this call published (its own and any left unpublished).
+    published: int = 0
+    #: Tenants with more due periods than one run closes.
+    backlog: int = 0
+    #: Tenants skipped because a plan of theirs could not be priced.
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as JSON (counts only: a fleet's ids do not belong in a result)."""
+        return {
+            "as_of": self.as_of.isoformat(),
+            "tenants": self.tenants,
+            "periods": self.periods,
+            "invoices": len(self.inserted),
+            "published": self.published,
+            "backlog": self.backlog,
+            "failed": self.failed,
+        }
+
+
+#: The due parts of one chunk; ``part_id`` indexes the chunk's list of parts.
+_PARTS = Table(
+    "billing_parts",
+    MetaData(),
+    Column("part_id", Integer, nullable=False),
+    Column("tenant_id", String(40), nullable=False),
+    Column("from_at", UTCDateTime(), nullable=False),
+    Column("to_at", UTCDateTime(), nullable=False),
+    Column("rec_after", UTCDateTime(), nullable=False),
+)
+_PARTS_COLUMNS = (
+    "part_id integer NOT NULL, tenant_id varchar(40) NOT NULL, from_at timestamp NOT NULL, "
+    "to_at timestamp NOT NULL, rec_after timestamp NOT NULL"
+)
+
+
+def close_periods(
+    as_of: dt.datetime | None = None,
+    *,
+    url: str | None = None,
+    period: PeriodKind | None = None,
+    plans_file: Path | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_periods: int = MAX_PERIODS_PER_RUN,
+) -> CloseSummary:
+    """Invoice every period that ended by ``as_of`` (now; never later) and is not yet.
+
+    Tenants are taken in chunks of ``chunk_size``, one transaction each. Invoices are
+    inserted unpublished, and their ``invoice.finalized`` events emitted once the chunk
+    is committed, then marked published: a close killed in between leaves them to the
+    next close, which publishes whatever is unpublished first (an outbox). A repeated
+    event carries the same event id, which webhooks send as the Idempotency-Key.
+    """
+    settings = get_settings()
+    now = utcnow()
+    moment = min(as_of or now, now)  # a period still running is never closed
+    kind: PeriodKind = period or settings.billing_period
+    if kind not in get_args(PeriodKind):
+        raise ConfigError(f"unknown billing period {kind!r}")
+    catalog = plans_file if plans_file is not None else settings.plans_file
+    summary = CloseSummary(as_of=moment)
+    summary.published += publish_pending(url=url, chunk_size=chunk_size)
+    after = ""
+    while True:
+        with session_scope(url) as session:
+            _lock(session)
+            last, finalized = _close_chunk(
+                session, after, moment, kind, catalog, chunk_size, max_periods, summary
+            )
+        if finalized:
+            summary.published += publish_pending(url=url, chunk_size=chunk_size)
+        if last is None:
+            break
+        after = last
+    log.info("billing_closed", **summary.as_dict())
+    return summary
+
+
+def publish_pending(*, url: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+    """Emit ``invoice.finalized`` for every invoice not yet published; how many.
+
+    Each batch is emitted, then marked, under the close lock: a kill between the two
+    emits the batch again later, under the same event ids.
+    """
+    published = 0
+    while True:
+        with session_scope(url) as session:
+            _lock(session)
+            pending = session.scalars(
+                select(Invoice)
+                .where(Invoice.published_at.is_(None))
+                .order_by(Invoice.created_at, Invoice.id)
+                .limit(chunk_size)
+            ).all()
+            if not pending:
+                return published
+            for invoice in pending:
+                _emit(invoice)
+            session.execute(
+                update(Invoice)
+                .where(Invoice.id.in_([invoice.id for invoice in pending]))
+                .values(published_at=utcnow())
+            )
+        published += len(pending)
+
+
+def _lock(session: Session) -> None:
+    """Serialise closes: a concurrent one waits, then finds this one's invoices."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+    else:
+        # SQLite: the first statement takes the write lock (BEGIN IMMEDIATE) until commit.
+        session.execute(text("SELECT 1"))
+
+
+def _close_chunk(
+    session: Session,
+    after: str,
+    as_of: dt.datetime,
+    period: PeriodKind,
+    catalog: Path | None,
+    chunk_size: int,
+    max_periods: int,
+    summary: CloseSummary,
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """Close the due periods of the next chunk of tenants; (last tenant id, invoices)."""
+    tenants = session.execute(
+        select(Tenant.id, Tenant.billing_anchor, Tenant.status, Tenant.updated_at)
+        .where(Tenant.id > after)
+        .order_by(Tenant.id)
+        .limit(chunk_size)
+    ).all()
+    if not tenants:
+        return None, []
+    first_id, last_id = tenants[0].id, tenants[-1].id
+    summary.tenants += len(tenants)
+    history: dict[str, list[tuple[str, dt.datetime, dt.datetime | None]]] = defaultdict(list)
+    for row in session.execute(
+        select(PlanPeriod.tenant_id, PlanPeriod.plan, PlanPeriod.start_at, PlanPeriod.end_at)
+        .where(PlanPeriod.tenant_id >= first_id, PlanPeriod.tenant_id <= last_id)
+        .order_by(PlanPeriod.tenant_id, PlanPeriod.start_at)
+    ):
+        history[row.tenant_id].append((row.plan, row.start_at, row.end_at))
+    latest = (
+        select(Invoice.tenant_id, func.max(Invoice.period_start).label("period_start"))
+        .where(Invoice.tenant_id >= first_id, Invoice.tenant_id <= last_id)
+        .group_by(Invoice.tenant_id)
+        .subquery()
+    )
+    previous = {
+        row.tenant_id: (row.period_end, row.created_at)
+        for row in session.execute(
+            select(Invoice.tenant_id, Invoice.period_end, Invoice.created_at).join(
+                latest,
+                and_(
+                    Invoice.tenant_id == latest.c.tenant_id,
+                    Invoice.period_start == latest.c.period_start,
+                ),
+            )
+        )
+    }
+    due: list[DuePeriod] = []
+    for tenant in tenants:
+        spans = history.get(tenant.id)
+        if not spans:
+            continue  # never on a plan: nothing to bill
+        # A terminated tenant's open plan span ends when it was terminated.
+        until = tenant.updated_at if tenant.status == "terminated" else None
+        last = previous.get(tenant.id)
+        since = last[0] if last else min(span[1] for span in spans)
+        periods = due_periods(
+            tenant.billing_anchor, period, since=since, as_of=as_of, until=until, limit=max_periods
+        )
+        if len(periods) == max_periods:
+            summary.backlog += 1
+        late_after = last[1] if last else None
+        for start, end in periods:
+            parts = split_period(start, end, spans, until=until)
+            if not parts:
+                continue  # a stretch off every plan (before sign-up, after termination)
+            due.append(DuePeriod(tenant.id, start, end, tuple(parts), late_after))
+            late_after = None  # later periods of this run: nothing recorded after the cut-off
+    if not due:
+        return last_id, []
+    # Usage recorded after this moment belongs to the next invoice (as late usage): the
+    # cut-off is the invoice's created_at, fixed before anything is read.
+    cutoff = utcnow()
+    usage, late = _aggregate(session, due, cutoff)
+    rows: list[dict[str, Any]] = []
+    unpriced: set[str] = set()
+    for position, item in enumerate(due):
+        if item.tenant_id in unpriced:
+            continue  # its periods are closed in order: none after one left open
+        try:
+            priced = price_period(
+                item.start,
+                item.end,
+                item.parts,
+                usage[position],
+                lambda name: get_plan(name, catalog),
+                late=late.get(position, ()),
+            )
+        except Cul8erError as exc:
+            # One tenant on a plan the catalog lost must not hold back everyone's invoices.
+            log.error("billing_unpriceable", tenant_id=item.tenant_id, error=str(exc))
+            unpriced.add(item.tenant_id)
+            summary.failed += 1
+            continue
+        rows.append(
+            {
+                "id": invoice_id(item.tenant_id, item.start),
+                "tenant_id": item.tenant_id,
+                "period_start": item.start,
+                "period_end": item.end,
+                "currency": priced.currency,
+                "total": priced.total,
+                "lines": priced.lines,
+                "status": "finalized",
+                "created_at": cutoff,
+            }
+        )
+    summary.periods += len(rows)
+    inserted = set(_insert_invoices(session, rows))
+    finalized = [row for row in rows if row["id"] in inserted]
+    summary.inserted.extend(row["id"] for row in finalized)
+    return last_id, finalized
+
+
+def _aggregate(
+    session: Session, due: Sequence[DuePeriod], cutoff: dt.datetime
+) -> tuple[dict[int, dict[int, list[Usage]]], dict[int, list[Usage]]]:
+    """Usage of every due part (by period, then part) and late usage (by period).
+
+    One ``GROUP BY`` over a temporary table holding every part of the chunk.
+    """
+    dialect = session.get_bind().dialect.name
+    suffix = " ON COMMIT DELETE ROWS" if dialect == "postgresql" else ""
+    session.execute(
+        text(f"CREATE TEMPORARY TABLE IF NOT EXISTS billing_parts ({_PARTS_COLUMNS}){suffix}")
+    )
+    session.execute(_PARTS.delete())
+    owners: list[tuple[int, int | None]] = []  # part_id → (period, part index | None: late)
+    rows: list[dict[str, Any]] = []
+    for position, item in enumerate(due):
+        for index, part in enumerate(item.parts):
+            rows.append(
+                {
+                    "part_id": len(owners),
+                    "tenant_id": item.tenant_id,
+                    "from_at": part.start,
+                    "to_at": part.end,
+                    "rec_after": _EPOCH,
+                }
+            )
+            owners.append((position, index))
+        if item.late_after is not None:
+            rows.append(
+                {
+                    "part_id": len(owners),
+                    "tenant_id": item.tenant_id,
+                    "from_at": _EPOCH,
+                    "to_at": item.start,
+                    "rec_after": item.late_after,
+                }
+            )
+            owners.append((position, None))
+    session.execute(_PARTS.insert(), rows)
+    if dialect == "postgresql":
+        # Row counts for the planner: an index walk per part for a few tenants, a hash
+        # join over the usage table for a fleet.
+        session.execute(text("ANALYZE billing_parts"))
+    parts, used = _PARTS.c, UsageRecord.__table__.c
+    query = (
+        select(
+            parts.part_id,
+            used.metric,
+            func.min(used.aggregation),
+            func.sum(used.value),
+            func.max(used.value),
+            func.avg(used.value),
+            func.min(used.window_start),
+            func.max(used.window_end),
+        )
+        .select_from(
+            _PARTS.join(
+                UsageRecord.__table__,
+                and_(
+                    used.tenant_id == parts.tenant_id,
+                    used.window_start >= parts.from_at,
+                    used.window_start < parts.to_at,
+                    used.recorded_at > parts.rec_after,
+                    used.recorded_at <= cutoff,
+                ),
+            )
+        )
+        .group_by(parts.part_id, used.metric)
+    )
+    usage: dict[int, dict[int, list[Usage]]] = defaultdict(lambda: defaultdict(list))
+    late: dict[int, list[Usage]] = defaultdict(list)
+    for part_id, metric, aggregation, total, peak, mean, first, last in session.execute(query):
+        raw = {"sum": total, "max": peak}.get(aggregation, mean)
+        name, value = metric, Decimal(str(raw))
+        if metric in _BYTE_METRICS:
+            name, value = _BYTE_METRICS[metric], value / BYTES_PER_GB
+        position, index = owners[part_id]
+        found = Usage(name, aggregation, value, first, last)
+        if index is None:
+            late[position].append(found)
+        else:
+            usage[position][index].append(found)
+    return usage, late
+
+
+def _insert_invoices(session: Session, rows: list[dict[str, Any]]) -> list[str]:
+    """Insert ``rows``, skipping invoices that exist; the ids actually inserted."""
+    if not rows:
+        return []
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        statement: Any = postgresql.insert(Invoice).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        statement = sqlite.insert(Invoice).on_conflict_do_nothing()
+    else:  # pragma: no cover - cul8er runs on PostgreSQL and SQLite
+        raise ConfigError(f"billing does not support the {dialect} database")
+    inserted = session.execute(statement.returning(Invoice.id), rows).scalars().all()
+    return [str(value) for value in inserted]
+
+
+def _emit(invoice: Invoice) -> None:
+    """``invoice.finalized`` for a committed invoice."""
+    emit(
+        "invoice.finalized",
+        tenant_id=invoice.tenant_id,
+        subject=invoice.id,
+        event_id=invoice_event_id(invoice.id),
+        occurred_at=invoice.created_at,
+        data={
+            "invoice_id": invoice.id,
+            "tenant_id": invoice.tenant_id,
+            "period_start": invoice.period_start.isoformat(),
+            "period_end": invoice.period_end.isoformat(),
+            "currency": invoice.currency,
+            "total": str(invoice.total),
+            "lines": invoice.lines,
+            "created_at": invoice.created_at.isoformat(),
+        },
+    )

@@ -1,0 +1,108 @@
+"""Helpers the provisioners and the tenant workflow share: instance names, specs, probes."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Final
+
+from schemas.platform import InstanceSpec
+from schemas.plugins import HealthReport
+from workers.runtime.errors import PermanentError
+from workers.runtime.settings import get_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from schemas.plans import Plan
+    from schemas.platform import InstanceInfo
+
+__all__ = [
+    "TENANT_ID_PATTERN",
+    "check_tenant_id",
+    "health_report",
+    "instance_name",
+    "instance_spec",
+    "probe",
+]
+
+#: A tenant id as ``schemas.tasks.TenantId`` accepts it: it fits instance and SQL names.
+TENANT_ID_PATTERN: Final = re.compile(r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$")
+
+#: An opener that never sends loopback probes through an HTTP proxy from the environment.
+_DIRECT: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def check_tenant_id(tenant_id: str) -> str:
+    """``tenant_id`` if it is a valid tenant slug; anything else is refused for good."""
+    # Names of instances, schemas and databases derive from it, so it must never be raw text.
+    if not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise PermanentError(
+            f"invalid tenant id {tenant_id[:64]!r}: must match {TENANT_ID_PATTERN.pattern}"
+        )
+    return tenant_id
+
+
+def instance_name(tenant_id: str, role: str, ordinal: int) -> str:
+    """The deterministic instance name ``t-{tenant}-{role}-{n}``."""
+    return f"t-{tenant_id}-{role}-{ordinal}"
+
+
+def instance_spec(
+    tenant_id: str, plan: Plan, platform: str, ordinal: int, *, port: int | None = None
+) -> InstanceSpec:
+    """What instance ``ordinal`` of a tenant on ``plan`` looks like on ``platform``.
+
+    ``port`` is the service's port inside the instance; ``None`` reads ``instance_port``
+    from the process-wide settings.
+    """
+    return InstanceSpec(
+        name=instance_name(tenant_id, "app", ordinal),
+        tenant_id=tenant_id,
+        role="app",
+        ordinal=ordinal,
+        image=plan.images.get(platform),
+        limits=plan.instance_limits(),
+        labels={"cul8er.tenant": tenant_id, "cul8er.plan": plan.name},
+        port=get_settings().instance_port if port is None else port,
+    )
+
+
+def probe(endpoint: str, *, timeout: float) -> tuple[bool, str]:
+    """GET ``/health`` on a loopback endpoint; returns (healthy, detail)."""
+    host = endpoint.rsplit(":", 1)[0]
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        # Health traffic stays on this machine: instances publish their port on loopback.
+        return False, f"endpoint {endpoint} is not on loopback"
+    try:
+        with _DIRECT.open(f"http://{endpoint}/health", timeout=timeout) as response:
+            body = response.read(1024)
+            return response.status == 200, body.decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return False, f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return False, str(exc)
+
+
+def health_report(
+    tenant_id: str, instances: Iterable[InstanceInfo], *, timeout: float, empty: tuple[str, str]
+) -> HealthReport:
+    """Probe each instance's ``/health`` once; no instance at all is ``empty`` and unhealthy."""
+    checks: dict[str, str] = {}
+    healthy = True
+    for info in instances:
+        if info.endpoint is None:
+            ok, detail = False, f"{info.status}, no endpoint"
+        else:
+            ok, detail = probe(info.endpoint, timeout=timeout)
+        checks[info.name] = "healthy" if ok else f"unhealthy: {detail[:200]}"
+        healthy = healthy and ok
+    if not checks:
+        return HealthReport(tenant_id=tenant_id, healthy=False, checks=dict([empty]))
+    return HealthReport(tenant_id=tenant_id, healthy=healthy, checks=checks)

@@ -1,0 +1,367 @@
+"""``cul8er plugin init``: a working plugin package to start from, one per plugin type."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from typing import TYPE_CHECKING, Final
+
+from schemas.manifest import PluginType
+from workers.pluginhost.registry import API_VERSION
+from workers.pluginhost.trust import MANIFEST_FILE, file_digests
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["write_manifest", "write_plugin"]
+
+_IMPORTS: Final = "from schemas.plugins import Ack, HealthStatus"
+
+#: Per type: the models it imports and its class body (a small in-memory implementation).
+_BODIES: Final[dict[PluginType, tuple[str, str]]] = {
+    PluginType.OBSERVER: (
+        "from schemas.events import Event\n"
+        "from schemas.plugins import Ack, HealthStatus, MetricSample",
+        '''
+    def observe_event(self, event: Event) -> Ack:
+        """Count the event; a repeated delivery (same event_id) is counted once."""
+        self.seen.add(str(event.event_id))
+        self.log.info("event_seen", event_type=event.event_type, prefix=self.config.prefix)
+        return Ack(detail=f"{self.config.prefix}{event.event_type}")
+
+    def report_metric(self, metric: MetricSample) -> Ack:
+        """Remember the latest value of each metric."""
+        self.metrics[metric.name] = metric.value
+        return Ack()
+
+    def health_status(self) -> HealthStatus:
+        """Always able to observe."""
+        return HealthStatus(healthy=True, detail=f"{len(self.seen)} events seen")
+
+    def flush(self) -> Ack:
+        """Nothing is buffered."""
+        return Ack()
+''',
+    ),
+    PluginType.SECRETS: (
+        "from pydantic import SecretStr\n\n"
+        "from schemas.plugins import Ack, SecretValue\n"
+        "from workers.runtime.errors import NotFoundError",
+        '''
+    def get(self, path: str) -> SecretValue:
+        """The value stored at ``path``."""
+        if path not in self.store:
+            raise NotFoundError(f"no secret at {path!r}")
+        return SecretValue(path=path, value=SecretStr(self.store[path]))
+
+    def put(self, path: str, value: str) -> Ack:
+        """Store ``value`` (in memory: a real provider would persist it)."""
+        self.store[path] = value
+        return Ack()
+
+    def rotate(self, path: str) -> SecretValue:
+        """Replace the value by a fresh random one."""
+        import secrets
+
+        self.store[path] = secrets.token_urlsafe(24)
+        return self.get(path)
+''',
+    ),
+    PluginType.STRATEGY: (
+        "from schemas.plugins import AnalysisInput, DeploymentSpec, Stage, StagePlan, Verdict",
+        '''
+    def plan(self, deployment: DeploymentSpec) -> StagePlan:
+        """Create the new release, shift all traffic, analyse, promote."""
+        return StagePlan(
+            stages=[
+                Stage(name="create", action="create_green"),
+                Stage(name="shift", action="shift_weight", weight=100),
+                Stage(name="analyze", action="analyze"),
+                Stage(name="promote", action="promote"),
+            ]
+        )
+
+    def analyze(self, analysis: AnalysisInput) -> Verdict:
+        """Fail when the error rate passes the configured threshold."""
+        errors = analysis.metrics.get("error_rate", 0.0)
+        if errors > self.config.max_error_rate:
+            return Verdict(decision="fail", reason=f"error rate {errors:.2%}")
+        return Verdict(decision="pass")
+
+    def rollback(self, deployment: DeploymentSpec) -> StagePlan:
+        """Shift traffic back, then clean up."""
+        return StagePlan(
+            stages=[
+                Stage(name="shift-back", action="shift_weight", weight=0),
+                Stage(name="cleanup", action="cleanup"),
+            ]
+        )
+''',
+    ),
+    PluginType.LOAD_BALANCER: (
+        "from schemas.plugins import Ack, Backend, HeaderRoute, HealthStatus, Weights",
+        '''
+    def add_backend(self, backend: Backend) -> Ack:
+        """Add or update a backend."""
+        self.backends[(backend.tenant_id, backend.name)] = backend
+        return Ack()
+
+    def remove_backend(self, backend: Backend) -> Ack:
+        """Remove a backend; a missing one is fine."""
+        self.backends.pop((backend.tenant_id, backend.name), None)
+        return Ack()
+
+    def set_weights(self, weights: Weights) -> Ack:
+        """Record the tenant's traffic split."""
+        self.weights[weights.tenant_id] = dict(weights.weights)
+        return Ack()
+
+    def route_by_header(self, route: HeaderRoute) -> Ack:
+        """Record a header route."""
+        self.routes[(route.tenant_id, route.header, route.value)] = route.group
+        return Ack()
+
+    def health(self, tenant_id: str) -> HealthStatus:
+        """Healthy when the tenant has a backend."""
+        count = sum(1 for tenant, _ in self.backends if tenant == tenant_id)
+        return HealthStatus(healthy=count > 0, detail=f"{count} backends")
+''',
+    ),
+    PluginType.TENANT_PROVISIONER: (
+        "import datetime as dt\n\n"
+        "from schemas.plugins import (\n    Ack,\n    HealthReport,\n    ProvisionRequest,\n"
+        "    ProvisionResult,\n    TenantResources,\n    UsageSample,\n)",
+        '''
+    def provision(self, request: ProvisionRequest) -> ProvisionResult:
+        """Record the tenant (idempotent)."""
+        self.tenants[request.tenant_id] = request.plan.name
+        return ProvisionResult(tenant_id=request.tenant_id, provisioner=self.name)
+
+    def deprovision(self, tenant_id: str) -> Ack:
+        """Forget the tenant; an unknown one is fine."""
+        self.tenants.pop(tenant_id, None)
+        return Ack()
+
+    def scale(self, request: ProvisionRequest) -> ProvisionResult:
+        """Record the new plan."""
+        return self.provision(request)
+
+    def meter_usage(self, tenant_id: str) -> UsageSample:
+        """No usage to report."""
+        return UsageSample(tenant_id=tenant_id, taken_at=dt.datetime.now(dt.UTC))
+
+    def health_check(self, tenant_id: str) -> HealthReport:
+        """Healthy when provisioned."""
+        return HealthReport(tenant_id=tenant_id, healthy=tenant_id in self.tenants)
+
+    def get_resources(self, tenant_id: str) -> TenantResources:
+        """What the tenant holds."""
+        return TenantResources(tenant_id=tenant_id, provisioner=self.name)
+''',
+    ),
+    PluginType.PLATFORM: (
+        "from typing import ClassVar\n\n"
+        "from schemas.platform import (\n    ExecResult,\n    InstanceInfo,\n    InstanceSpec,\n"
+        "    InstanceStats,\n    Limits,\n)",
+        '''
+    name: ClassVar[str] = "{name}"
+
+    def _info(self, spec: InstanceSpec, status: str = "running") -> InstanceInfo:
+        return InstanceInfo(
+            name=spec.name, tenant_id=spec.tenant_id, platform=self.name, status=status,
+            limits_requested=spec.limits, labels=spec.labels,
+        )
+
+    def create_instance(self, spec: InstanceSpec) -> InstanceInfo:
+        """Record the instance; an existing one is returned."""
+        self.instances.setdefault(spec.name, spec)
+        return self._info(self.instances[spec.name])
+
+    def destroy_instance(self, name: str) -> None:
+        """Forget the instance; a missing one is fine."""
+        self.instances.pop(name, None)
+
+    def start_instance(self, name: str) -> InstanceInfo:
+        """Instances here are always running."""
+        return self._info(self.instances[name])
+
+    def stop_instance(self, name: str) -> None:
+        """Nothing to stop."""
+
+    def exec(self, name: str, command: list[str], *, timeout: float = 30.0) -> ExecResult:
+        """Echo the command."""
+        return ExecResult(exit_code=0, stdout=" ".join(command), stderr="")
+
+    def stats(self, name: str) -> InstanceStats:
+        """No counters."""
+        return InstanceStats(cpu_seconds=0.0, memory_bytes=0, disk_bytes=0)
+
+    def set_limits(self, name: str, limits: Limits) -> InstanceInfo:
+        """Record the new limits."""
+        spec = self.instances[name].model_copy(update={{"limits": limits}})
+        self.instances[name] = spec
+        return self._info(spec)
+
+    def list_instances(self, tenant_id: str | None = None) -> list[InstanceInfo]:
+        """Every instance, or one tenant's."""
+        return [
+            self._info(s) for s in self.instances.values()
+            if tenant_id is None or s.tenant_id == tenant_id
+        ]
+''',
+    ),
+}
+
+_CONFIG: Final[dict[PluginType, str]] = {
+    PluginType.OBSERVER: 'prefix: str = "seen: "',
+    PluginType.STRATEGY: "max_error_rate: float = 0.05",
+}
+
+
+def _module(name: str, plugin_type: PluginType) -> str:
+    imports, body = _BODIES[plugin_type]
+    config_field = _CONFIG.get(plugin_type, "pass")
+    return (
+        f'"""The {name} {plugin_type.value} plugin for cul8er."""\n\n'
+        "from __future__ import annotations\n\n"
+        "from typing import Any\n\n"
+        "from pydantic import BaseModel, ConfigDict\n\n"
+        f"{imports}\n"
+        "from workers.plugin_api import PluginContext\n\n"
+        '__all__ = ["Config", "Plugin"]\n\n\n'
+        "class Config(BaseModel):\n"
+        f'    """The {name} plugin\'s settings (``CUL8ER_PLUGIN_CONFIG``)."""\n\n'
+        '    model_config = ConfigDict(extra="forbid")\n\n'
+        f"    {config_field}\n\n\n"
+        "class Plugin:\n"
+        f'    """The {plugin_type.value} contract, in memory."""\n\n'
+        "    def __init__(self, config: Config | None, context: PluginContext) -> None:\n"
+        "        self.config = config or Config()\n"
+        "        self.name = context.name\n"
+        "        self.log = context.log\n"
+        "        self.seen: set[str] = set()\n"
+        "        self.metrics: dict[str, float] = {}\n"
+        "        self.store: dict[str, str] = {}\n"
+        "        self.tenants: dict[str, str] = {}\n"
+        "        self.backends: dict[Any, Any] = {}\n"
+        "        self.weights: dict[str, dict[str, int]] = {}\n"
+        "        self.routes: dict[Any, str] = {}\n"
+        "        self.instances: dict[str, Any] = {}\n\n"
+        "    def self_test(self) -> None:\n"
+        '        """Run at load and on reload: raise to refuse this version."""\n'
+        + body.replace("{name}", name).replace("{{", "{").replace("}}", "}")
+    )
+
+
+def _test(name: str, package: str, plugin_type: PluginType) -> str:
+    return textwrap.dedent(
+        f'''\
+        """The {name} plugin loads through cul8er's checks and answers its contract."""
+
+        from pathlib import Path
+
+        from workers.pluginhost.contracts import operations
+        from workers.pluginhost.discovery import read_candidate
+        from workers.pluginhost.loader import build_instance, load_candidate, validate_config
+        from workers.pluginhost.registry import PluginRegistry
+        from workers.runtime.settings import Settings
+
+        ROOT = Path(__file__).resolve().parent.parent / "{package}"
+
+
+        def test_plugin_passes_every_check_and_answers(tmp_path):
+            settings = Settings(data_dir=tmp_path)
+            loaded = load_candidate(read_candidate(f"path:{{ROOT}}", ROOT), settings)
+            plugin = build_instance(
+                loaded, validate_config(loaded, {{}}), PluginRegistry(settings).context(loaded)
+            )
+            assert loaded.manifest.type.value == "{plugin_type.value}"
+            for op in operations(loaded.manifest.type):
+                assert callable(getattr(plugin, op))
+        '''
+    )
+
+
+def write_manifest(
+    root: Path, *, name: str, plugin_type: PluginType, module: str, trusted: bool
+) -> Path:
+    """(Re)write ``root``'s manifest with the sha256 of every file now in ``root``."""
+    manifest: dict[str, object] = {
+        "name": name,
+        "version": "0.1.0",
+        "type": plugin_type.value,
+        "description": f"The {name} {plugin_type.value} plugin.",
+        "module": module,
+        "factory": "Plugin",
+        "api": f">={API_VERSION.split('.')[0]},<{int(API_VERSION.split('.')[0]) + 1}",
+        "config_model": f"{module}:Config",
+        "permissions": [],
+        "trusted": trusted,
+        "files": file_digests(root),
+    }
+    path = root / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def write_plugin(
+    directory: Path, *, name: str, plugin_type: PluginType, trusted: bool = False
+) -> Path:
+    """Write ``directory/cul8er-<name>/``: a pip-installable plugin package; returns it."""
+    package = f"cul8er_{name}"
+    project = directory / f"cul8er-{name.replace('_', '-')}"
+    source = project / package
+    source.mkdir(parents=True, exist_ok=False)
+    (project / "tests").mkdir()
+    (source / "__init__.py").write_text(_module(name, plugin_type))
+    (project / "tests" / "test_plugin.py").write_text(_test(name, package, plugin_type))
+    (project / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""\
+            [build-system]
+            requires = ["setuptools>=61"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "cul8er-{name.replace("_", "-")}"
+            version = "0.1.0"
+            description = "The {name} {plugin_type.value} plugin for cul8er."
+            requires-python = ">=3.11"
+
+            # cul8er finds installed plugins through this entry-point group.
+            [project.entry-points."cul8er.plugins"]
+            {name} = "{package}"
+
+            [tool.setuptools]
+            packages = ["{package}"]
+
+            [tool.setuptools.package-data]
+            {package} = ["{MANIFEST_FILE}"]
+            """
+        )
+    )
+    (project / "README.md").write_text(
+        textwrap.dedent(
+            f"""\
+            # cul8er-{name.replace("_", "-")}
+
+            A cul8er {plugin_type.value} plugin. Its operations run as Celery tasks
+            `plugins.{name}.<operation>` on queue `plugins.{name}`
+            ({"a general worker" if trusted else "the sandbox worker: it is untrusted"}).
+
+            ```sh
+            pip install .                 # cul8er finds it through the cul8er.plugins entry point
+            cul8er plugin validate {package}
+            cul8er plugin list
+            pytest tests                  # the plugin passes cul8er's checks
+            ```
+
+            After editing `{package}/`, refresh the file hashes in `{package}/{MANIFEST_FILE}`
+            (cul8er refuses a plugin whose files changed): `cul8er plugin rehash {package}`.
+            Config comes from `CUL8ER_PLUGIN_CONFIG='{{"{name}": {{...}}}}'`; values may be
+            `${{secret:path}}` references, resolved when an operation runs.
+            """
+        )
+    )
+    write_manifest(source, name=name, plugin_type=plugin_type, module=package, trusted=trusted)
+    return project
