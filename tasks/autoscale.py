@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from schemas.states import Phase
 from tasks import workflows as wf
 from workers.economics.autoscale import (
     NO_ACTION,
@@ -31,7 +32,6 @@ from workers.economics.autoscale import (
 from workers.economics.plans import load_catalog
 from workers.engine import ledger
 from workers.engine.events import emit
-from workers.engine.workflow import FORWARD
 from workers.runtime.app import app
 from workers.runtime.db import session_scope
 from workers.runtime.models import (
@@ -268,7 +268,7 @@ def _decide_one(
     log.info("autoscale_decided", tenant_id=tenant_id, rule=rule.name, reason=decision.reason)
     if event is not None:
         result.actions += 1
-        result.dispatch.append((event["workflow_id"], FORWARD, wf.CHANGE_PLAN.forward_tasks))
+        result.dispatch.append((event["workflow_id"], Phase.FORWARD, wf.CHANGE_PLAN.forward_tasks))
         emit(
             "autoscale.decided",
             tenant_id=tenant_id,

@@ -13,10 +13,9 @@ from typing import Any
 import structlog
 from sqlalchemy import select
 
-from plugins.provisioners.shared_cluster import SHARED_TENANT_ID
 from tasks.steps import record_instance
 from workers.economics.plans import get_plan
-from workers.engine.instances import instance_spec
+from workers.engine.instances import SHARED_TENANT_ID, instance_spec
 from workers.pluginhost.handles import get_platform
 from workers.runtime.app import app
 from workers.runtime.db import session_scope

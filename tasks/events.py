@@ -7,8 +7,8 @@ from typing import Any
 import structlog
 
 from schemas.events import Event
-from workers.engine.events import DELIVER_TASK, active_observers
 from workers.engine.steps import backoff
+from workers.pluginhost.bus import DELIVER_TASK, active_observers
 from workers.pluginhost.calls import invoke
 from workers.runtime.app import app
 from workers.runtime.errors import Cul8erError, TransientError

@@ -19,6 +19,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from schemas.states import Phase
 from tasks import workflows as wf
 from tasks.autoscale import start_tenant_workflow
 from workers.economics.plans import load_catalog
@@ -35,7 +36,6 @@ from workers.economics.quotas import (
 from workers.engine import ledger
 from workers.engine.events import emit
 from workers.engine.public import Outcome, public_task
-from workers.engine.workflow import FORWARD
 from workers.runtime.app import app
 from workers.runtime.db import session_scope
 from workers.runtime.errors import NotFoundError
@@ -92,7 +92,7 @@ def _usage(session: Session, tenant_id: str, since: dt.datetime) -> tuple[float,
 def _suspend(session: Session, tenant: Tenant, reason: str, result: Enforcement) -> str | None:
     run_id = start_tenant_workflow(session, tenant, wf.SUSPEND.kind, {"reason": reason})
     if run_id is not None:
-        result.dispatch.append((run_id, FORWARD, wf.SUSPEND.forward_tasks))
+        result.dispatch.append((run_id, Phase.FORWARD, wf.SUSPEND.forward_tasks))
         result.suspended.append(tenant.id)
     return run_id
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from schemas.manifest import PluginType
+from schemas.states import Phase
 from schemas.tasks import (
     ChangePlan,
     CreateTenant,
@@ -20,7 +21,6 @@ from tasks import workflows as wf
 from workers.economics.plans import get_plan
 from workers.engine import ledger
 from workers.engine.public import Outcome, public_task
-from workers.engine.workflow import FORWARD
 from workers.pluginhost.handles import plugin_names
 from workers.runtime.errors import ConflictError, NotFoundError, ValidationFailedError
 from workers.runtime.models import (
@@ -74,7 +74,7 @@ def _start(session: Session, tenant: Tenant, workflow: Workflow, input: dict[str
     return Outcome(
         data={"workflow_id": run.id, "tenant_id": tenant.id, "status": tenant.status},
         tenant_id=tenant.id,
-        dispatch=[(run.id, FORWARD, workflow.forward_tasks)],
+        dispatch=[(run.id, Phase.FORWARD, workflow.forward_tasks)],
     )
 
 

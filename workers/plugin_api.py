@@ -1,42 +1,89 @@
-"""What a plugin's code receives from cul8er: its context. Import this, not the runtime.
+"""The plugin API: everything a plugin's code may import from cul8er, and nothing else.
 
-A plugin module names a factory in its manifest (``"factory": "Plugin"``); cul8er
-calls ``factory(config, context)`` with the validated config model (or ``None`` when
-the plugin has none) and a :class:`PluginContext`. The object returned implements the
-contract of the plugin's type (``workers.pluginhost.contracts``). It may define
-``self_test(self) -> None``: raising there refuses the plugin (and a reload keeps the
-previous version serving).
+Built-in plugins under ``plugins/`` import only this module, ``schemas`` and their own
+package (an import contract checked in CI); a third-party plugin should do the same. The
+names here are the stable surface behind ``API_VERSION``: what moves inside cul8er's rooms
+is re-exported here under the same name.
+
+- the context a factory receives: :class:`PluginContext` (with :class:`Settings`);
+- the error classes that tell cul8er how to treat a failure (retry or not);
+- the contracts a plugin implements, as typing protocols (:class:`Platform`, ...);
+- helpers: another plugin's platform (:func:`get_platform`), a pooled SQLAlchemy engine
+  (:func:`get_engine`), secret hygiene
+  (:func:`remember`, :func:`check_path`), instance naming, specs and health
+  (:func:`instance_spec`, :func:`health_report`, :func:`check_tenant_id`), Prometheus
+  metrics (:mod:`metrics <workers.runtime.metrics>`) and :func:`wait_until`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from workers.engine.instances import (
+    SHARED_TENANT_ID,
+    TENANT_ID_PATTERN,
+    check_tenant_id,
+    health_report,
+    instance_name,
+    instance_spec,
+    probe,
+)
+from workers.pluginhost.context import PluginContext
+from workers.pluginhost.contracts import (
+    LoadBalancer,
+    Observer,
+    Platform,
+    Secrets,
+    Strategy,
+    TenantProvisioner,
+)
+from workers.pluginhost.handles import get_platform
+from workers.pluginhost.registry import API_VERSION
+from workers.pluginhost.secrets import check_path
+from workers.runtime import metrics
+from workers.runtime.db import get_engine
+from workers.runtime.errors import (
+    ConfigError,
+    ConflictError,
+    Cul8erError,
+    NotFoundError,
+    PermanentError,
+    PluginError,
+    TransientError,
+    ValidationFailedError,
+)
+from workers.runtime.redaction import remember
+from workers.runtime.settings import Settings, get_settings
+from workers.runtime.waiting import wait_until
 
-import structlog
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from workers.runtime.settings import Settings
-
-__all__ = ["PluginContext"]
-
-
-@dataclass(frozen=True)
-class PluginContext:
-    """A plugin's view of cul8er: its name, a folder of its own, a bound logger."""
-
-    name: str
-    version: str
-    #: A folder only this plugin writes to (created on first use of the context).
-    data_dir: Path
-    #: cul8er's settings; built-in plugins read their engine settings here.
-    settings: Settings
-
-    @property
-    def log(self) -> Any:
-        """A structlog logger bound to the plugin's name and version."""
-        return structlog.get_logger(f"plugins.{self.name}").bind(
-            plugin=self.name, plugin_version=self.version
-        )
+__all__ = [
+    "API_VERSION",
+    "ConfigError",
+    "ConflictError",
+    "Cul8erError",
+    "LoadBalancer",
+    "NotFoundError",
+    "Observer",
+    "PermanentError",
+    "Platform",
+    "PluginContext",
+    "PluginError",
+    "SHARED_TENANT_ID",
+    "Secrets",
+    "Settings",
+    "Strategy",
+    "TENANT_ID_PATTERN",
+    "TenantProvisioner",
+    "TransientError",
+    "ValidationFailedError",
+    "check_path",
+    "check_tenant_id",
+    "get_engine",
+    "get_platform",
+    "get_settings",
+    "health_report",
+    "instance_name",
+    "instance_spec",
+    "metrics",
+    "probe",
+    "remember",
+    "wait_until",
+]

@@ -33,9 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from schemas.plugins import Ack, HealthStatus
-from workers.runtime import metrics
-from workers.runtime.errors import PermanentError
-from workers.runtime.settings import get_settings
+from workers.plugin_api import PermanentError, get_settings, metrics
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -33,8 +33,7 @@ from tenacity import (
 )
 
 from schemas.plugins import Ack, HealthStatus
-from workers.pluginhost.secrets import remember
-from workers.runtime.errors import PermanentError, TransientError
+from workers.plugin_api import PermanentError, TransientError, remember
 
 if TYPE_CHECKING:
     from schemas.events import Event

@@ -24,7 +24,7 @@ from tenacity import (
 )
 
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
-from workers.runtime.errors import (
+from workers.plugin_api import (
     ConflictError,
     NotFoundError,
     PermanentError,
@@ -36,8 +36,7 @@ if TYPE_CHECKING:
 
     import docker
 
-    from workers.plugin_api import PluginContext
-    from workers.runtime.settings import Settings
+    from workers.plugin_api import PluginContext, Settings
 
 __all__ = ["DockerPlatform"]
 

@@ -34,7 +34,7 @@ from tenacity import (
 )
 
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
-from workers.runtime.errors import (
+from workers.plugin_api import (
     ConflictError,
     NotFoundError,
     PermanentError,
@@ -44,8 +44,7 @@ from workers.runtime.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from workers.plugin_api import PluginContext
-    from workers.runtime.settings import Settings
+    from workers.plugin_api import PluginContext, Settings
 
 __all__ = ["IncusPlatform"]
 

@@ -32,13 +32,12 @@ from pydantic import ValidationError
 
 from plugins.platforms._cgroups import CFS_PERIOD_US, Cgroups
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
-from workers.runtime.errors import NotFoundError, PermanentError, TransientError
+from workers.plugin_api import NotFoundError, PermanentError, TransientError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from workers.plugin_api import PluginContext
-    from workers.runtime.settings import Settings
+    from workers.plugin_api import PluginContext, Settings
 
 __all__ = ["LocalPlatform"]
 

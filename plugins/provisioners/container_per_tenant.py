@@ -16,18 +16,23 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
-from workers.engine.instances import check_tenant_id, health_report, instance_spec
-from workers.pluginhost.handles import get_platform
+from workers.plugin_api import (
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    TransientError,
+    check_tenant_id,
+    get_platform,
+    health_report,
+    instance_spec,
+)
 from workers.runtime.db import get_engine, session_scope
-from workers.runtime.errors import ConflictError, NotFoundError, PermanentError, TransientError
 from workers.runtime.models import Tenant
 
 if TYPE_CHECKING:
     from schemas.platform import InstanceInfo
     from schemas.plugins import ProvisionRequest
-    from workers.plugin_api import PluginContext
-    from workers.pluginhost.contracts import Platform
-    from workers.runtime.settings import Settings
+    from workers.plugin_api import Platform, PluginContext, Settings
 
 __all__ = ["ContainerPerTenant", "tenant_platform"]
 

@@ -27,9 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
-from workers.engine.instances import check_tenant_id
-from workers.runtime.db import get_engine
-from workers.runtime.errors import NotFoundError, TransientError
+from workers.plugin_api import NotFoundError, TransientError, check_tenant_id, get_engine
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -37,8 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from schemas.plugins import ProvisionRequest
-    from workers.plugin_api import PluginContext
-    from workers.runtime.settings import Settings
+    from workers.plugin_api import PluginContext, Settings
 
 __all__ = [
     "DatabasePerTenant",

@@ -26,24 +26,27 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from schemas.plans import Plan
 from schemas.platform import InstanceInfo, InstanceSpec, Limits
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
-from workers.engine.instances import check_tenant_id, health_report
-from workers.pluginhost.handles import get_platform
-from workers.runtime.errors import NotFoundError, PermanentError, TransientError
+from workers.plugin_api import (
+    SHARED_TENANT_ID,
+    NotFoundError,
+    PermanentError,
+    TransientError,
+    check_tenant_id,
+    get_platform,
+    health_report,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
     from schemas.plugins import ProvisionRequest
-    from workers.plugin_api import PluginContext
-    from workers.pluginhost.contracts import Platform
+    from workers.plugin_api import Platform, PluginContext
 
-__all__ = ["SHARED_TENANT_ID", "SharedCluster", "SharedClusterConfig", "pool_instance_name"]
+__all__ = ["SharedCluster", "SharedClusterConfig", "pool_instance_name"]
 
 log = structlog.get_logger(__name__)
 
-#: The owner recorded on pool instances: an underscore keeps it out of tenant slugs.
-SHARED_TENANT_ID: Final = "_shared"
 #: The label marking pool instances (drift checks can tell them from orphans by it).
 POOL_LABEL: Final = "cul8er.pool"
 #: Counters of the pool that ``meter_usage`` shares out between members.

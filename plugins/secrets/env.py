@@ -11,8 +11,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from schemas.plugins import Ack, SecretValue
-from workers.pluginhost.secrets import check_path, remember
-from workers.runtime.errors import NotFoundError, PermanentError
+from workers.plugin_api import NotFoundError, PermanentError, check_path, remember
 
 if TYPE_CHECKING:
     from workers.plugin_api import PluginContext

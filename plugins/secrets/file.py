@@ -24,8 +24,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
 
 from schemas.plugins import Ack, SecretValue
-from workers.pluginhost.secrets import check_path, remember
-from workers.runtime.errors import ConfigError, NotFoundError
+from workers.plugin_api import ConfigError, NotFoundError, check_path, remember
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -38,7 +38,6 @@ from plugins.provisioners.database_per_tenant import (
     schema_name,
 )
 from plugins.provisioners.shared_cluster import (
-    SHARED_TENANT_ID,
     SharedCluster,
     SharedClusterConfig,
     pool_instance_name,
@@ -49,7 +48,7 @@ from schemas.platform import Limits
 from schemas.plugins import ProvisionRequest, ProvisionResult
 from tests.conftest import require
 from tests.stack import PG_ADMIN, create_pg_database, drop_pg_database, instance_processes
-from workers.engine.instances import instance_name, instance_spec, probe
+from workers.engine.instances import SHARED_TENANT_ID, instance_name, instance_spec, probe
 from workers.plugin_api import PluginContext
 from workers.pluginhost.contracts import check_contract
 from workers.runtime.db import session_scope

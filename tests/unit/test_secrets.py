@@ -32,17 +32,16 @@ from schemas.manifest import PluginType
 from schemas.plugins import SecretValue
 from workers.plugin_api import PluginContext
 from workers.pluginhost.contracts import Secrets, check_contract
-from workers.pluginhost.secrets import (
+from workers.pluginhost.secrets import find_refs, resolve
+from workers.runtime.errors import ConfigError, NotFoundError, PermanentError
+from workers.runtime.redaction import (
     MASK,
     RedactingFilter,
-    find_refs,
     redact,
     redact_processor,
     redact_text,
     remember,
-    resolve,
 )
-from workers.runtime.errors import ConfigError, NotFoundError, PermanentError
 from workers.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -572,7 +571,7 @@ def test_remember_from_many_threads() -> None:
 def test_redact_returns_its_input_when_nothing_is_remembered() -> None:
     # Given a fresh process (the registry is process-wide)
     code = (
-        "from workers.pluginhost.secrets import redact, redact_text, remember\n"
+        "from workers.runtime.redaction import redact, redact_text, remember\n"
         "x = {'a': ['b']}\n"
         "assert redact(x) is x and redact_text('abcd') == 'abcd'\n"
         "remember('abcd')\n"

@@ -1,57 +1,58 @@
-"""The event bus: what happens in the app, delivered to every active observer plugin.
+"""The engine's event hook: what happens in the app, handed to whoever subscribed.
 
-``emit`` hands each event to the cheap local observers in ``CUL8ER_INLINE_OBSERVERS``
-(``log``, ``prometheus``) right away, in the emitting process, and sends one
-``cul8er.events.deliver`` message for the others (a webhook, an untrusted observer); that
-task calls each in turn, so a failing observer is logged and retried on its own while the
-others carry on. Nothing is sent when no observer is active.
+The engine (the ledger, steps, takeover) and the rooms above it call :func:`emit`; it builds
+one :class:`~schemas.events.Event` and hands it to every subscribed :class:`Listener`. The
+engine knows nothing of who listens: the plugin host subscribes its observer bus
+(:mod:`workers.pluginhost.bus`) when the app is bootstrapped (:mod:`workers.app`). With
+nobody listening, ``emit`` returns ``None`` without building anything.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
-from kombu.exceptions import KombuError
 
 from schemas.events import Event
-from schemas.manifest import PluginType
-from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from schemas.events import EventType
 
-__all__ = ["active_observers", "emit"]
+__all__ = ["Listener", "emit", "listeners", "subscribe", "unsubscribe"]
 
 log = structlog.get_logger(__name__)
 
-#: The task that fans an event out to the observers.
-DELIVER_TASK = "cul8er.events.deliver"
+
+class Listener(Protocol):
+    """Something that receives events: the observer bus, a test's recorder."""
+
+    def listening(self) -> bool:
+        """Whether an event emitted now would go anywhere (cheap: no I/O)."""
+
+    def publish(self, event: Event) -> None:
+        """Take the event; never block the emitter for long."""
 
 
-def active_observers(*, refresh: bool = True) -> list[str]:
-    """The observer plugins that receive events now, sorted.
+_listeners: list[Listener] = []
 
-    ``refresh=False`` answers from this process's last view of the ``plugins`` table:
-    ``emit`` runs inside other transactions, where a second connection could wait on
-    SQLite's write lock held by the first.
-    """
-    from workers.pluginhost import calls as plugin_tasks
 
-    if not refresh and plugin_tasks.booted() is None:
-        # Not booted here (a script, a unit test): nothing is known to observe, and booting
-        # now would read the database inside the caller's transaction.
-        return []
-    reg = plugin_tasks.registry()
-    if refresh:
-        reg.refresh()
-    return sorted(
-        name
-        for name, served in reg.served.items()
-        if served.loaded.manifest.type is PluginType.OBSERVER and served.state == "active"
-    )
+def subscribe(listener: Listener) -> None:
+    """Hand every later event to ``listener`` (once, however often it subscribes)."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def unsubscribe(listener: Listener) -> None:
+    """Stop handing events to ``listener``."""
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def listeners() -> tuple[Listener, ...]:
+    """The subscribed listeners, in subscription order."""
+    return tuple(_listeners)
 
 
 def emit(
@@ -64,12 +65,12 @@ def emit(
     event_id: uuid.UUID | None = None,
     occurred_at: dt.datetime | None = None,
 ) -> Event | None:
-    """Publish an event to the observers; the event, or ``None`` when nobody listens.
+    """Publish an event to the listeners; the event, or ``None`` when nobody listens.
 
     Never raises: losing an observation must not fail the work it observes.
     """
-    observers = active_observers(refresh=False)
-    if not observers:
+    active = [listener for listener in _listeners if listener.listening()]
+    if not active:
         return None
     event = Event(
         # A caller with a natural identity (an invoice) passes a deterministic id: a repeated
@@ -83,28 +84,9 @@ def emit(
         subject=subject,
         data=data or {},
     )
-    inline = set(get_settings().inline_observers)
-    remote = [name for name in observers if name not in inline]
-    for name in observers:
-        if name in inline:
-            _observe_here(name, event)
-    if not remote:
-        return event
-    try:
-        from workers.runtime.app import app
-
-        app.send_task(DELIVER_TASK, kwargs={"event": event.model_dump(mode="json"), "only": remote})
-    except (KombuError, OSError) as exc:
-        log.warning("event_not_published", event_type=event_type, error=str(exc))
+    for listener in active:
+        try:
+            listener.publish(event)
+        except Exception as exc:
+            log.warning("event_not_published", event_type=event_type, error=str(exc))
     return event
-
-
-def _observe_here(name: str, event: Event) -> None:
-    """Deliver to a cheap local observer in this process: no message, no database read."""
-    from workers.pluginhost.calls import call_served
-
-    try:
-        call_served(name, "observe_event", event=event)
-    except Exception as exc:
-        # An observer never fails the work it observes; it is logged and the others go on.
-        log.warning("observer_failed", observer=name, error=f"{type(exc).__name__}: {exc}")

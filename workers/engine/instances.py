@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from schemas.platform import InstanceInfo
 
 __all__ = [
+    "SHARED_TENANT_ID",
     "TENANT_ID_PATTERN",
     "check_tenant_id",
     "health_report",
@@ -28,6 +29,9 @@ __all__ = [
     "probe",
 ]
 
+#: The owner recorded on instances no tenant owns (a shared pool): an underscore keeps it
+#: out of tenant slugs, so no tenant's listing includes them.
+SHARED_TENANT_ID: Final = "_shared"
 #: A tenant id as ``schemas.tasks.TenantId`` accepts it: it fits instance and SQL names.
 TENANT_ID_PATTERN: Final = re.compile(r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$")
 

@@ -23,13 +23,10 @@ import structlog
 from celery import chain
 from sqlalchemy import JSON, bindparam, case, or_, select, update
 
+from schemas.states import FINAL_RUN, FINISHED, PHASE_STATUS, Phase
+from workers.engine.events import emit
 from workers.engine.takeover import OWNER_COLUMNS, Owner, verdict
 from workers.engine.workflow import (
-    COMPENSATE,
-    FINAL_RUN,
-    FINISHED,
-    FORWARD,
-    PHASE_STATUS,
     StepContext,
     get_workflow,
 )
@@ -88,7 +85,7 @@ def new_run(
         kind=kind,
         tenant_id=tenant_id,
         status="running",
-        phase=FORWARD,
+        phase=Phase.FORWARD,
         current_step=workflow.forward_tasks[0],
         input=input,
         deadline_at=now + dt.timedelta(seconds=grace),
@@ -98,11 +95,9 @@ def new_run(
     session.add(run)
     session.flush()  # the run row first: step rows reference it
     session.add_all(
-        StepRun(run_id=run.id, phase=FORWARD, position=i, name=name, status="pending")
+        StepRun(run_id=run.id, phase=Phase.FORWARD, position=i, name=name, status="pending")
         for i, name in enumerate(workflow.forward_tasks)
     )
-    from workers.engine.events import emit
-
     emit(
         "workflow.started",
         tenant_id=tenant_id,
@@ -327,7 +322,9 @@ def claim_step(
     if not cast("CursorResult[Any]", claimed).rowcount:
         return Claim("busy")
     successors = [str(row.name) for row in phase_rows if row.position > mine.position]
-    outputs = {r.name: r.output or {} for r in rows if r.phase == FORWARD and r.status == "done"}
+    outputs = {
+        r.name: r.output or {} for r in rows if r.phase == Phase.FORWARD and r.status == "done"
+    }
     context = StepContext(
         run_id=run_id,
         kind=mine.kind,
@@ -446,7 +443,7 @@ def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, gra
             {
                 "b_run_id": run_id,
                 "b_phase": phase,
-                "b_final": "succeeded" if phase == FORWARD else "failed",
+                "b_final": "succeeded" if phase == Phase.FORWARD else "failed",
                 "b_deadline": now + dt.timedelta(seconds=grace),
                 "b_now": now,
             },
@@ -461,8 +458,6 @@ def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, gra
 def _finished_event(
     session: Session, run_id: str, kind: str, status: str, now: dt.datetime
 ) -> None:
-    from workers.engine.events import emit
-
     run = session.get(WorkflowRun, run_id)
     duration = (now - run.created_at).total_seconds() if run is not None else None
     emit(
@@ -508,14 +503,14 @@ def fail_step(
     run = session.get(WorkflowRun, run_id)
     if run is None:
         return []
-    if phase == COMPENSATE:
+    if phase == Phase.COMPENSATE:
         errors = [*(run.error or {}).get("compensation_errors", []), {"step": name, **error}]
         run.error = {**(run.error or {}), "compensation_errors": errors}
         _advance(session, run_id=run_id, phase=phase, now=now, grace=grace)
         return []
     done = session.scalars(
         select(StepRun.name).where(
-            StepRun.run_id == run_id, StepRun.phase == FORWARD, StepRun.status == "done"
+            StepRun.run_id == run_id, StepRun.phase == Phase.FORWARD, StepRun.status == "done"
         )
     ).all()
     tasks = get_workflow(run.kind).compensations_for(list(done))
@@ -526,10 +521,10 @@ def fail_step(
         _finished_event(session, run_id, run.kind, "failed", now)
         return []
     session.add_all(
-        StepRun(run_id=run_id, phase=COMPENSATE, position=i, name=task, status="pending")
+        StepRun(run_id=run_id, phase=Phase.COMPENSATE, position=i, name=task, status="pending")
         for i, task in enumerate(tasks)
     )
-    run.status, run.phase, run.current_step = "compensating", COMPENSATE, tasks[0]
+    run.status, run.phase, run.current_step = "compensating", Phase.COMPENSATE, tasks[0]
     run.deadline_at = now + dt.timedelta(seconds=grace)
     return tasks
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, cast, overload
 import structlog
 from sqlalchemy import select, update
 
-from workers.engine.workflow import PHASE_STATUS
+from schemas.states import PHASE_STATUS
+from workers.engine.events import emit
 from workers.runtime.liveness import exited
 from workers.runtime.models import StepRun, WorkerProcess, WorkflowRun, utcnow
 
@@ -138,8 +139,6 @@ def announce(
     takeover: dict[str, Any], *, tenant_id: str | None, workflow_id: str, step: str, phase: str
 ) -> None:
     """A takeover's log line and ``step.taken_over`` event."""
-    from workers.engine.events import emit
-
     previous = takeover.get("previous_owner") or {}
     log.warning(
         "step_taken_over",

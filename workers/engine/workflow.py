@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from workers.runtime.errors import ConfigError
 
 __all__ = [
-    "COMPENSATE",
-    "FINAL_RUN",
-    "FINISHED",
-    "FORWARD",
-    "PHASE_STATUS",
     "Step",
     "StepContext",
     "Workflow",
     "get_workflow",
     "workflows",
 ]
-
-#: The phase that does the work.
-FORWARD: Final = "forward"
-#: The phase that undoes completed steps, in reverse, after a failure.
-COMPENSATE: Final = "compensate"
-#: Step states after which a row never changes again.
-FINISHED: Final = ("done", "failed")
-#: Run states after which a run never changes again.
-FINAL_RUN: Final = ("succeeded", "failed")
-#: The run status that each phase runs under.
-PHASE_STATUS: Final = {FORWARD: "running", COMPENSATE: "compensating"}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from workers.engine.events import emit
 from workers.pluginhost.contracts import operations
 from workers.pluginhost.deps import load_order
 from workers.pluginhost.discovery import ARCHIVE_SUFFIXES, read_candidate
@@ -39,7 +40,6 @@ log = structlog.get_logger(__name__)
 
 
 def _emit(name: str, old: str | None, new: str, version: str, error: str | None) -> None:
-    from workers.engine.events import emit
     from workers.pluginhost.calls import registry
 
     registry()  # the observers this process knows of (the CLI has not booted it yet)

@@ -33,7 +33,16 @@ if TYPE_CHECKING:
     from schemas.plugins import SecretValue
     from workers.pluginhost.registry import Served
 
-__all__ = ["booted", "call_served", "invoke", "registry", "route_task", "worker_role"]
+__all__ = [
+    "WORKER_SIGNALS",
+    "booted",
+    "call_served",
+    "connect_worker_signals",
+    "invoke",
+    "registry",
+    "route_task",
+    "worker_role",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +126,7 @@ def _task_body(plugin: str, op: str) -> Any:
 
 
 def _run(task: PluginTask, plugin: str, op: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from workers.pluginhost.secrets import redact
+    from workers.runtime.redaction import redact
 
     reg = registry()
     structlog.contextvars.bind_contextvars(plugin=plugin, operation=op)
@@ -287,13 +296,32 @@ def _queue_names(value: Any) -> set[str]:
     return {str(q) for q in value}
 
 
-@signals.import_modules.connect
+#: The worker signals the plugin host hooks, and its handler for each.
+WORKER_SIGNALS: Final = (
+    ("import_modules", "_boot_plugins"),
+    ("celeryd_init", "_worker_init"),
+    ("celeryd_after_setup", "_serve_plugin_queues"),
+    ("worker_process_init", "_sandbox_limits"),
+    ("task_prerun", "_sandbox_cpu"),
+)
+
+
+def connect_worker_signals() -> None:
+    """Hook plugin booting, plugin queues and the sandbox limits to Celery's worker signals.
+
+    Idempotent (each handler is connected under a fixed ``dispatch_uid``).
+    """
+    for signal_name, handler in WORKER_SIGNALS:
+        getattr(signals, signal_name).connect(
+            globals()[handler], weak=False, dispatch_uid=f"cul8er.plugins.{handler}"
+        )
+
+
 def _boot_plugins(**_kwargs: Any) -> None:
     # Before the worker imports ``include``: booting adds every plugin's module to it.
     registry()
 
 
-@signals.celeryd_init.connect
 def _worker_init(conf: Any = None, options: Any = None, **_kwargs: Any) -> None:
     settings = get_settings()
     queues = _queue_names((options or {}).get("queues"))
@@ -305,7 +333,6 @@ def _worker_init(conf: Any = None, options: Any = None, **_kwargs: Any) -> None:
         log.info("sandbox_worker", queue=settings.sandbox_queue)
 
 
-@signals.celeryd_after_setup.connect
 def _serve_plugin_queues(instance: Any = None, **_kwargs: Any) -> None:
     queues = instance.app.amqp.queues
     consumed = set(queues.consume_from or {})
@@ -317,7 +344,6 @@ def _serve_plugin_queues(instance: Any = None, **_kwargs: Any) -> None:
     _worker["queues"] = consumed
 
 
-@signals.worker_process_init.connect
 def _sandbox_limits(**_kwargs: Any) -> None:
     if not _worker["sandbox"]:
         return
@@ -328,7 +354,6 @@ def _sandbox_limits(**_kwargs: Any) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
 
-@signals.task_prerun.connect
 def _sandbox_cpu(**_kwargs: Any) -> None:
     if not _worker["sandbox"]:
         return

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from schemas.manifest import Manifest
-    from workers.plugin_api import PluginContext
+    from workers.pluginhost.context import PluginContext
     from workers.pluginhost.discovery import Candidate
     from workers.runtime.settings import Settings
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from plugins.builtin import BUILTIN_MANIFESTS
 from schemas.manifest import PluginType
-from workers.plugin_api import PluginContext
+from workers.pluginhost.context import PluginContext
 from workers.pluginhost.contracts import CONTRACTS, INTERNAL_OPERATIONS, operations
 from workers.pluginhost.deps import load_order
 from workers.pluginhost.discovery import discover_all

@@ -23,7 +23,3 @@ def _start_embedded_broker(**_kwargs: Any) -> None:
     settings = get_settings()
     if settings.embedded_broker:
         EmbeddedRedis(settings.data_dir).ensure_running()
-
-
-# Last: the plugin runtime registers its tasks and worker signals on ``app`` defined above.
-from workers.pluginhost import calls as _plugin_tasks  # noqa: E402, F401

@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from workers.pluginhost.secrets import RedactingFilter, redact_processor
+from workers.runtime.redaction import RedactingFilter, redact_processor
 
 __all__ = ["configure_logging"]
 

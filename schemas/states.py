@@ -1,0 +1,72 @@
+"""The statuses of tenants, workflow runs and their steps, as stored and as answered.
+
+Each is a :class:`~enum.StrEnum`: a member compares equal to its value, so rows read back
+from the database (plain strings) and JSON answers need no conversion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Final
+
+__all__ = [
+    "FINAL_RUN",
+    "FINISHED",
+    "PHASE_STATUS",
+    "Phase",
+    "RunStatus",
+    "StepStatus",
+    "TenantStatus",
+]
+
+
+class TenantStatus(StrEnum):
+    """provisioning → active ⇄ suspended → deprovisioning → terminated (failed: create failed)."""
+
+    PROVISIONING = "provisioning"
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    DEPROVISIONING = "deprovisioning"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+
+
+class RunStatus(StrEnum):
+    """running → succeeded | compensating → failed."""
+
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class StepStatus(StrEnum):
+    """pending → running → done | failed; retrying (a due time) or waiting (a poll) in between."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    WAITING = "waiting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Phase(StrEnum):
+    """The direction a run moves in."""
+
+    #: The phase that does the work.
+    FORWARD = "forward"
+    #: The phase that undoes completed steps, in reverse, after a failure.
+    COMPENSATE = "compensate"
+
+
+#: Step states after which a row never changes again.
+FINISHED: Final = (StepStatus.DONE, StepStatus.FAILED)
+#: Run states after which a run never changes again.
+FINAL_RUN: Final = (RunStatus.SUCCEEDED, RunStatus.FAILED)
+#: The run status that each phase runs under.
+PHASE_STATUS: Final[Mapping[str, RunStatus]] = {
+    Phase.FORWARD: RunStatus.RUNNING,
+    Phase.COMPENSATE: RunStatus.COMPENSATING,
+}
