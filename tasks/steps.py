@@ -235,9 +235,9 @@ def destroy_instances(ctx: StepContext) -> dict[str, Any]:
     """The tenant's provisioner removes every instance it holds for the tenant."""
     with session_scope() as session:
         tenant = _tenant(session, ctx.tenant_id)
-        tenant_id, provisioner = tenant.id, _compute(tenant)
+        tenant_id, provisioner, platform = tenant.id, _compute(tenant), tenant.platform
         names = list(session.scalars(select(Instance.name).where(Instance.tenant_id == tenant_id)))
-    ack = get_provisioner(provisioner).deprovision(tenant_id)
+    ack = get_provisioner(provisioner).deprovision(tenant_id, platform=platform)
     with session_scope() as session:
         session.execute(delete(Instance).where(Instance.tenant_id == tenant_id))
         tenant = _tenant(session, tenant_id)

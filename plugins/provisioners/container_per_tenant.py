@@ -12,49 +12,29 @@ import re
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import structlog
-from sqlalchemy import inspect
-from sqlalchemy.exc import OperationalError
 
 from schemas.plugins import Ack, HealthReport, ProvisionResult, TenantResources, UsageSample
 from workers.plugin_api import (
     ConflictError,
     NotFoundError,
     PermanentError,
-    TransientError,
     check_tenant_id,
     get_platform,
     health_report,
     instance_spec,
 )
-from workers.runtime.db import get_engine, session_scope
-from workers.runtime.models import Tenant
 
 if TYPE_CHECKING:
     from schemas.platform import InstanceInfo
     from schemas.plugins import ProvisionRequest
-    from workers.plugin_api import Platform, PluginContext, Settings
+    from workers.plugin_api import Platform, PluginContext
 
-__all__ = ["ContainerPerTenant", "tenant_platform"]
+__all__ = ["ContainerPerTenant"]
 
 log = structlog.get_logger(__name__)
 
 #: The counters ``meter_usage`` sums over a tenant's instances.
 STAT_FIELDS: Final = ("cpu_seconds", "memory_bytes", "disk_bytes", "rx_bytes", "tx_bytes")
-
-
-def tenant_platform(settings: Settings, tenant_id: str) -> str:
-    """The platform the ``tenants`` table records for ``tenant_id``, else the default one."""
-    url = settings.sqlalchemy_url
-    try:
-        # An unmigrated database (or a provisioner used on its own) has no tenants table.
-        if not inspect(get_engine(url)).has_table("tenants"):
-            return settings.default_platform
-    except OperationalError as exc:
-        raise TransientError(f"database unavailable: {exc.orig!s}") from exc
-    with session_scope(url) as session:
-        tenant = session.get(Tenant, tenant_id)
-        platform = tenant.platform if tenant is not None else None
-    return platform or settings.default_platform
 
 
 def _ordinal(tenant_id: str, name: str) -> int | None:
@@ -89,13 +69,13 @@ class ContainerPerTenant:
         """Create (or find) instances ``0..count-1`` of the tenant, under the plan's limits."""
         return self._converge(request, shrink=False)
 
-    def deprovision(self, tenant_id: str) -> Ack:
+    def deprovision(self, tenant_id: str, platform: str | None = None) -> Ack:
         """Destroy every instance of the tenant found on its platform; none found is success."""
         check_tenant_id(tenant_id)
-        platform = self._platform(tenant_platform(self.settings, tenant_id))
-        names = [info.name for info in platform.list_instances(tenant_id)]
+        engine = self._platform(platform)
+        names = [info.name for info in engine.list_instances(tenant_id)]
         for name in sorted(names, reverse=True):
-            platform.destroy_instance(name)
+            engine.destroy_instance(name)
         log.info("tenant_instances_deprovisioned", tenant_id=tenant_id, destroyed=names)
         return Ack(detail=f"destroyed {len(names)} instance(s)" if names else "nothing to destroy")
 
@@ -103,15 +83,15 @@ class ContainerPerTenant:
         """Apply the plan's limits live and create or destroy instances to match the count."""
         return self._converge(request, shrink=True)
 
-    def meter_usage(self, tenant_id: str) -> UsageSample:
+    def meter_usage(self, tenant_id: str, platform: str | None = None) -> UsageSample:
         """The platform's counters summed over the tenant's instances."""
         check_tenant_id(tenant_id)
-        platform = self._platform(tenant_platform(self.settings, tenant_id))
+        engine = self._platform(platform)
         totals = dict.fromkeys(STAT_FIELDS, 0.0)
         counted = 0
-        for info in platform.list_instances(tenant_id):
+        for info in engine.list_instances(tenant_id):
             try:
-                stats = platform.stats(info.name)
+                stats = engine.stats(info.name)
             except NotFoundError:
                 continue  # destroyed between the listing and the read
             counted += 1
@@ -123,21 +103,21 @@ class ContainerPerTenant:
             metrics={**totals, "instances": float(counted)},
         )
 
-    def health_check(self, tenant_id: str) -> HealthReport:
+    def health_check(self, tenant_id: str, platform: str | None = None) -> HealthReport:
         """Probe ``/health`` of every instance once; no instance at all is unhealthy."""
         check_tenant_id(tenant_id)
-        platform = self._platform(tenant_platform(self.settings, tenant_id))
+        engine = self._platform(platform)
         return health_report(
             tenant_id,
-            platform.list_instances(tenant_id),
+            engine.list_instances(tenant_id),
             timeout=self.settings.health_timeout,
             empty=("instances", "none"),
         )
 
-    def get_resources(self, tenant_id: str) -> TenantResources:
+    def get_resources(self, tenant_id: str, platform: str | None = None) -> TenantResources:
         """The tenant's instances as its platform reports them."""
         check_tenant_id(tenant_id)
-        platform_name = tenant_platform(self.settings, tenant_id)
+        platform_name = platform or self.settings.default_platform
         infos = self._platform(platform_name).list_instances(tenant_id)
         return TenantResources(
             tenant_id=tenant_id,
@@ -148,8 +128,9 @@ class ContainerPerTenant:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _platform(self, name: str) -> Platform:
-        return get_platform(name, self.settings)
+    def _platform(self, name: str | None) -> Platform:
+        """The tenant's platform as cul8er recorded it, else the default one."""
+        return get_platform(name or self.settings.default_platform, self.settings)
 
     def _converge(self, request: ProvisionRequest, *, shrink: bool) -> ProvisionResult:
         """Instances ``0..count-1`` run under the plan's limits; with ``shrink``, no others."""

@@ -7,7 +7,6 @@ PostgreSQL tests use a scratch database each (skipped locally, failed in CI, wit
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import importlib
 import json
 import subprocess
@@ -51,7 +50,6 @@ from tests.stack import PG_ADMIN, create_pg_database, drop_pg_database, instance
 from workers.engine.instances import SHARED_TENANT_ID, instance_name, instance_spec, probe
 from workers.plugin_api import PluginContext
 from workers.pluginhost.contracts import check_contract
-from workers.runtime.db import session_scope
 from workers.runtime.errors import ConfigError, ConflictError, NotFoundError, PermanentError
 from workers.runtime.settings import Settings
 
@@ -412,40 +410,24 @@ def test_container_meter_usage_sums_the_instances(data_dir: Path) -> None:
     assert metrics["memory_bytes"] == pytest.approx(memory, rel=0.5)
 
 
-def test_container_uses_the_platform_of_the_tenants_table(data_dir: Path) -> None:
-    # Given a migrated database whose tenant lives on "local", and a default platform
-    # that does not exist
-    from workers.runtime.migrate import upgrade
-    from workers.runtime.models import Tenant
-
-    url = f"sqlite:///{data_dir / 'cul8er.db'}"
-    data_dir.mkdir(parents=True)
-    upgrade(url)
-    settings = Settings(data_dir=data_dir, database_url=url, default_platform="nowhere")
+def test_container_uses_the_platform_it_is_told(data_dir: Path) -> None:
+    # Given a tenant provisioned on "local", and a default platform that does not exist
+    settings = make_settings(data_dir).model_copy(update={"default_platform": "nowhere"})
     _SETTINGS.append(settings)
-    tenant, stranger = new_tenant(), new_tenant()
-    with session_scope(url) as session:
-        session.add(
-            Tenant(
-                id=tenant,
-                name=tenant,
-                plan="small",
-                status="active",
-                platform="local",
-                billing_anchor=dt.date(2026, 1, 1),
-            )
-        )
+    tenant = new_tenant()
     provisioner = ContainerPerTenant(None, make_context(settings, "container_per_tenant"))
     provisioner.provision(ProvisionRequest(tenant_id=tenant, plan=BIG, platform="local"))
 
-    # When the tenant is deprovisioned by id alone
-    provisioner.deprovision(tenant)
-
-    # Then its instances on "local" are gone
-    assert local(settings).list_instances(tenant) == []
-    # And a tenant without a row falls back to the (unknown) default platform
+    # When its usage, health and resources are read with the platform cul8er recorded
+    assert provisioner.meter_usage(tenant, platform="local").metrics["instances"] == 1
+    assert provisioner.get_resources(tenant, platform="local").detail == {"platform": "local"}
+    # Then without it, the (unknown) default platform is used: the provisioner reads no table
     with pytest.raises(ConfigError, match="nowhere"):
-        provisioner.deprovision(stranger)
+        provisioner.deprovision(tenant)
+
+    # And deprovisioning with the platform removes its instances on "local"
+    provisioner.deprovision(tenant, platform="local")
+    assert local(settings).list_instances(tenant) == []
 
 
 def test_container_refuses_bad_ids_and_names_it_does_not_own(data_dir: Path) -> None:

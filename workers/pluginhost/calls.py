@@ -22,6 +22,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from schemas.manifest import PluginType
 from workers.pluginhost.contracts import operations
 from workers.pluginhost.registry import PluginRegistry, PluginUnavailableError
+from workers.pluginhost.signatures import is_internal, signature
 from workers.runtime.app import app
 from workers.runtime.errors import Cul8erError, PermanentError, PluginError, TransientError
 from workers.runtime.queues import Queue
@@ -100,10 +101,9 @@ def _register(served: Served) -> None:
     if module not in include:
         app.conf.include = [*include, module]
     settings = get_settings()
-    registry_ = _registry
     for op in operations(served.loaded.manifest.type):
         name = f"plugins.{served.name}.{op}"
-        if name in app.tasks or (registry_ is not None and registry_.is_internal(served, op)):
+        if name in app.tasks or is_internal(served.loaded.manifest.type, op):
             continue
         options: dict[str, Any] = {"name": name, "base": PluginTask, "bind": True}
         if not served.trusted:
@@ -140,10 +140,11 @@ def _run(task: PluginTask, plugin: str, op: str, kwargs: dict[str, Any]) -> dict
             )
             log.info("plugin_call_sent_to_sandbox")
             raise Ignore()
-        if reg.is_internal(served, op):
+        if is_internal(served.loaded.manifest.type, op):
             raise PermanentError(f"plugins.{plugin}.{op} is in-process only")
         value = _call_here(reg, served, op, kwargs)
-        return {"ok": True, "result": redact(reg.dump_result(served, op, value))}
+        answer = signature(served.loaded.manifest.type, op).dump_result(value)
+        return {"ok": True, "result": redact(answer)}
     except Ignore:
         raise
     except MemoryError:
@@ -167,9 +168,10 @@ def _run(task: PluginTask, plugin: str, op: str, kwargs: dict[str, Any]) -> dict
 
 
 def _call_here(reg: PluginRegistry, served: Served, op: str, kwargs: dict[str, Any]) -> Any:
-    args = reg.validate_args(served, op, kwargs)
+    sig = signature(served.loaded.manifest.type, op)
+    args = sig.check(served.name, kwargs)
     instance = reg.instance(served, resolve=_resolver(reg))
-    return getattr(instance, op)(**args)
+    return getattr(instance, op)(**sig.fit(type(instance), args))
 
 
 def _resolver(reg: PluginRegistry) -> Callable[[Any], Any]:
@@ -223,10 +225,9 @@ def invoke(plugin: str, op: str, **kwargs: Any) -> Any:
     queues = _worker["queues"]
     if served.trusted and (queues is None or served.queue in queues):
         return _call_here(reg, served, op, kwargs)
-    args = reg.validate_args(served, op, kwargs)
-    payload = {
-        key: reg_dump(value) for key, value in args.items()
-    }  # JSON only on the wire: models become dicts
+    sig = signature(served.loaded.manifest.type, op)
+    # JSON only on the wire: checked here, so a bad argument never becomes a message.
+    payload = sig.dump_args(sig.check(plugin, kwargs))
     result = app.send_task(f"plugins.{plugin}.{op}", kwargs=payload, queue=served.queue)
     settings = get_settings()
     try:
@@ -253,25 +254,7 @@ def invoke(plugin: str, op: str, **kwargs: Any) -> Any:
         if error.get("code") == "transient":
             raise TransientError(message)
         raise PluginError(message, plugin_name=plugin)
-    _, adapter = _models(served, op)
-    return adapter.validate_python(answer["result"])
-
-
-def reg_dump(value: Any) -> Any:
-    """A validated argument as JSON-ready data."""
-    from pydantic import BaseModel
-
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list):
-        return [reg_dump(v) for v in value]
-    return value
-
-
-def _models(served: Served, op: str) -> Any:
-    from workers.pluginhost.registry import operation_models
-
-    return operation_models(served.loaded.manifest.type, op)
+    return sig.load_result(answer["result"])
 
 
 def route_task(

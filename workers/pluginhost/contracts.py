@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTRACTS",
-    "INTERNAL_OPERATIONS",
     "LoadBalancer",
     "Observer",
     "PLATFORM_OPERATIONS",
@@ -97,13 +96,17 @@ class Platform(Protocol):
 
 @runtime_checkable
 class TenantProvisioner(Protocol):
-    """How a tenant's resources are laid out: its own containers, its own database, a share."""
+    """How a tenant's resources are laid out: its own containers, its own database, a share.
+
+    ``platform`` names the platform the tenant lives on (``None``: the default platform),
+    as recorded by cul8er: a provisioner never reads cul8er's tables to find it.
+    """
 
     def provision(self, request: ProvisionRequest) -> ProvisionResult:
         """Make (or find) what the tenant's plan entitles it to; idempotent."""
         ...
 
-    def deprovision(self, tenant_id: str) -> Ack:
+    def deprovision(self, tenant_id: str, platform: str | None = None) -> Ack:
         """Remove everything the provisioner holds for the tenant; nothing held is success."""
         ...
 
@@ -111,15 +114,15 @@ class TenantProvisioner(Protocol):
         """Bring the tenant's resources to ``request.plan`` (limits, instance count)."""
         ...
 
-    def meter_usage(self, tenant_id: str) -> UsageSample:
+    def meter_usage(self, tenant_id: str, platform: str | None = None) -> UsageSample:
         """Read the tenant's usage counters now."""
         ...
 
-    def health_check(self, tenant_id: str) -> HealthReport:
+    def health_check(self, tenant_id: str, platform: str | None = None) -> HealthReport:
         """Whether every resource of the tenant answers."""
         ...
 
-    def get_resources(self, tenant_id: str) -> TenantResources:
+    def get_resources(self, tenant_id: str, platform: str | None = None) -> TenantResources:
         """What the provisioner holds for the tenant."""
         ...
 
@@ -214,11 +217,6 @@ CONTRACTS: Final[Mapping[PluginType, type]] = {
     PluginType.SECRETS: Secrets,
 }
 
-#: Operations that take a secret value as an argument: callable in-process, never a task.
-INTERNAL_OPERATIONS: Final[Mapping[PluginType, frozenset[str]]] = {
-    PluginType.SECRETS: frozenset({"put"}),
-}
-
 
 def operations(plugin_type: PluginType) -> tuple[str, ...]:
     """The operations of ``plugin_type``'s contract, in declaration order."""
@@ -250,12 +248,16 @@ def check_contract(name: str, plugin_type: PluginType, cls: type) -> None:
         )
     wrong = []
     for op in ops:
-        expected = list(inspect.signature(getattr(contract, op)).parameters)
+        params = inspect.signature(getattr(contract, op)).parameters.values()
+        expected = [p.name for p in params]
+        # Optional parameters added to a contract later: a plugin written before may omit them
+        # (cul8er then does not pass them; see ``Signature.fit``).
+        required = [p.name for p in params if p.default is inspect.Parameter.empty]
         try:
             actual = list(inspect.signature(getattr(cls, op)).parameters)
         except (TypeError, ValueError):
             actual = []
-        if actual[: len(expected)] != expected:
+        if actual[: len(required)] != required or not set(actual) >= set(required):
             wrong.append(f"{op}({', '.join(actual[1:])}) should be {op}({', '.join(expected[1:])})")
     if wrong:
         raise PluginError(

@@ -8,12 +8,14 @@ when this worker serves the plugin, and as the plugin's task on its own queue ot
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from schemas.manifest import PluginType
-from workers.pluginhost.contracts import CONTRACTS, check_contract, operations
+from workers.pluginhost.calls import invoke, registry
+from workers.pluginhost.contracts import check_contract, operations
+from workers.pluginhost.signatures import signature
 from workers.runtime.errors import ConfigError
+from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from workers.pluginhost.contracts import Platform, TenantProvisioner
@@ -54,14 +56,10 @@ class PluginProxy:
     def __getattr__(self, op: str) -> Any:
         if op.startswith("_") or op not in self._ops:
             raise AttributeError(op)
-        signature = inspect.signature(getattr(CONTRACTS[self.plugin_type], op))
+        sig = signature(self.plugin_type, op)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            from workers.pluginhost.calls import invoke
-
-            bound = signature.bind(None, *args, **kwargs)
-            params = {k: v for k, v in bound.arguments.items() if k != "self"}
-            return invoke(self.name, op, **params)
+            return invoke(self.name, op, **sig.bind(*args, **kwargs))
 
         call.__name__ = op
         return call
@@ -71,8 +69,6 @@ class PluginProxy:
 
 
 def _handle(name: str, plugin_type: PluginType) -> PluginProxy:
-    from workers.pluginhost.calls import registry
-
     served = registry().get(name)
     if served.loaded.manifest.type is not plugin_type:
         raise ConfigError(
@@ -88,8 +84,6 @@ def plugin_names(plugin_type: PluginType, *, refresh: bool = True) -> list[str]:
     ``refresh=False`` answers from this process's view, without reading the table: for
     callers inside a transaction of their own (SQLite lets one writer in at a time).
     """
-    from workers.pluginhost.calls import registry
-
     reg = registry()
     if refresh:
         reg.refresh()
@@ -110,7 +104,6 @@ def get_platform(name: str, settings: Settings) -> Platform:
         ConfigError: ``name`` is not a platform plugin.
         PluginError: the plugin is disabled, failed or not installed.
     """
-    from workers.runtime.settings import get_settings
 
     if settings is get_settings():
         return cast("Platform", _handle(name, PluginType.PLATFORM))

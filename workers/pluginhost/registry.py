@@ -10,31 +10,25 @@ imported beside the old one, and the old one keeps serving if the new one fails.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import threading
 import time
-import typing
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from plugins.builtin import BUILTIN_MANIFESTS
-from schemas.manifest import PluginType
 from workers.pluginhost.context import PluginContext
-from workers.pluginhost.contracts import CONTRACTS, INTERNAL_OPERATIONS, operations
 from workers.pluginhost.deps import load_order
 from workers.pluginhost.discovery import discover_all
 from workers.pluginhost.loader import build_instance, load_builtin, load_candidate, validate_config
 from workers.runtime.db import session_scope
-from workers.runtime.errors import NotFoundError, PluginError, TransientError, ValidationFailedError
+from workers.runtime.errors import PluginError, TransientError
 from workers.runtime.models import AuditEvent, Plugin
 
 if TYPE_CHECKING:
@@ -50,7 +44,6 @@ __all__ = [
     "PluginRegistry",
     "PluginUnavailableError",
     "Served",
-    "operation_models",
 ]
 
 log = structlog.get_logger(__name__)
@@ -119,33 +112,6 @@ class _Refusal:
     checksum: str | None = None
     needs_config: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@functools.cache
-def operation_models(plugin_type: PluginType, op: str) -> tuple[type[BaseModel], TypeAdapter[Any]]:
-    """The model of ``op``'s keyword arguments and the adapter of its answer, built once."""
-    method = getattr(CONTRACTS[plugin_type], op)
-    hints = typing.get_type_hints(method)
-    fields: dict[str, Any] = {}
-    for name, param in inspect.signature(method).parameters.items():
-        if name == "self":
-            continue
-        default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[name] = (hints[name], default)
-    model = create_model(
-        f"{plugin_type.value}.{op}", __config__=ConfigDict(extra="forbid"), **fields
-    )
-    return model, TypeAdapter(hints.get("return", type(None)))
-
-
-def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
-    return [
-        {
-            "field": ".".join(str(part) for part in err["loc"]) or "(root)",
-            "message": err["msg"][:200],
-        }
-        for err in exc.errors()
-    ]
 
 
 class PluginRegistry:
@@ -555,40 +521,6 @@ class PluginRegistry:
             data_dir=self.settings.data_dir / "plugin-data" / loaded.name,
             settings=self.settings,
         )
-
-    def validate_args(self, served: Served, op: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``kwargs`` checked against the contract; Python objects keyed by parameter.
-
-        Raises:
-            ValidationFailedError: naming each bad field.
-            NotFoundError: ``op`` is not an operation of the plugin's type.
-        """
-        ptype = served.loaded.manifest.type
-        if op not in operations(ptype):
-            raise NotFoundError(
-                f"{ptype.value} plugins have no operation {op!r}; "
-                f"they have: {', '.join(operations(ptype))}"
-            )
-        model, _ = operation_models(ptype, op)
-        try:
-            checked = model.model_validate(kwargs)
-        except ValidationError as exc:
-            errors = _field_errors(exc)
-            raise ValidationFailedError(
-                f"invalid arguments to plugins.{served.name}.{op}: "
-                + "; ".join(f"{e['field']}: {e['message']}" for e in errors),
-                errors=errors,
-            ) from None
-        return {name: getattr(checked, name) for name in type(checked).model_fields}
-
-    def dump_result(self, served: Served, op: str, value: Any) -> Any:
-        """An operation's answer as JSON-ready data."""
-        _, adapter = operation_models(served.loaded.manifest.type, op)
-        return adapter.dump_python(value, mode="json")
-
-    def is_internal(self, served: Served, op: str) -> bool:
-        """Whether ``op`` is callable in-process only (it takes a secret value)."""
-        return op in INTERNAL_OPERATIONS.get(served.loaded.manifest.type, frozenset())
 
     def status(self) -> list[dict[str, Any]]:
         """Every plugin with its version, type, state and error, sorted by name."""

@@ -137,7 +137,7 @@ _BODIES: Final[dict[PluginType, tuple[str, str]]] = {
         self.tenants[request.tenant_id] = request.plan.name
         return ProvisionResult(tenant_id=request.tenant_id, provisioner=self.name)
 
-    def deprovision(self, tenant_id: str) -> Ack:
+    def deprovision(self, tenant_id: str, platform: str | None = None) -> Ack:
         """Forget the tenant; an unknown one is fine."""
         self.tenants.pop(tenant_id, None)
         return Ack()
@@ -146,15 +146,15 @@ _BODIES: Final[dict[PluginType, tuple[str, str]]] = {
         """Record the new plan."""
         return self.provision(request)
 
-    def meter_usage(self, tenant_id: str) -> UsageSample:
+    def meter_usage(self, tenant_id: str, platform: str | None = None) -> UsageSample:
         """No usage to report."""
         return UsageSample(tenant_id=tenant_id, taken_at=dt.datetime.now(dt.UTC))
 
-    def health_check(self, tenant_id: str) -> HealthReport:
+    def health_check(self, tenant_id: str, platform: str | None = None) -> HealthReport:
         """Healthy when provisioned."""
         return HealthReport(tenant_id=tenant_id, healthy=tenant_id in self.tenants)
 
-    def get_resources(self, tenant_id: str) -> TenantResources:
+    def get_resources(self, tenant_id: str, platform: str | None = None) -> TenantResources:
         """What the tenant holds."""
         return TenantResources(tenant_id=tenant_id, provisioner=self.name)
 ''',
