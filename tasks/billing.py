@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import structlog
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from workers.economics import billing
+from workers.economics import billing, pricing
 from workers.engine.public import Outcome, public_task, rejection
 from workers.runtime.app import app
 from workers.runtime.errors import NotFoundError, TransientError, ValidationFailedError
@@ -100,7 +100,7 @@ def describe_invoice(invoice: Invoice) -> dict[str, Any]:
         "period_start": invoice.period_start.isoformat(),
         "period_end": invoice.period_end.isoformat(),
         "currency": invoice.currency,
-        "total": str(billing.money(invoice.total)),
+        "total": str(pricing.money(invoice.total)),
         "status": invoice.status,
         "lines": invoice.lines,
         "created_at": invoice.created_at.isoformat(),

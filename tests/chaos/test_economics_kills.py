@@ -31,7 +31,7 @@ from tests.chaos._faults import (
 )
 from tests.stack import Stack
 from tests.webhook import webhook_receiver
-from workers.economics import billing, metering
+from workers.economics import billing, metering, periods, pricing
 from workers.runtime.models import Instance, Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
 
 pytestmark = pytest.mark.integration
@@ -267,7 +267,7 @@ def test_sigkill_during_a_billing_close_invoices_each_period_once(tmp_path: Path
             wanted = {
                 (t, start)
                 for t in tenant_ids
-                for start, _ in billing.due_periods(
+                for start, _ in periods.due_periods(
                     since.date(), "minute", since=since, as_of=as_of
                 )
             }
@@ -313,9 +313,9 @@ def test_sigkill_during_a_billing_close_invoices_each_period_once(tmp_path: Path
             )
 
             # And there is exactly one invoice per tenant and period
-            periods = Counter((tenant_id, start) for _, tenant_id, start, _ in invoices)
-            assert set(periods) == wanted
-            assert set(periods.values()) == {1}
+            per_period = Counter((tenant_id, start) for _, tenant_id, start, _ in invoices)
+            assert set(per_period) == wanted
+            assert set(per_period.values()) == {1}
             # And each invoice was finalized as one event: one key per invoice, the key
             # derived from the invoice, and every delivery under a key the same event
             by_id = {invoice_id: total for invoice_id, _, _, total in invoices}
@@ -326,7 +326,7 @@ def test_sigkill_during_a_billing_close_invoices_each_period_once(tmp_path: Path
             for key, event in events:
                 assert key == event["event_id"]
                 assert event["data"]["invoice_id"] == derived[key]
-                assert event["data"]["total"] == str(billing.money(by_id[derived[key]]))
+                assert event["data"]["total"] == str(pricing.money(by_id[derived[key]]))
             bodies: dict[str, set[str]] = defaultdict(set)
             for key, event in events:
                 bodies[key].add(json.dumps(event, sort_keys=True))

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from tests.stack import Stack
 from tests.webhook import Receiver, webhook_receiver
-from workers.economics import billing
+from workers.economics import billing, periods, pricing
 from workers.runtime.models import Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
 
 pytestmark = pytest.mark.integration
@@ -106,7 +106,7 @@ def until(check: Callable[[], bool], timeout: float = 60.0) -> bool:
 def expected_periods(
     tenant_ids: list[str], since: dt.datetime, as_of: dt.datetime
 ) -> set[tuple[str, dt.datetime]]:
-    due = billing.due_periods(since.date(), "minute", since=since, as_of=as_of)
+    due = periods.due_periods(since.date(), "minute", since=since, as_of=as_of)
     return {(tenant_id, start) for tenant_id in tenant_ids for start, _ in due}
 
 
@@ -135,7 +135,7 @@ def check_invoices_and_events(
         data = event["data"]
         assert key == event["event_id"] == str(billing.invoice_event_id(data["invoice_id"]))
         invoice = next(i for i in found if i.id == data["invoice_id"])
-        assert data["total"] == str(billing.money(invoice.total))
+        assert data["total"] == str(pricing.money(invoice.total))
         assert data["lines"] == invoice.lines
     return found
 
@@ -207,4 +207,4 @@ def test_the_same_close_delivered_twice_at_once_makes_one_invoice_each(
     # When the read task asks for one of them
     answer = stack.call("cul8er.billing.get_invoice", invoice_id=found[0].id)
     # Then it answers the stored invoice
-    assert answer["ok"] and answer["total"] == str(billing.money(found[0].total))
+    assert answer["ok"] and answer["total"] == str(pricing.money(found[0].total))

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 
 from tasks.billing import close_periods as close_task
 from tasks.billing import get_invoice
-from workers.economics import billing
+from workers.economics import billing, periods, pricing
 from workers.runtime.db import session_scope
 from workers.runtime.models import Invoice, PlanPeriod, Tenant, UsageRecord
 from workers.runtime.settings import Settings
@@ -117,7 +117,7 @@ def test_monthly_periods_from_an_anchor_on_the_31st_clamp_and_come_back() -> Non
     anchor = dt.date(2026, 1, 31)
 
     # When the monthly periods are counted from it
-    starts = [billing.period_start(anchor, "month", i) for i in range(-1, 6)]
+    starts = [periods.period_start(anchor, "month", i) for i in range(-1, 6)]
 
     # Then each starts on the 31st, or the month's last day, never drifting to the 28th
     assert starts == [
@@ -130,25 +130,25 @@ def test_monthly_periods_from_an_anchor_on_the_31st_clamp_and_come_back() -> Non
         at(2026, 6, 30),
     ]
     # And a leap year's February ends its period on the 29th
-    assert billing.period_start(dt.date(2028, 1, 31), "month", 1) == at(2028, 2, 29)
-    assert billing.period_start(dt.date(2028, 2, 29), "month", 12) == at(2029, 2, 28)
-    assert billing.period_start(dt.date(2028, 2, 29), "month", 48) == at(2032, 2, 29)
+    assert periods.period_start(dt.date(2028, 1, 31), "month", 1) == at(2028, 2, 29)
+    assert periods.period_start(dt.date(2028, 2, 29), "month", 12) == at(2029, 2, 28)
+    assert periods.period_start(dt.date(2028, 2, 29), "month", 48) == at(2032, 2, 29)
     # And every moment falls in exactly the period whose bounds hold it
-    assert billing.period_bounds(anchor, "month", at(2026, 2, 27, 23, 59)) == (
+    assert periods.period_bounds(anchor, "month", at(2026, 2, 27, 23, 59)) == (
         at(2026, 1, 31),
         at(2026, 2, 28),
     )
-    assert billing.period_bounds(anchor, "month", at(2026, 2, 28)) == (
+    assert periods.period_bounds(anchor, "month", at(2026, 2, 28)) == (
         at(2026, 2, 28),
         at(2026, 3, 31),
     )
-    assert billing.period_bounds(anchor, "month", at(2026, 3, 30, 12)) == (
+    assert periods.period_bounds(anchor, "month", at(2026, 3, 30, 12)) == (
         at(2026, 2, 28),
         at(2026, 3, 31),
     )
-    assert billing.period_index(anchor, "month", at(2026, 1, 30)) == -1
+    assert periods.period_index(anchor, "month", at(2026, 1, 30)) == -1
     for moment in (at(2026, 1, 31), at(2026, 7, 1, 5), at(2027, 2, 28), at(2030, 12, 31, 23)):
-        start, end = billing.period_bounds(anchor, "month", moment)
+        start, end = periods.period_bounds(anchor, "month", moment)
         assert start <= moment < end
 
 
@@ -158,20 +158,20 @@ def test_short_periods_count_from_the_anchors_midnight() -> None:
     moment = at(2026, 11, 23, 10, 5, 30)
 
     # Then the minute, hour and day periods holding it are the expected ones
-    assert billing.period_bounds(anchor, "minute", moment) == (
+    assert periods.period_bounds(anchor, "minute", moment) == (
         at(2026, 11, 23, 10, 5),
         at(2026, 11, 23, 10, 6),
     )
-    assert billing.period_index(anchor, "hour", moment) == 10
-    assert billing.period_bounds(anchor, "day", moment) == (at(2026, 11, 23), at(2026, 11, 24))
+    assert periods.period_index(anchor, "hour", moment) == 10
+    assert periods.period_bounds(anchor, "day", moment) == (at(2026, 11, 23), at(2026, 11, 24))
     # And a moment before the anchor falls in a period before it
-    assert billing.period_index(anchor, "minute", at(2026, 11, 22, 23, 59, 59)) == -1
+    assert periods.period_index(anchor, "minute", at(2026, 11, 22, 23, 59, 59)) == -1
 
 
 def test_due_periods_start_with_the_one_holding_since_and_stop_at_as_of_and_until() -> None:
     anchor = dt.date(2026, 4, 1)
     # Given a tenant that signed up mid-April, asked on July 2nd
-    due = billing.due_periods(anchor, "month", since=at(2026, 4, 16, 9), as_of=at(2026, 7, 2))
+    due = periods.due_periods(anchor, "month", since=at(2026, 4, 16, 9), as_of=at(2026, 7, 2))
     # Then April, May and June are due; July is still running
     assert due == [
         (at(2026, 4, 1), at(2026, 5, 1)),
@@ -179,12 +179,12 @@ def test_due_periods_start_with_the_one_holding_since_and_stop_at_as_of_and_unti
         (at(2026, 6, 1), at(2026, 7, 1)),
     ]
     # And a tenant terminated in May has nothing due after May
-    ended = billing.due_periods(
+    ended = periods.due_periods(
         anchor, "month", since=at(2026, 4, 16), as_of=at(2026, 7, 2), until=at(2026, 5, 3)
     )
     assert ended == due[:2]
     # And one run closes at most ``limit`` periods, oldest first
-    assert billing.due_periods(
+    assert periods.due_periods(
         anchor, "minute", since=at(2026, 4, 1), as_of=at(2026, 4, 2), limit=3
     ) == [
         (at(2026, 4, 1, 0, 0), at(2026, 4, 1, 0, 1)),
@@ -201,17 +201,17 @@ def test_a_period_splits_at_each_plan_change_and_overlaps_never_bill_twice() -> 
         ("starter", at(2026, 4, 21), None),
     ]
     # When April is split
-    parts = billing.split_period(at(2026, 4, 1), at(2026, 5, 1), history)
+    parts = pricing.split_period(at(2026, 4, 1), at(2026, 5, 1), history)
     # Then each stretch is on one plan, the overlap cut at the next span's start
     assert parts == [
-        billing.Part("starter", at(2026, 4, 1), at(2026, 4, 11)),
-        billing.Part("pro", at(2026, 4, 11), at(2026, 4, 21)),
-        billing.Part("starter", at(2026, 4, 21), at(2026, 5, 1)),
+        pricing.Part("starter", at(2026, 4, 1), at(2026, 4, 11)),
+        pricing.Part("pro", at(2026, 4, 11), at(2026, 4, 21)),
+        pricing.Part("starter", at(2026, 4, 21), at(2026, 5, 1)),
     ]
     # And a tenant terminated on the 25th has no part after it
-    assert billing.split_period(at(2026, 4, 1), at(2026, 5, 1), history, until=at(2026, 4, 25))[
+    assert pricing.split_period(at(2026, 4, 1), at(2026, 5, 1), history, until=at(2026, 4, 25))[
         -1
-    ] == billing.Part("starter", at(2026, 4, 21), at(2026, 4, 25))
+    ] == pricing.Part("starter", at(2026, 4, 21), at(2026, 4, 25))
 
 
 # -- invoices --------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_a_mid_period_upgrade_is_priced_part_by_part_as_computed_by_hand(db: str
         + q((26 - 20) * starter * Decimal("0.10"))
     )
     assert by_hand == Decimal("95.8667")
-    assert billing.money(invoice.total) == by_hand
+    assert pricing.money(invoice.total) == by_hand
     assert sum(Decimal(x["amount"]) for x in lines) == by_hand
 
 
@@ -327,7 +327,7 @@ def test_a_tenant_that_signed_up_mid_period_pays_its_share(db: str) -> None:
     requests = line(invoice.lines, "overage", "starter", "requests")
     assert requests["included"] == "50000"
     assert requests["amount"] == "5.0000"  # 10 000 over × 0.0005
-    assert billing.money(invoice.total) == Decimal("19.5000")
+    assert pricing.money(invoice.total) == Decimal("19.5000")
 
 
 def test_late_usage_goes_to_the_next_open_period_once_marked_late(db: str) -> None:
@@ -372,14 +372,14 @@ def test_late_usage_goes_to_the_next_open_period_once_marked_late(db: str) -> No
     # And May's own usage is May's (within the included quota)
     on_time = [x for x in may.lines if not x["late"]]
     assert line(on_time, "overage", "pro", "requests")["quantity"] == "2000"
-    assert billing.money(may.total) == Decimal("100.0000")  # 99 + 1
+    assert pricing.money(may.total) == Decimal("100.0000")  # 99 + 1
 
     # When June is closed with nothing new recorded
     billing.close_periods(at(2026, 7, 1), url=db)
     # Then the late rows are not billed a second time
     june = invoices(db)[-1]
     assert not any(x["late"] for x in june.lines)
-    assert billing.money(june.total) == Decimal("99.0000")
+    assert pricing.money(june.total) == Decimal("99.0000")
 
 
 def test_a_tenant_offline_for_three_periods_gets_three_invoices_oldest_first(db: str) -> None:
@@ -397,7 +397,7 @@ def test_a_tenant_offline_for_three_periods_gets_three_invoices_oldest_first(db:
         (at(2026, 3, 31), at(2026, 4, 30)),
     ]
     assert summary.inserted == [i.id for i in found]
-    assert all(billing.money(i.total) == Decimal("29.0000") for i in found)
+    assert all(pricing.money(i.total) == Decimal("29.0000") for i in found)
 
     # When billing runs again on May 31st
     billing.close_periods(at(2026, 5, 31), url=db)
@@ -425,7 +425,7 @@ def test_a_terminated_tenant_is_billed_until_it_ended(db: str) -> None:
     # Then April is billed for ten days, and nothing after
     (invoice,) = invoices(db)
     assert invoice.period_start == at(2026, 4, 1)
-    assert billing.money(invoice.total) == q(Decimal(29) * 10 / 30)
+    assert pricing.money(invoice.total) == q(Decimal(29) * 10 / 30)
 
 
 def test_a_period_still_running_is_never_closed(db: str) -> None:
@@ -501,7 +501,7 @@ def test_concurrent_closes_make_one_invoice_per_tenant_and_period(db: str) -> No
     for invoice in invoices(db):
         requests = line(invoice.lines, "overage", "starter", "requests")
         assert requests["quantity"] == str(10_000 * invoice.period_start.day)
-        assert billing.money(invoice.total) == Decimal("29.0000")
+        assert pricing.money(invoice.total) == Decimal("29.0000")
 
 
 def test_the_close_task_from_beat_claims_its_slot_and_a_redelivery_goes_on(db: str) -> None:

@@ -1,15 +1,8 @@
-"""Billing: each tenant's periods, split by plan, priced, and invoiced exactly once.
+"""Billing: each tenant's due periods closed into invoices, exactly once (the SQL side).
 
-A tenant's periods run from its ``billing_anchor`` (midnight UTC) in steps of
-``billing_period``: calendar months from the anchor day (clamped to the month's length,
-so an anchor on the 31st bills Jan 31, Feb 28, Mar 31, ...), or days, hours or minutes.
-A period ``[start, end)`` is due once ``end <= as_of``.
-
-Closing intersects each due period with the tenant's ``plan_periods`` into parts, each
-priced on its own plan: a base line (the monthly price times the part's share of the
-period), and per metric a line for its usage in the part against the included quota,
-prorated the same way. Usage is aggregated in SQL for every due part of a chunk of
-tenants at once (one ``GROUP BY`` over a temporary table of parts), and the invoices of
+The periods come from :mod:`workers.economics.periods` and their prices from
+:mod:`workers.economics.pricing`. Usage is aggregated in SQL for every due part of a chunk
+of tenants at once (one ``GROUP BY`` over a temporary table of parts), and the invoices of
 the chunk are inserted in one statement that ignores the ones already there.
 
 Usage that arrives after its period was invoiced (``recorded_at`` after that invoice's
@@ -25,15 +18,14 @@ SQLite), so a second beat or a redelivered message finds the work done.
 
 from __future__ import annotations
 
-import calendar
 import datetime as dt
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+from typing import TYPE_CHECKING, Any, Final, get_args
 
 import structlog
 from sqlalchemy import (
@@ -50,7 +42,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from workers.economics.periods import MAX_PERIODS_PER_RUN, PeriodKind, due_periods
 from workers.economics.plans import get_plan
+from workers.economics.pricing import Part, Usage, price_period, split_period
 from workers.engine.events import emit
 from workers.runtime.db import session_scope
 from workers.runtime.errors import ConfigError, Cul8erError
@@ -60,51 +54,23 @@ from workers.runtime.settings import get_settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from schemas.plans import Plan
-
 __all__ = [
     "CloseSummary",
     "DEFAULT_CHUNK_SIZE",
     "DuePeriod",
-    "MAX_PERIODS_PER_RUN",
-    "Part",
-    "PeriodKind",
-    "Priced",
-    "Usage",
     "close_periods",
-    "due_periods",
     "invoice_event_id",
     "invoice_id",
-    "money",
-    "period_bounds",
-    "period_index",
-    "period_start",
-    "price_period",
-    "split_period",
+    "publish_pending",
 ]
 
 log = structlog.get_logger(__name__)
 
-PeriodKind = Literal["month", "day", "hour", "minute"]
-
 #: Tenants whose periods one transaction closes: big enough for set-based aggregation to
 #: pay off, small enough that one transaction does not hold the writers back for long.
 DEFAULT_CHUNK_SIZE: Final = 2000
-#: Periods of one tenant closed by one run; a longer backlog continues in the next run.
-MAX_PERIODS_PER_RUN: Final = 400
-
-#: Amounts are kept to 1/100 of a cent; quantities shown to a millionth.
-MONEY: Final = Decimal("0.0001")
-QUANTITY: Final = Decimal("0.000001")
-ZERO: Final = Decimal(0)
 #: Bytes in a GB, as plans count memory and storage (GiB).
 BYTES_PER_GB: Final = Decimal(1024**3)
-
-_FIXED: Final[dict[str, dt.timedelta]] = {
-    "day": dt.timedelta(days=1),
-    "hour": dt.timedelta(hours=1),
-    "minute": dt.timedelta(minutes=1),
-}
 #: Before any usage: the lower bound of the window of late usage.
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: Invoice ids and event ids are uuid5 in these namespaces: the same close, the same ids.
@@ -119,287 +85,6 @@ _BYTE_METRICS: Final = {
     "storage_bytes": "storage_gb",
     "memory_bytes": "memory_gb",
 }
-
-
-# -- periods ---------------------------------------------------------------------------------
-
-
-def _midnight(anchor: dt.date) -> dt.datetime:
-    return dt.datetime(anchor.year, anchor.month, anchor.day, tzinfo=dt.UTC)
-
-
-def period_start(anchor: dt.date, period: PeriodKind, index: int) -> dt.datetime:
-    """The start of the ``index``-th period from ``anchor`` (0 starts at the anchor)."""
-    if period == "month":
-        months = anchor.year * 12 + anchor.month - 1 + index
-        year, month0 = divmod(months, 12)
-        # Each period is counted from the anchor, never from the last clamped start: an
-        # anchor on the 31st comes back to the 31st after February's 28th.
-        day = min(anchor.day, calendar.monthrange(year, month0 + 1)[1])
-        return dt.datetime(year, month0 + 1, day, tzinfo=dt.UTC)
-    return _midnight(anchor) + _FIXED[period] * index
-
-
-def period_index(anchor: dt.date, period: PeriodKind, moment: dt.datetime) -> int:
-    """The index of the period ``moment`` falls in (negative before the anchor)."""
-    if period == "month":
-        index = (moment.year - anchor.year) * 12 + moment.month - anchor.month
-        if period_start(anchor, period, index) > moment:
-            index -= 1
-        return index
-    return (moment - _midnight(anchor)) // _FIXED[period]
-
-
-def period_bounds(
-    anchor: dt.date, period: PeriodKind, moment: dt.datetime
-) -> tuple[dt.datetime, dt.datetime]:
-    """``[start, end)`` of the period ``moment`` falls in."""
-    index = period_index(anchor, period, moment)
-    return period_start(anchor, period, index), period_start(anchor, period, index + 1)
-
-
-def due_periods(
-    anchor: dt.date,
-    period: PeriodKind,
-    *,
-    since: dt.datetime,
-    as_of: dt.datetime,
-    until: dt.datetime | None = None,
-    limit: int = MAX_PERIODS_PER_RUN,
-) -> list[tuple[dt.datetime, dt.datetime]]:
-    """The periods from the one holding ``since`` that ended by ``as_of``, oldest first.
-
-    At most ``limit``; ``until`` (a tenant's end) stops before the first period starting
-    at or after it.
-    """
-    index = period_index(anchor, period, since)
-    found: list[tuple[dt.datetime, dt.datetime]] = []
-    start = period_start(anchor, period, index)
-    while len(found) < limit:
-        end = period_start(anchor, period, index + 1)
-        if end > as_of or (until is not None and start >= until):
-            break
-        found.append((start, end))
-        index, start = index + 1, end
-    return found
-
-
-# -- parts and pricing -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Part:
-    """A stretch ``[start, end)`` of a period spent on one plan."""
-
-    plan: str
-    start: dt.datetime
-    end: dt.datetime
-
-
-@dataclass(frozen=True)
-class Usage:
-    """One metric's usage over a part (or late), in billing units.
-
-    ``value`` is the sum for ``sum`` metrics, the peak for ``max`` and the mean for
-    ``avg``; bytes are already GB.
-    """
-
-    metric: str
-    aggregation: str
-    value: Decimal
-    first: dt.datetime | None = None
-    last: dt.datetime | None = None
-
-
-@dataclass(frozen=True)
-class Priced:
-    """An invoice's lines (JSON-ready), total and currency."""
-
-    lines: list[dict[str, Any]]
-    total: Decimal
-    currency: str
-
-
-def split_period(
-    start: dt.datetime,
-    end: dt.datetime,
-    history: Sequence[tuple[str, dt.datetime, dt.datetime | None]],
-    *,
-    until: dt.datetime | None = None,
-) -> list[Part]:
-    """The parts of ``[start, end)`` on each plan of ``history`` (plan, from, to|None).
-
-    A span is cut at the next span's start, so overlapping history never bills twice;
-    ``until`` (a terminated tenant's end) closes an open span.
-    """
-    spans = sorted(history, key=lambda span: span[1])
-    parts: list[Part] = []
-    for position, (plan, begins, ends) in enumerate(spans):
-        stop = end
-        for limit in (ends, until, spans[position + 1][1] if position + 1 < len(spans) else None):
-            if limit is not None:
-                stop = min(stop, limit)
-        lower = max(start, begins)
-        if lower < stop:
-            parts.append(Part(plan, lower, stop))
-    return parts
-
-
-def money(value: Decimal | float | str) -> Decimal:
-    """``value`` as an amount: a Decimal rounded half up to 1/100 of a cent."""
-    amount = value if isinstance(value, Decimal) else Decimal(str(value))
-    return amount.quantize(MONEY, rounding=ROUND_HALF_UP)
-
-
-def _quantity(value: Decimal) -> str:
-    shown = value.quantize(QUANTITY, rounding=ROUND_HALF_UP).normalize()
-    return format(shown, "f")
-
-
-def _quota(plan: Plan, metric: str) -> Decimal | None:
-    """A full period's included amount of ``metric`` on ``plan`` (``None``: unlimited)."""
-    quota: float | int | None
-    if metric == "requests":
-        quota = plan.max_requests_per_month
-    elif metric == "storage_gb":
-        quota = plan.storage_gb
-    elif metric == "memory_gb":
-        quota = plan.memory_gb
-    elif metric == "cpu_seconds":
-        # Plans cap cores, not CPU time: every CPU-second is billed where it has a price.
-        quota = 0
-    else:
-        return None
-    return None if quota is None else Decimal(str(quota))
-
-
-def _line(
-    kind: str,
-    plan: str,
-    metric: str | None,
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-    quantity: str,
-    included: Decimal | None,
-    unit_price: Decimal,
-    amount: Decimal,
-    *,
-    late: bool = False,
-) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "plan": plan,
-        "metric": metric,
-        "from": start.isoformat() if start else None,
-        "to": end.isoformat() if end else None,
-        "quantity": quantity,
-        "included": None if included is None else _quantity(included),
-        "unit_price": str(unit_price),
-        "amount": str(money(amount)),
-        "late": late,
-    }
-
-
-def price_period(
-    start: dt.datetime,
-    end: dt.datetime,
-    parts: Sequence[Part],
-    usage: Mapping[int, Sequence[Usage]],
-    plans: Callable[[str], Plan],
-    *,
-    late: Sequence[Usage] = (),
-) -> Priced:
-    """Price one period: ``usage`` by part index, ``late`` usage on the last part's plan.
-
-    Per part, with ``share`` = part length / period length:
-
-    - base: ``monthly_price × share``;
-    - a ``sum`` metric: its total against ``quota × share``;
-    - a ``max``/``avg`` metric (a level, e.g. storage GB): ``level × share`` against
-      ``quota × share``, both in unit-periods (GB-months);
-    - a metric with an ``overage`` price is an ``overage`` line (the quantity above the
-      included amount times the unit price), any other an informative ``usage`` line.
-
-    Late usage includes nothing (its own period's quota was settled with that period):
-    ``sum`` metrics are billed in full at the current plan's price; a late level reading
-    is shown, not billed.
-    """
-    length = Decimal((end - start) // dt.timedelta(microseconds=1))
-    lines: list[dict[str, Any]] = []
-    currency = "USD"
-    for position, part in enumerate(parts):
-        plan = plans(part.plan)
-        currency = plan.currency
-        share = Decimal((part.end - part.start) // dt.timedelta(microseconds=1)) / length
-        lines.append(
-            _line(
-                "base",
-                plan.name,
-                None,
-                part.start,
-                part.end,
-                _quantity(share),
-                None,
-                plan.monthly_price,
-                plan.monthly_price * share,
-            )
-        )
-        for used in sorted(usage.get(position, ()), key=lambda u: u.metric):
-            quantity = used.value if used.aggregation == "sum" else used.value * share
-            quota = _quota(plan, used.metric)
-            price = plan.overage.get(used.metric)
-            if price is None:
-                included = None if quota is None else quota * share
-                lines.append(
-                    _line(
-                        "usage",
-                        plan.name,
-                        used.metric,
-                        part.start,
-                        part.end,
-                        _quantity(quantity),
-                        included,
-                        ZERO,
-                        ZERO,
-                    )
-                )
-                continue
-            # A priced metric without a quota (enterprise) is invoiced on all its usage.
-            included = (quota or ZERO) * share
-            lines.append(
-                _line(
-                    "overage",
-                    plan.name,
-                    used.metric,
-                    part.start,
-                    part.end,
-                    _quantity(quantity),
-                    included,
-                    price,
-                    max(ZERO, quantity - included) * price,
-                )
-            )
-    if late and parts:
-        plan = plans(parts[-1].plan)
-        for used in sorted(late, key=lambda u: u.metric):
-            price = plan.overage.get(used.metric)
-            billed = used.aggregation == "sum" and price is not None
-            lines.append(
-                _line(
-                    "overage" if billed else "usage",
-                    plan.name,
-                    used.metric,
-                    used.first,
-                    used.last,
-                    _quantity(used.value),
-                    ZERO if billed else None,
-                    price if billed and price is not None else ZERO,
-                    used.value * price if billed and price is not None else ZERO,
-                    late=True,
-                )
-            )
-    total = sum((Decimal(line["amount"]) for line in lines), ZERO)
-    return Priced(lines=lines, total=money(total), currency=currency)
 
 
 # -- identities ------------------------------------------------------------------------------

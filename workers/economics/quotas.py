@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from schemas.tasks import PaymentFailed, PaymentSucceeded
-from workers.economics.billing import PeriodKind, period_bounds
+from workers.economics.periods import PeriodKind, period_bounds
 
 if TYPE_CHECKING:
     from schemas.plans import Plan
