@@ -22,7 +22,7 @@ log = structlog.get_logger(__name__)
 MAX_ATTEMPTS = 6
 
 
-@app.task(name=DELIVER_TASK, bind=True, ignore_result=True, acks_late=True)
+@app.task(name=DELIVER_TASK, bind=True, ignore_result=True)
 def deliver(
     self: Any, event: dict[str, Any], only: list[str] | None = None, attempt: int = 1
 ) -> None:

@@ -32,13 +32,14 @@ from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
+from schemas.states import StepStatus, TenantStatus
 
 __all__ = ["describe_run"]
 
 log = structlog.get_logger(__name__)
 
 
-@app.task(name="cul8er.workflows.tick", ignore_result=True, acks_late=True)
+@app.task(name="cul8er.workflows.tick", ignore_result=True)
 def tick() -> int:
     """Dispatch every step whose wait or retry is due; returns how many."""
     with session_scope() as session:
@@ -50,7 +51,7 @@ def tick() -> int:
     return len(due)
 
 
-@app.task(name="cul8er.workflows.reconcile", ignore_result=True, acks_late=True)
+@app.task(name="cul8er.workflows.reconcile", ignore_result=True)
 def reconcile() -> int:
     """Resume what stopped: steps whose owner died, then runs whose message was lost.
 
@@ -166,7 +167,7 @@ def status(session: Session, payload: WorkflowStatus) -> Outcome:
     return Outcome(data=describe_run(session, run), tenant_id=run.tenant_id)
 
 
-@app.task(name="cul8er.maintenance.cleanup", ignore_result=True, acks_late=True)
+@app.task(name="cul8er.maintenance.cleanup", ignore_result=True)
 def cleanup() -> dict[str, int]:
     """Remove idempotency and schedule-slot keys past their retention, and expired results.
 
@@ -181,7 +182,7 @@ def cleanup() -> dict[str, int]:
             ).all()
         )
         # Counter baselines of tenants that are gone would only ever grow the table.
-        gone = select(Tenant.id).where(Tenant.status == "terminated")
+        gone = select(Tenant.id).where(Tenant.status == TenantStatus.TERMINATED)
         readings = len(
             session.scalars(
                 delete(MeterReading)
@@ -191,7 +192,7 @@ def cleanup() -> dict[str, int]:
         )
         # Processes gone for a day that hold nothing: `cul8er workers` has no use for them.
         held = select(StepRun.owner_id).where(
-            StepRun.status == "running", StepRun.owner_id.is_not(None)
+            StepRun.status == StepStatus.RUNNING, StepRun.owner_id.is_not(None)
         )
         workers = len(
             session.scalars(

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from workers.engine.workflow import StepContext
     from workers.pluginhost.contracts import Platform
+from schemas.states import TenantStatus
 
 __all__ = ["instance_name", "instance_spec", "probe", "record_instance", "record_plan_period"]
 
@@ -178,7 +179,7 @@ def release_network(ctx: StepContext) -> dict[str, Any]:
 
 def _compute(tenant: Tenant) -> str:
     """The tenant's compute provisioner: dedicated instances unless placed on a shared pool."""
-    return tenant.placement or "container_per_tenant"
+    return tenant.placement or get_settings().default_provisioner
 
 
 def _provision(ctx: StepContext, plan_name: str, *, scale: bool) -> dict[str, Any]:
@@ -342,20 +343,20 @@ def health_check(ctx: StepContext) -> dict[str, Any]:
 @step("cul8er.tenants.activate")
 def activate(ctx: StepContext) -> dict[str, Any]:
     """The tenant is provisioned: active."""
-    return _set_status(ctx.tenant_id, ctx.run_id, "active")
+    return _set_status(ctx.tenant_id, ctx.run_id, TenantStatus.ACTIVE)
 
 
 @step("cul8er.tenants.mark_active")
 def mark_active(ctx: StepContext) -> dict[str, Any]:
     """The tenant runs again: active."""
-    return _set_status(ctx.tenant_id, ctx.run_id, "active")
+    return _set_status(ctx.tenant_id, ctx.run_id, TenantStatus.ACTIVE)
 
 
 @step("cul8er.tenants.mark_suspended")
 def mark_suspended(ctx: StepContext) -> dict[str, Any]:
     """The tenant's instances are stopped: suspended."""
     return _set_status(
-        ctx.tenant_id, ctx.run_id, "suspended", reason=ctx.input.get("reason") or None
+        ctx.tenant_id, ctx.run_id, TenantStatus.SUSPENDED, reason=ctx.input.get("reason") or None
     )
 
 
@@ -396,7 +397,7 @@ def mark_terminated(ctx: StepContext) -> dict[str, Any]:
             )
         ):
             period.end_at = utcnow()
-    return _set_status(ctx.tenant_id, ctx.run_id, "terminated")
+    return _set_status(ctx.tenant_id, ctx.run_id, TenantStatus.TERMINATED)
 
 
 def _error_text(ctx: StepContext) -> str:
@@ -407,7 +408,7 @@ def _error_text(ctx: StepContext) -> str:
 @step("cul8er.tenants.mark_failed")
 def mark_failed(ctx: StepContext) -> dict[str, Any]:
     """After compensation: the tenant is failed, with the error as its reason."""
-    return _set_status(ctx.tenant_id, ctx.run_id, "failed", reason=_error_text(ctx))
+    return _set_status(ctx.tenant_id, ctx.run_id, TenantStatus.FAILED, reason=_error_text(ctx))
 
 
 @step("cul8er.tenants.release_tenant")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from schemas.manifest import PluginType
-from schemas.states import Phase
+from schemas.states import Phase, TenantStatus
 from schemas.tasks import (
     ChangePlan,
     CreateTenant,
@@ -40,9 +40,6 @@ if TYPE_CHECKING:
     from workers.engine.workflow import Workflow
 
 __all__: list[str] = []
-
-#: The compute provisioner of a tenant created without one: its own instances.
-DEFAULT_PROVISIONER = "container_per_tenant"
 
 
 def slugify(name: str) -> str:
@@ -128,9 +125,9 @@ def create(session: Session, payload: CreateTenant) -> Outcome:
         id=tenant_id,
         name=payload.name,
         plan=plan.name,
-        status="provisioning",
+        status=TenantStatus.PROVISIONING,
         platform=platform,
-        placement=payload.provisioner or DEFAULT_PROVISIONER,
+        placement=payload.provisioner or settings.default_provisioner,
         resources={},
         meta=dict(payload.metadata),
         billing_anchor=now.date(),
@@ -149,7 +146,9 @@ def create(session: Session, payload: CreateTenant) -> Outcome:
 def change_plan(session: Session, payload: ChangePlan) -> Outcome:
     """Move a tenant to another plan; its instances follow the new limits."""
     plan = get_plan(payload.plan, get_settings().plans_file)
-    tenant = _owned(session, payload.tenant_id, allowed=("active",), action="change the plan of")
+    tenant = _owned(
+        session, payload.tenant_id, allowed=(TenantStatus.ACTIVE,), action="change the plan of"
+    )
     if tenant.plan == plan.name:
         raise ConflictError(f"tenant {tenant.id!r} is on plan {plan.name!r} already")
     count = len(session.scalars(select(Instance.id).where(Instance.tenant_id == tenant.id)).all())
@@ -166,14 +165,14 @@ def change_plan(session: Session, payload: ChangePlan) -> Outcome:
 @public_task("cul8er.tenants.suspend", SuspendTenant)
 def suspend(session: Session, payload: SuspendTenant) -> Outcome:
     """Stop a tenant's instances, keeping its data."""
-    tenant = _owned(session, payload.tenant_id, allowed=("active",), action="suspend")
+    tenant = _owned(session, payload.tenant_id, allowed=(TenantStatus.ACTIVE,), action="suspend")
     return _start(session, tenant, wf.SUSPEND, {"reason": payload.reason})
 
 
 @public_task("cul8er.tenants.resume", ResumeTenant)
 def resume(session: Session, payload: ResumeTenant) -> Outcome:
     """Start a suspended tenant's instances again."""
-    tenant = _owned(session, payload.tenant_id, allowed=("suspended",), action="resume")
+    tenant = _owned(session, payload.tenant_id, allowed=(TenantStatus.SUSPENDED,), action="resume")
     return _start(session, tenant, wf.RESUME, {"reason": payload.reason})
 
 
@@ -183,10 +182,10 @@ def deprovision(session: Session, payload: DeprovisionTenant) -> Outcome:
     tenant = _owned(
         session,
         payload.tenant_id,
-        allowed=("active", "suspended", "failed"),
+        allowed=(TenantStatus.ACTIVE, TenantStatus.SUSPENDED, TenantStatus.FAILED),
         action="deprovision",
     )
-    tenant.status = "deprovisioning"
+    tenant.status = TenantStatus.DEPROVISIONING
     return _start(session, tenant, wf.DEPROVISION, {})
 
 

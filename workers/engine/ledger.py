@@ -23,7 +23,7 @@ import structlog
 from celery import chain
 from sqlalchemy import JSON, bindparam, case, or_, select, update
 
-from schemas.states import FINAL_RUN, FINISHED, PHASE_STATUS, Phase
+from schemas.states import FINAL_RUN, FINISHED, PHASE_STATUS, Phase, RunStatus, StepStatus
 from workers.engine.events import emit
 from workers.engine.takeover import OWNER_COLUMNS, Owner, verdict
 from workers.engine.workflow import (
@@ -84,7 +84,7 @@ def new_run(
         id=run_id or new_run_id(),
         kind=kind,
         tenant_id=tenant_id,
-        status="running",
+        status=RunStatus.RUNNING,
         phase=Phase.FORWARD,
         current_step=workflow.forward_tasks[0],
         input=input,
@@ -95,7 +95,9 @@ def new_run(
     session.add(run)
     session.flush()  # the run row first: step rows reference it
     session.add_all(
-        StepRun(run_id=run.id, phase=Phase.FORWARD, position=i, name=name, status="pending")
+        StepRun(
+            run_id=run.id, phase=Phase.FORWARD, position=i, name=name, status=StepStatus.PENDING
+        )
         for i, name in enumerate(workflow.forward_tasks)
     )
     emit(
@@ -192,7 +194,7 @@ _CLAIM = (
         _steps.c.status == bindparam("b_status"),
     )
     .values(
-        status="running",
+        status=StepStatus.RUNNING,
         attempts=_steps.c.attempts + 1,
         owner_id=bindparam("b_owner"),
         heartbeat_at=bindparam("b_now", type_=UTCDateTime()),
@@ -210,7 +212,7 @@ _FENCE = (
     (_steps.c.run_id == bindparam("b_run_id"))
     & (_steps.c.phase == bindparam("b_phase"))
     & (_steps.c.name == bindparam("b_name"))
-    & (_steps.c.status == "running")
+    & (_steps.c.status == StepStatus.RUNNING)
     & (_steps.c.attempts == bindparam("b_attempt"))
     & (_steps.c.owner_id == bindparam("b_owner"))
 )
@@ -220,7 +222,7 @@ _COMPLETE = (
     update(_steps)
     .where(_FENCE)
     .values(
-        status="done",
+        status=StepStatus.DONE,
         output=bindparam("b_output"),
         finished_at=bindparam("b_now", type_=UTCDateTime()),
         lease_until=None,
@@ -235,7 +237,7 @@ _HAND_OVER = (
         _steps.c.run_id == bindparam("b_run_id"),
         _steps.c.phase == bindparam("b_phase"),
         _steps.c.name == bindparam("b_name"),
-        _steps.c.status == "pending",
+        _steps.c.status == StepStatus.PENDING,
     )
     .values(task_id=bindparam("b_task_id"))
 )
@@ -323,7 +325,9 @@ def claim_step(
         return Claim("busy")
     successors = [str(row.name) for row in phase_rows if row.position > mine.position]
     outputs = {
-        r.name: r.output or {} for r in rows if r.phase == Phase.FORWARD and r.status == "done"
+        r.name: r.output or {}
+        for r in rows
+        if r.phase == Phase.FORWARD and r.status == StepStatus.DONE
     }
     context = StepContext(
         run_id=run_id,
@@ -348,7 +352,7 @@ def _untouched(later: list[Any], next_task_id: str | None) -> bool:
     sender died between recording the step and publishing). A next step handed
     to another chain (reconcile's) is that chain's to run.
     """
-    if not later or later[0].status != "pending":
+    if not later or later[0].status != StepStatus.PENDING:
         return False
     return later[0].task_id is None or next_task_id is None or later[0].task_id == next_task_id
 
@@ -399,7 +403,7 @@ def _recorded_by(
     ).first()
     return (
         row is not None
-        and row.status == "done"
+        and row.status == StepStatus.DONE
         and (row.attempts, row.owner_id)
         == (
             attempt,
@@ -443,7 +447,7 @@ def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, gra
             {
                 "b_run_id": run_id,
                 "b_phase": phase,
-                "b_final": "succeeded" if phase == Phase.FORWARD else "failed",
+                "b_final": RunStatus.SUCCEEDED if phase == Phase.FORWARD else RunStatus.FAILED,
                 "b_deadline": now + dt.timedelta(seconds=grace),
                 "b_now": now,
             },
@@ -461,7 +465,7 @@ def _finished_event(
     run = session.get(WorkflowRun, run_id)
     duration = (now - run.created_at).total_seconds() if run is not None else None
     emit(
-        "workflow.succeeded" if status == "succeeded" else "workflow.failed",
+        "workflow.succeeded" if status == RunStatus.SUCCEEDED else "workflow.failed",
         tenant_id=run.tenant_id if run is not None else None,
         workflow_id=run_id,
         subject=kind,
@@ -493,7 +497,7 @@ def fail_step(
         .execute(
             update(_steps)
             .where(_FENCE)
-            .values(status="failed", error=error, finished_at=now, lease_until=None),
+            .values(status=StepStatus.FAILED, error=error, finished_at=now, lease_until=None),
             {**fence, "b_owner": owner},
         )
         .rowcount
@@ -510,21 +514,30 @@ def fail_step(
         return []
     done = session.scalars(
         select(StepRun.name).where(
-            StepRun.run_id == run_id, StepRun.phase == Phase.FORWARD, StepRun.status == "done"
+            StepRun.run_id == run_id,
+            StepRun.phase == Phase.FORWARD,
+            StepRun.status == StepStatus.DONE,
         )
     ).all()
     tasks = get_workflow(run.kind).compensations_for(list(done))
     run.error = {"step": name, **error}
     log.warning("workflow_compensating", workflow_id=run_id, step=name, error=error)
     if not tasks:
-        run.status, run.finished_at, run.current_step, run.deadline_at = "failed", now, None, None
-        _finished_event(session, run_id, run.kind, "failed", now)
+        run.status, run.finished_at, run.current_step, run.deadline_at = (
+            RunStatus.FAILED,
+            now,
+            None,
+            None,
+        )
+        _finished_event(session, run_id, run.kind, RunStatus.FAILED, now)
         return []
     session.add_all(
-        StepRun(run_id=run_id, phase=Phase.COMPENSATE, position=i, name=task, status="pending")
+        StepRun(
+            run_id=run_id, phase=Phase.COMPENSATE, position=i, name=task, status=StepStatus.PENDING
+        )
         for i, task in enumerate(tasks)
     )
-    run.status, run.phase, run.current_step = "compensating", Phase.COMPENSATE, tasks[0]
+    run.status, run.phase, run.current_step = RunStatus.COMPENSATING, Phase.COMPENSATE, tasks[0]
     run.deadline_at = now + dt.timedelta(seconds=grace)
     return tasks
 
@@ -552,9 +565,11 @@ def wait_step(
     due = now + dt.timedelta(seconds=delay)
     values: dict[str, Any] = {"error": error, "lease_until": None, "owner_id": None}
     if in_ledger:
-        values.update(status="waiting", due_at=due)
+        values.update(status=StepStatus.WAITING, due_at=due)
     else:
-        values.update(status="retrying", due_at=due, lease_until=due + dt.timedelta(seconds=slack))
+        values.update(
+            status=StepStatus.RETRYING, due_at=due, lease_until=due + dt.timedelta(seconds=slack)
+        )
     fence = {"b_run_id": run_id, "b_phase": phase, "b_name": name, "b_attempt": attempt}
     parked = (
         session.connection()
@@ -619,7 +634,7 @@ def due_waits(session: Session, *, limit: int = 500) -> list[tuple[str, str, lis
     rows = session.execute(
         select(StepRun.id, StepRun.run_id, StepRun.phase)
         .join(WorkflowRun, WorkflowRun.id == StepRun.run_id)
-        .where(StepRun.status == "waiting", StepRun.due_at <= now)
+        .where(StepRun.status == StepStatus.WAITING, StepRun.due_at <= now)
         .where(WorkflowRun.status.in_(PHASE_STATUS.values()))
         .limit(limit)
     ).all()
@@ -628,8 +643,8 @@ def due_waits(session: Session, *, limit: int = 500) -> list[tuple[str, str, lis
         flipped = _rowcount(
             session,
             update(StepRun)
-            .where(StepRun.id == step_id, StepRun.status == "waiting")
-            .values(status="pending", due_at=None)
+            .where(StepRun.id == step_id, StepRun.status == StepStatus.WAITING)
+            .values(status=StepStatus.PENDING, due_at=None)
             .execution_options(synchronize_session=False),
         )
         run = session.get(WorkflowRun, run_id)
@@ -674,14 +689,14 @@ def stalled_runs(
         if current is None:
             continue
         early = run.deadline_at is not None and run.deadline_at >= now
-        if early and current.status != "pending":
+        if early and current.status != StepStatus.PENDING:
             continue  # taken for being idle: only an untouched step can have lost its message
         busy_until = None
-        if current.status in ("running", "retrying"):
+        if current.status in (StepStatus.RUNNING, StepStatus.RETRYING):
             # Held, or parked for a countdown: abandoned_steps frees it once its owner is
             # silent or its countdown message is overdue; until then it is busy.
             busy_until = now
-        elif current.status == "waiting" and current.due_at and current.due_at > now:
+        elif current.status == StepStatus.WAITING and current.due_at and current.due_at > now:
             busy_until = current.due_at
         new_deadline = (busy_until or now) + dt.timedelta(seconds=grace)
         moved = _rowcount(
@@ -696,8 +711,8 @@ def stalled_runs(
             .execution_options(synchronize_session=False),
         )
         if moved and busy_until is None:
-            if current.status == "waiting":
-                current.status, current.due_at = "pending", None
+            if current.status == StepStatus.WAITING:
+                current.status, current.due_at = StepStatus.PENDING, None
             log.warning("workflow_stalled", workflow_id=run.id, step=current.name)
             taken.append((run.id, run.phase, next_pending(session, run)))
     return taken

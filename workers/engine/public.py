@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
-from celery import Task
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,6 +21,7 @@ from workers.runtime.app import app
 from workers.runtime.db import session_scope
 from workers.runtime.errors import PermanentError, TransientError, ValidationFailedError
 from workers.runtime.models import Operation
+from workers.runtime.task import Cul8erTask
 
 __all__ = ["Outcome", "PublicTask", "public_task", "rejection"]
 
@@ -43,18 +43,12 @@ class Outcome:
     dispatch: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
 
-class PublicTask(Task[Any, Any]):
-    """Defaults of public tasks: results kept for the caller, transient errors retried."""
+class PublicTask(Cul8erTask):
+    """Public tasks keep their results for the caller and retry transient errors."""
 
-    acks_late = True
-    reject_on_worker_lost = True
     ignore_result = False
     # Only our own TransientError is retried (a busy database); bad input never is.
     autoretry_for = (TransientError,)
-    dont_autoretry_for = (PermanentError,)
-    retry_backoff = True
-    retry_jitter = True
-    max_retries = 5
     typing = False  # we validate kwargs ourselves, with field names in the error
 
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 import tenacity
-from celery import Task
 
+from schemas.states import Phase
 from workers.engine import ledger, takeover
 from workers.engine.events import emit
 from workers.engine.workflow import StepContext
@@ -24,6 +24,7 @@ from workers.runtime.app import app
 from workers.runtime.db import session_scope
 from workers.runtime.errors import Cul8erError, TransientError
 from workers.runtime.settings import get_settings
+from workers.runtime.task import Cul8erTask
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -45,10 +46,10 @@ def backoff(attempt: int, *, base: float, cap: float) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-class StepTask(Task[Any, Any]):
-    """Shared defaults of every step task.
+class StepTask(Cul8erTask):
+    """The base of every step task: it retries from the ledger, not Celery's way.
 
-    acks_late with reject_on_worker_lost: a pool child that dies mid-step gets its
+    acks_late with reject_on_worker_lost (global): a pool child that dies mid-step gets its
     message redelivered at once, and a wholly killed worker's message comes back
     after the broker's visibility timeout; the ledger row makes the rerun safe.
     The claim names this process as the step's owner and its heartbeat renews the
@@ -58,8 +59,6 @@ class StepTask(Task[Any, Any]):
     go back to the broker as a countdown, long ones wait in the ledger for the tick.
     """
 
-    acks_late = True
-    reject_on_worker_lost = True
     ignore_result = True
 
     def execute(self, fn: StepFunction, run_id: str, phase: str) -> dict[str, Any] | None:
@@ -234,10 +233,10 @@ class StepTask(Task[Any, Any]):
             return
         log.error("step_failed", error=error)
         self._event("step.failed", ctx, error=error)
-        if ctx.phase == "forward":
+        if ctx.phase == Phase.FORWARD:
             # The forward chain ends here; the compensation chain takes over.
             self._stop_chain()
-            ledger.dispatch(self.app, ctx.run_id, "compensate", compensations)
+            ledger.dispatch(self.app, ctx.run_id, Phase.COMPENSATE, compensations)
 
     def _event(self, event_type: EventType, ctx: StepContext, **data: Any) -> None:
         emit(
@@ -278,7 +277,7 @@ def step(name: str) -> Callable[[StepFunction], StepTask]:
     """Register ``fn`` as the step task ``name``."""
 
     def register(fn: StepFunction) -> StepTask:
-        def body(self: StepTask, run_id: str, phase: str = "forward") -> dict[str, Any] | None:
+        def body(self: StepTask, run_id: str, phase: str = Phase.FORWARD) -> dict[str, Any] | None:
             return self.execute(fn, run_id, phase)
 
         body.__doc__ = fn.__doc__

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 import structlog
 from sqlalchemy import select, update
 
-from schemas.states import PHASE_STATUS
+from schemas.states import PHASE_STATUS, StepStatus
 from workers.engine.events import emit
 from workers.runtime.liveness import exited
 from workers.runtime.models import StepRun, WorkerProcess, WorkflowRun, utcnow
@@ -86,9 +86,9 @@ def verdict(row: Any, *, now: dt.datetime, owner: Owner) -> tuple[str, dict[str,
     ``take`` comes with the takeover record for the step's history: whose claim
     is taken, why, and how long its owner had been silent.
     """
-    if row.status == "pending" or row.status == "retrying":
+    if row.status == StepStatus.PENDING or row.status == StepStatus.RETRYING:
         return "claim", None
-    if row.status == "waiting":
+    if row.status == StepStatus.WAITING:
         due = _aware(row.due_at)
         return ("busy", None) if due is not None and due > now else ("claim", None)
     lease = _aware(row.lease_until)
@@ -221,7 +221,7 @@ def abandoned_steps(
         .where(
             _runs.c.status.in_(PHASE_STATUS.values()),
             (
-                (_steps.c.status == "running")
+                (_steps.c.status == StepStatus.RUNNING)
                 & (
                     (_steps.c.heartbeat_at < silent)
                     | (_steps.c.lease_until < now)
@@ -230,7 +230,7 @@ def abandoned_steps(
                     | (_workers.c.namespace == namespace)
                 )
             )
-            | ((_steps.c.status == "retrying") & (_steps.c.lease_until < now)),
+            | ((_steps.c.status == StepStatus.RETRYING) & (_steps.c.lease_until < now)),
         )
         .limit(limit)
     ).all()
@@ -239,7 +239,7 @@ def abandoned_steps(
     nobody = Owner(boot_id="", timeout=owner_timeout, namespace=namespace)
     for row in rows:
         takeover: dict[str, Any] | None
-        if row.status == "retrying":
+        if row.status == StepStatus.RETRYING:
             takeover = _record(now, "countdown_lost", row.attempts, None, since=row.due_at)
         else:
             decision, takeover = verdict(row, now=now, owner=nobody)
@@ -255,7 +255,7 @@ def abandoned_steps(
                 _steps.c.status == row.status,
             )
             .values(
-                status="pending",
+                status=StepStatus.PENDING,
                 owner_id=None,
                 heartbeat_at=None,
                 lease_until=None,
@@ -305,7 +305,7 @@ def lost_workers(session: Session, *, owner_timeout: float) -> list[dict[str, An
     for boot_id, node, pid, beat_at in lost:
         held = session.execute(
             select(_steps.c.run_id, _steps.c.name).where(
-                _steps.c.owner_id == boot_id, _steps.c.status == "running"
+                _steps.c.owner_id == boot_id, _steps.c.status == StepStatus.RUNNING
             )
         ).all()
         found.append(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from billiard.exceptions import WorkerLostError
-from celery import Task, signals
+from celery import signals
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
@@ -27,6 +27,7 @@ from workers.runtime.app import app
 from workers.runtime.errors import Cul8erError, PermanentError, PluginError, TransientError
 from workers.runtime.queues import Queue
 from workers.runtime.settings import get_settings
+from workers.runtime.task import Cul8erTask
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -81,17 +82,14 @@ def worker_role() -> str:
 # -- tasks ------------------------------------------------------------------------------------
 
 
-class PluginTask(Task[Any, Any]):
-    """A contract operation of one plugin.
+class PluginTask(Cul8erTask):
+    """A contract operation of one plugin: the caller waits on its result.
 
-    acks_late with reject_on_worker_lost: a worker that dies mid-call gets the message
+    acks_late with reject_on_worker_lost (global): a worker that dies mid-call gets the message
     redelivered, which is safe because every contract operation is idempotent. Untrusted
     plugins turn reject_on_worker_lost off: a sandbox process killed for overrunning must
     fail the call, not loop on it.
     """
-
-    acks_late = True
-    reject_on_worker_lost = True
 
 
 def _register(served: Served) -> None:

@@ -29,6 +29,7 @@ import psutil
 import structlog
 from sqlalchemy import insert, update
 
+from schemas.states import StepStatus
 from workers.runtime.db import session_scope
 from workers.runtime.models import StepRun, WorkerProcess, utcnow
 
@@ -184,7 +185,7 @@ class Heartbeat:
                     .where(
                         _steps.c.id.in_(held),
                         _steps.c.owner_id == self.boot_id,
-                        _steps.c.status == "running",
+                        _steps.c.status == StepStatus.RUNNING,
                     )
                     .values(heartbeat_at=now)
                 ),

@@ -22,6 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from schemas.states import Phase
+
 __all__ = [
     "AuditEvent",
     "AutoscaleDecision",
@@ -150,7 +152,7 @@ class WorkflowRun(Base):
     tenant_id: Mapped[str | None] = mapped_column(String(40), index=True)
     #: running → succeeded | compensating → failed
     status: Mapped[str] = mapped_column(String(32))
-    phase: Mapped[str] = mapped_column(String(16), default="forward")
+    phase: Mapped[str] = mapped_column(String(16), default=Phase.FORWARD)
     current_step: Mapped[str | None] = mapped_column(String(100))
     input: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

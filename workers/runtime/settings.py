@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     #: Extra task modules every worker imports (third-party workflows, benchmarks).
     imports: list[str] = Field(default_factory=list)
 
+    #: The provisioner plugin that lays out a tenant's compute, unless its create names one.
+    default_provisioner: str = "container_per_tenant"
     #: The provisioner plugin that gives each tenant its own database.
     data_provisioner: str = "database_per_tenant"
     #: Platform of new tenants: local, docker or incus.
