@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
-import time
+import functools
 from pathlib import Path
 from typing import Final
 
 import structlog
+
+from workers.plugin_api import wait_until
 
 __all__ = ["CFS_PERIOD_US", "CGROUP_PARENT", "Cgroups"]
 
@@ -19,6 +21,8 @@ CGROUP_PARENT: Final = "cul8er"
 CFS_PERIOD_US: Final = 100_000
 #: How often to look again while a group is still busy (seconds).
 POLL_SECONDS: Final = 0.05
+#: How long a busy group may take to empty before it is left behind (seconds).
+BUSY_SECONDS: Final = 2.0
 
 
 class Cgroups:
@@ -91,15 +95,28 @@ class Cgroups:
     def remove(self, name: str) -> None:
         """Remove the instance's cgroups; a group still busy after a moment is left, and logged."""
         for directory in self.dirs(name):
-            deadline = time.monotonic() + 2.0
-            while directory.exists():
-                try:
-                    directory.rmdir()
-                except FileNotFoundError:
-                    break
-                except OSError as exc:
-                    # Exiting tasks leave the group a moment after SIGKILL.
-                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                        log.warning("cgroup_not_removed", path=str(directory), error=str(exc))
-                        break
-                    time.sleep(POLL_SECONDS)
+            try:
+                wait_until(
+                    functools.partial(_rmdir, directory),
+                    timeout=BUSY_SECONDS,
+                    interval=POLL_SECONDS,
+                    message=f"cgroup {directory} still busy",
+                )
+            except OSError as exc:  # a TimeoutError too: the group stayed busy
+                log.warning("cgroup_not_removed", path=str(directory), error=str(exc))
+
+
+def _rmdir(directory: Path) -> bool:
+    """Remove an empty cgroup: whether it is gone; ``False`` while it is busy.
+
+    Exiting tasks leave the group a moment after SIGKILL (``EBUSY`` until then).
+    """
+    try:
+        directory.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        return False
+    return True

@@ -10,7 +10,6 @@ pass (engine down, 5xx) and converts the SDK's errors into ours.
 from __future__ import annotations
 
 import threading
-import time
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 import structlog
@@ -29,6 +28,7 @@ from workers.plugin_api import (
     NotFoundError,
     PermanentError,
     TransientError,
+    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -148,23 +148,13 @@ class DockerPlatform:
 
     def destroy_instance(self, name: str) -> None:
         """Remove the container and its anonymous volumes; a missing one is success."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                self._call(
-                    "remove container",
-                    lambda client: client.api.remove_container(name, force=True, v=True),
-                    subject=name,
-                )
-            except NotFoundError:
-                break
-            except ConflictError as exc:
-                # Another caller is removing it already: wait for that removal to finish.
-                if "in progress" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(POLL_SECONDS)
-                continue
-            break
+        wait_until(
+            lambda: self._remove(name),
+            timeout=self.timeout,
+            interval=POLL_SECONDS,
+            message=f"cannot remove container {name}: another removal is still in progress",
+            error=ConflictError,
+        )
         log.info("instance_destroyed", instance=name)
 
     def start_instance(self, name: str) -> InstanceInfo:
@@ -387,6 +377,23 @@ class DockerPlatform:
             "inspect container", lambda client: client.containers.get(name), subject=name
         )
 
+    def _remove(self, name: str) -> bool:
+        """One try at removing the container: whether it is gone (not while another removes it)."""
+        try:
+            self._call(
+                "remove container",
+                lambda client: client.api.remove_container(name, force=True, v=True),
+                subject=name,
+            )
+        except NotFoundError:
+            return True
+        except ConflictError as exc:
+            # Another caller is removing it already: wait for that removal to finish.
+            if "in progress" not in str(exc):
+                raise
+            return False
+        return True
+
     # -- creating and starting ------------------------------------------------------------
 
     def _create(self, spec: InstanceSpec) -> Any:
@@ -418,26 +425,32 @@ class DockerPlatform:
         if plan["memory_bytes"] is not None:
             options["mem_limit"] = plan["memory_bytes"]
             options["memswap_limit"] = plan["memory_bytes"]
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                container = self._call(
-                    "create container",
-                    lambda client: client.containers.create(image, **options),
-                    subject=spec.name,
-                )
-                break
-            except ConflictError:
-                # Another call holds the name. The engine reserves it before the container
-                # can be inspected, so wait for that one; if its create failed, try again.
-                existing = self._find(spec.name)
-                if existing is not None:
-                    log.info("instance_create_raced", instance=spec.name)
-                    self._check_managed(existing)
-                    return existing
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(POLL_SECONDS)
+        return wait_until(
+            lambda: self._create_or_find(spec, image, options),
+            timeout=self.timeout,
+            interval=POLL_SECONDS,
+            message=f"cannot create container {spec.name}: another create holds the name",
+            error=ConflictError,
+        )
+
+    def _create_or_find(self, spec: InstanceSpec, image: str, options: dict[str, Any]) -> Any:
+        """One try at creating the container: it, the one a concurrent create made, or ``None``.
+
+        ``None`` (try again) when another call holds the name but its container cannot be
+        inspected yet: the engine reserves the name first, and that create may still fail.
+        """
+        try:
+            container = self._call(
+                "create container",
+                lambda client: client.containers.create(image, **options),
+                subject=spec.name,
+            )
+        except ConflictError:
+            existing = self._find(spec.name)
+            if existing is not None:
+                log.info("instance_create_raced", instance=spec.name)
+                self._check_managed(existing)
+            return existing
         log.info(
             "instance_created",
             instance=spec.name,
@@ -455,17 +468,23 @@ class DockerPlatform:
                 "start container", lambda client: client.api.start(container.id), subject=name
             )
             log.info("instance_started", instance=name, container_id=container.id)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            container = self._get(name)
-            if container.status == "running" and self._port(container) is not None:
-                return self._info(container)
-            if time.monotonic() > deadline:
-                raise TransientError(
-                    f"container {name} did not come up within {self.timeout}s "
-                    f"(status {container.status}): {self._log_tail(container)}"
-                )
-            time.sleep(POLL_SECONDS)
+        last = container
+
+        def up() -> bool:
+            nonlocal last
+            last = self._get(name)
+            return last.status == "running" and self._port(last) is not None
+
+        def down() -> str:
+            # The last state seen, and what the service printed: why it is not up.
+            return (
+                f"container {name} did not come up (status {last.status}): {self._log_tail(last)}"
+            )
+
+        wait_until(
+            up, timeout=self.timeout, interval=POLL_SECONDS, message=down, error=TransientError
+        )
+        return self._info(last)
 
     def _log_tail(self, container: Any) -> str:
         try:
@@ -516,16 +535,23 @@ class DockerPlatform:
 
     def _exit_code(self, name: str, exec_id: str) -> int:
         """The exec's exit code; the engine may need a moment after the output ends."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            state: dict[str, Any] = self._call(
+        state: dict[str, Any] = {}
+
+        def finished() -> bool:
+            nonlocal state
+            state = self._call(
                 "inspect exec", lambda client: client.api.exec_inspect(exec_id), subject=name
             )
-            if not state.get("Running") and state.get("ExitCode") is not None:
-                return int(state["ExitCode"])
-            if time.monotonic() > deadline:
-                raise TransientError(f"exec in {name} reported no exit code")
-            time.sleep(POLL_SECONDS)
+            return not state.get("Running") and state.get("ExitCode") is not None
+
+        wait_until(
+            finished,
+            timeout=self.timeout,
+            interval=POLL_SECONDS,
+            message=f"exec in {name} reported no exit code",
+            error=TransientError,
+        )
+        return int(state["ExitCode"])
 
     def _disk_bytes(self, name: str, container_id: str) -> int:
         """Bytes in the container's writable layer (``SizeRw``); 0 if the engine won't say."""

@@ -17,7 +17,6 @@ import json
 import os
 import socket as socket_module
 import threading
-import time
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 from urllib.parse import quote
 
@@ -39,6 +38,7 @@ from workers.plugin_api import (
     NotFoundError,
     PermanentError,
     TransientError,
+    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -450,22 +450,36 @@ class IncusPlatform:
 
     def _ensure_running(self, name: str) -> Any:
         """Start the instance unless it runs; waits out a concurrent create or start."""
-        deadline = time.monotonic() + self.timeout
-        while True:
+        instance: Any = None
+        busy: PermanentError | None = None
+
+        def running() -> bool:
+            nonlocal instance, busy
             instance = self._get(name)
             if _running(instance):
-                return instance
+                return True
             try:
                 self._call("start", name, functools.partial(instance.start, wait=True))
-                log.info("instance_started", instance=name)
             except NotFoundError:
                 raise
-            except PermanentError:
+            except PermanentError as exc:
                 # Busy with another operation (a create still unpacking, a concurrent start)
                 # or started meanwhile: look again until the deadline.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(POLL_SECONDS)
+                busy = exc
+                return False
+            log.info("instance_started", instance=name)
+            busy = None
+            instance = self._get(name)
+            return _running(instance)
+
+        wait_until(
+            running,
+            timeout=self.timeout,
+            interval=POLL_SECONDS,
+            message=lambda: f"instance {name} did not start: {busy or 'not running'}",
+            error=PermanentError,
+        )
+        return instance
 
     # -- limits ---------------------------------------------------------------------------
 

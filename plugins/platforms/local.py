@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import http.client
 import json
 import os
@@ -21,10 +22,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Final
 
 import psutil
 import structlog
@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from plugins.platforms._cgroups import CFS_PERIOD_US, Cgroups
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
-from workers.plugin_api import NotFoundError, PermanentError, TransientError
+from workers.plugin_api import NotFoundError, PermanentError, TransientError, wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -97,6 +97,32 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _all_dead(procs: list[psutil.Process]) -> bool:
+    """Whether none of ``procs`` runs any more."""
+    return not any(_alive(proc) for proc in procs)
+
+
+def _try_lock(path: Path) -> BinaryIO | None:
+    """The lock file at ``path``, open and exclusively locked; ``None`` while another holds it.
+
+    A holder may delete the file before letting go: a lock on a file no longer at ``path``
+    guards nothing, so it is dropped as well, and the caller tries again.
+    """
+    lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "rb", buffering=0)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        current = False
+    except BaseException:
+        lock.close()
+        raise
+    if current:
+        return lock
+    lock.close()
+    return None
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -358,26 +384,32 @@ class LocalPlatform:
 
     def _wait_port(self, name: str, pid: int) -> int:
         """The port the instance wrote; it may be booting still, or die trying."""
-        deadline = time.monotonic() + self.start_timeout
         # Kept before polling: reaping drops the child from _CHILDREN, with its exit code.
         child = _CHILDREN.get(pid)
         try:
             proc: psutil.Process | None = psutil.Process(pid)
         except psutil.NoSuchProcess:
             proc = None
-        while True:
+
+        def listening() -> int | None:
             port = self._read_port(name)
-            if port is not None:
-                return port
-            if proc is None or not _alive(proc):
+            if port is None and (proc is None or not _alive(proc)):
                 code = child.returncode if child is not None else None
                 raise PermanentError(
                     f"instance {name} exited before listening (exit code {code}): "
                     f"{self._log_tail(name)}"
                 )
-            if time.monotonic() > deadline:
-                raise TransientError(f"instance {name} did not listen within {self.start_timeout}s")
-            time.sleep(POLL_SECONDS)
+            return port
+
+        port = wait_until(
+            listening,
+            timeout=self.start_timeout,
+            interval=POLL_SECONDS,
+            message=f"instance {name} did not listen",
+            error=TransientError,
+        )
+        assert port is not None  # wait_until returns a truthy value only
+        return port
 
     def _kill(self, name: str, *, grace: float) -> int:
         """Stop every process of the instance: SIGTERM, then SIGKILL after ``grace`` seconds."""
@@ -386,15 +418,18 @@ class LocalPlatform:
             return 0
         if grace > 0:
             self._signal(procs, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while any(_alive(proc) for proc in procs) and time.monotonic() < deadline:
-                time.sleep(POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):  # still alive: the SIGKILL below
+                wait_until(
+                    functools.partial(_all_dead, procs), timeout=grace, interval=POLL_SECONDS
+                )
         self._signal([proc for proc in procs if _alive(proc)], signal.SIGKILL)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while any(_alive(proc) for proc in procs):
-            if time.monotonic() > deadline:
-                raise TransientError(f"instance {name} did not die after SIGKILL")
-            time.sleep(POLL_SECONDS)
+        wait_until(
+            functools.partial(_all_dead, procs),
+            timeout=STOP_GRACE_SECONDS,
+            interval=POLL_SECONDS,
+            message=f"instance {name} did not die after SIGKILL",
+            error=TransientError,
+        )
         return len(procs)
 
     @staticmethod
@@ -500,28 +535,17 @@ class LocalPlatform:
         """Hold the instance's exclusive lock; the kernel drops it if we are killed."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / f"{name}.lock"
-        # A create holds the lock while the instance boots, so wait longer than that.
-        deadline = time.monotonic() + self.start_timeout + 2 * STOP_GRACE_SECONDS + 30
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError as exc:
-                        if time.monotonic() > deadline:
-                            raise TransientError(f"instance {name} is busy (locked)") from exc
-                        time.sleep(POLL_SECONDS)
-                try:
-                    current = os.stat(path).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    current = False
-                if current:
-                    yield path
-                    return
-            finally:
-                os.close(fd)
+        lock = wait_until(
+            functools.partial(_try_lock, path),
+            # A create holds the lock while the instance boots, so wait longer than that.
+            timeout=self.start_timeout + 2 * STOP_GRACE_SECONDS + 30,
+            interval=POLL_SECONDS,
+            message=f"instance {name} is busy (locked)",
+            error=TransientError,
+        )
+        assert lock is not None  # wait_until returns a truthy value only
+        with lock:
+            yield path
 
     def _read_spec(self, name: str) -> InstanceSpec | None:
         path = self._instance_dir(name) / "spec.json"
