@@ -6,17 +6,21 @@ sends one ``cul8er.metering.meter_tenants`` message per ``meter_chunk_size`` act
 for the window ``[S - interval, S)``. A chunk delivered twice, even at once, writes each
 tenant's window once: the usage rows' unique key decides, in the same transaction as the
 counter readings. ``cul8er.metering.meter_tenant`` meters one tenant on demand.
+
+Metering reads the counters through :class:`PluginSources`: the platform and provisioner
+plugins, which the economics never call themselves.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import Task
 
 from workers.economics import metering
 from workers.engine.public import rejection
+from workers.pluginhost.handles import get_platform, get_provisioner
 from workers.runtime.app import app
 from workers.runtime.db import session_scope
 from workers.runtime.errors import (
@@ -31,11 +35,17 @@ from workers.runtime.queues import Queue
 from workers.runtime.schedule import claim_slot, claimed_slot
 from workers.runtime.settings import get_settings
 
+if TYPE_CHECKING:
+    from schemas.platform import InstanceStats
+    from workers.pluginhost.contracts import Platform
+    from workers.runtime.settings import Settings
+
 __all__ = [
     "METER_ALL",
     "METER_TENANT",
     "METER_TENANTS",
     "MeteringTask",
+    "PluginSources",
     "meter_all",
     "meter_tenant",
     "meter_tenants",
@@ -59,6 +69,34 @@ class MeteringTask(Task[Any, Any]):
     retry_jitter = True
     max_retries = 5
     typing = False  # kwargs are checked here, with the field named in the error
+
+
+class PluginSources:
+    """Metering's :class:`~workers.economics.metering.SourceReader` over the plugins.
+
+    Instances are read through their platform's ``stats`` (each platform looked up once per
+    reader), pool shares and datastores through their provisioner's ``meter_usage``.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._platforms: dict[str, Platform] = {}
+
+    def instance_stats(self, platform: str, instance: str) -> InstanceStats:
+        """The counters and gauges of ``instance`` as its ``platform`` reads them now."""
+        if platform not in self._platforms:
+            self._platforms[platform] = get_platform(platform, self._settings)
+        return self._platforms[platform].stats(instance)
+
+    def provisioner_usage(self, provisioner: str, tenant_id: str) -> dict[str, float]:
+        """The counters ``provisioner`` keeps for the tenant, now."""
+        return get_provisioner(provisioner).meter_usage(tenant_id).metrics
+
+
+def _meter(tenant_ids: list[str], window: metering.Window) -> metering.ChunkResult:
+    """Meter ``window`` for ``tenant_ids``, reading their sources through the plugins."""
+    settings = get_settings()
+    return metering.meter_chunk(tenant_ids, window, settings, PluginSources(settings))
 
 
 def _window(window_start: str | None, window_end: str | None) -> metering.Window:
@@ -118,7 +156,7 @@ def meter_all(self: MeteringTask) -> dict[str, Any]:
 def meter_tenants(tenant_ids: list[str], window_start: str, window_end: str) -> dict[str, Any]:
     """Meter one window of a chunk of tenants (idempotent: a repeat writes nothing)."""
     window = metering.Window.parse(window_start, window_end)
-    result = metering.meter_chunk(tenant_ids, window, get_settings())
+    result = _meter(tenant_ids, window)
     log.info("metering_chunk_done", window_start=window_start, **result.to_json())
     return {"ok": True, **window.to_json(), **result.to_json()}
 
@@ -148,7 +186,7 @@ def meter_tenant(
             if tenant is None:
                 raise NotFoundError(f"tenant {tenant_id} does not exist")
             status = tenant.status
-        result = metering.meter_chunk([tenant_id], window, get_settings())
+        result = _meter([tenant_id], window)
         if result.skipped:
             raise ConflictError(f"tenant {tenant_id} is {status}, not active: nothing to meter")
         with session_scope() as session:

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 from plugins.platforms.local import LocalPlatform
 from schemas.platform import InstanceSpec
+from tasks.metering import PluginSources
 from tests.conftest import require
 from tests.stack import create_pg_database, drop_pg_database
 from workers.economics import metering
@@ -374,7 +375,7 @@ def test_a_real_instance_is_metered_window_after_window(
     now = utcnow()
     windows = [metering.window_for(1, now=now + dt.timedelta(seconds=n)) for n in range(3)]
     meter: Callable[[Window], metering.ChunkResult] = lambda w: metering.meter_chunk(  # noqa: E731
-        [tenant_id, "gone"], w, settings, url=url
+        [tenant_id, "gone"], w, settings, PluginSources(settings), url=url
     )
 
     # When it burns CPU and serves requests between three metering runs

@@ -24,6 +24,9 @@ window's length). Memory is only known at readings, so between two readings it i
 the straight line joining them, and before the first and after the last it holds its value.
 A counter below its last reading was reset (its process restarted): its whole value is new
 usage, never a negative amount.
+
+Metering calls no plugin itself: the task layer hands it a :class:`SourceReader` that reads
+instances through their platform and pool shares and datastores through their provisioner.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import structlog
 from sqlalchemy import Table, select, text
@@ -51,7 +54,7 @@ from workers.runtime.schedule import slot_start
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from workers.pluginhost.contracts import Platform
+    from schemas.platform import InstanceStats
     from workers.runtime.settings import Settings
 
 __all__ = [
@@ -62,6 +65,7 @@ __all__ = [
     "GAUGES",
     "Reading",
     "Sample",
+    "SourceReader",
     "TenantSources",
     "Window",
     "active_tenant_ids",
@@ -166,6 +170,18 @@ class TenantSources:
     #: The shared-pool provisioner the tenant is placed with (``None``: own instances).
     placement: str | None = None
     has_datastore: bool = False
+
+
+class SourceReader(Protocol):
+    """What metering reads a tenant's sources through (the plugins, handed in by the tasks)."""
+
+    def instance_stats(self, platform: str, instance: str) -> InstanceStats:
+        """The counters and gauges of ``instance`` as its ``platform`` reads them now."""
+        ...
+
+    def provisioner_usage(self, provisioner: str, tenant_id: str) -> Mapping[str, float]:
+        """The counters ``provisioner`` keeps for the tenant (a pool share, a datastore), now."""
+        ...
 
 
 @dataclass
@@ -381,66 +397,74 @@ def _guarded(tenant_id: str, source: str, read: Callable[[], Sample | None]) -> 
     return None
 
 
-def read_samples(sources: Iterable[TenantSources], settings: Settings) -> list[Sample]:
+def _instance_sample(
+    reader: SourceReader, tenant_id: str, name: str, platform: str, endpoint: str | None
+) -> Sample:
+    """An instance's counters from its platform, and its requests from its ``/metrics``."""
+    stats = reader.instance_stats(platform, name)
+    values = {
+        "cpu_seconds": float(stats.cpu_seconds),
+        "memory_bytes": float(stats.memory_bytes),
+        "storage_bytes": float(stats.disk_bytes),
+        "rx_bytes": float(stats.rx_bytes),
+        "tx_bytes": float(stats.tx_bytes),
+    }
+    requests = read_requests(endpoint)
+    if requests is not None:
+        values["requests"] = requests
+    return Sample(tenant_id, name, utcnow(), values)
+
+
+def _pool_share_sample(reader: SourceReader, tenant_id: str, provisioner: str) -> Sample:
+    """A tenant's share of a shared pool: a pool's instances serve many tenants, so the
+    provisioner knows this one's share."""
+    metrics = reader.provisioner_usage(provisioner, tenant_id)
+    values = {k: v for k, v in metrics.items() if k in COUNTERS or k in GAUGES}
+    if "disk_bytes" in metrics:
+        values["storage_bytes"] = metrics["disk_bytes"]
+    return Sample(tenant_id, PLACEMENT_SOURCE, utcnow(), values)
+
+
+def _datastore_sample(reader: SourceReader, tenant_id: str, provisioner: str) -> Sample | None:
+    """The storage of a tenant's own database, as its data provisioner reports it."""
+    metrics = reader.provisioner_usage(provisioner, tenant_id)
+    if "storage_bytes" not in metrics:
+        return None
+    return Sample(
+        tenant_id, DATASTORE_SOURCE, utcnow(), {"storage_bytes": metrics["storage_bytes"]}
+    )
+
+
+def _source_reads(
+    tenant: TenantSources, reader: SourceReader, data_provisioner: str
+) -> list[tuple[str, Callable[[], Sample | None]]]:
+    """Each source of ``tenant`` by name, with the call that reads it."""
+    tid = tenant.tenant_id
+    reads: list[tuple[str, Callable[[], Sample | None]]] = []
+    if tenant.placement:
+        reads.append((PLACEMENT_SOURCE, partial(_pool_share_sample, reader, tid, tenant.placement)))
+    else:
+        reads.extend(
+            (name, partial(_instance_sample, reader, tid, name, platform_name, endpoint))
+            for name, platform_name, endpoint in tenant.instances
+        )
+    if tenant.has_datastore:
+        reads.append((DATASTORE_SOURCE, partial(_datastore_sample, reader, tid, data_provisioner)))
+    return reads
+
+
+def read_samples(
+    sources: Iterable[TenantSources], settings: Settings, reader: SourceReader
+) -> list[Sample]:
     """Read every source of every tenant now; a source that cannot be read is left out.
 
     A source left out keeps its last reading, so its usage is counted by the next window
     that reads it: late, never lost.
     """
-    from workers.pluginhost.handles import get_platform, get_provisioner
-
-    platforms: dict[str, Platform] = {}
-
-    def platform(name: str) -> Platform:
-        if name not in platforms:
-            platforms[name] = get_platform(name, settings)
-        return platforms[name]
-
-    def instance(tenant_id: str, name: str, platform_name: str, endpoint: str | None) -> Sample:
-        stats = platform(platform_name).stats(name)
-        values = {
-            "cpu_seconds": float(stats.cpu_seconds),
-            "memory_bytes": float(stats.memory_bytes),
-            "storage_bytes": float(stats.disk_bytes),
-            "rx_bytes": float(stats.rx_bytes),
-            "tx_bytes": float(stats.tx_bytes),
-        }
-        requests = read_requests(endpoint)
-        if requests is not None:
-            values["requests"] = requests
-        return Sample(tenant_id, name, utcnow(), values)
-
-    def pool_share(tenant_id: str, provisioner: str) -> Sample:
-        # A pool's instances serve many tenants: the provisioner knows this one's share.
-        metrics = get_provisioner(provisioner).meter_usage(tenant_id).metrics
-        values = {k: v for k, v in metrics.items() if k in COUNTERS or k in GAUGES}
-        if "disk_bytes" in metrics:
-            values["storage_bytes"] = metrics["disk_bytes"]
-        return Sample(tenant_id, PLACEMENT_SOURCE, utcnow(), values)
-
-    def datastore(tenant_id: str) -> Sample | None:
-        metrics = get_provisioner(settings.data_provisioner).meter_usage(tenant_id).metrics
-        if "storage_bytes" not in metrics:
-            return None
-        return Sample(
-            tenant_id, DATASTORE_SOURCE, utcnow(), {"storage_bytes": metrics["storage_bytes"]}
-        )
-
     samples: list[Sample] = []
     for tenant in sources:
-        tid = tenant.tenant_id
-        reads: list[tuple[str, Callable[[], Sample | None]]] = []
-        if tenant.placement:
-            reads.append((PLACEMENT_SOURCE, partial(pool_share, tid, tenant.placement)))
-        else:
-            reads.extend(
-                (name, partial(instance, tid, name, platform_name, endpoint))
-                for name, platform_name, endpoint in tenant.instances
-            )
-        if tenant.has_datastore:
-            reads.append((DATASTORE_SOURCE, partial(datastore, tid)))
-        for source, read in reads:
-            sample = _guarded(tid, source, read)
+        for source, read in _source_reads(tenant, reader, settings.data_provisioner):
+            sample = _guarded(tenant.tenant_id, source, read)
             if sample is not None:
                 samples.append(sample)
     return samples
@@ -565,7 +589,12 @@ def usage_of(session: Session, tenant_id: str, window: Window) -> dict[str, floa
 
 
 def meter_chunk(
-    tenant_ids: Sequence[str], window: Window, settings: Settings, *, url: str | None = None
+    tenant_ids: Sequence[str],
+    window: Window,
+    settings: Settings,
+    reader: SourceReader,
+    *,
+    url: str | None = None,
 ) -> ChunkResult:
     """Meter ``window`` for ``tenant_ids``: read their sources, then write in one transaction.
 
@@ -593,7 +622,7 @@ def meter_chunk(
     todo = [sources[t] for t in ids if t in sources and t not in done]
     if not todo:
         return result
-    samples = read_samples(todo, settings)
+    samples = read_samples(todo, settings, reader)
     with session_scope(url) as session:
         _by_key(session)
         won, rows = record(session, [t.tenant_id for t in todo], samples, window)
