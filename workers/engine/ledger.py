@@ -33,6 +33,8 @@ from workers.engine.workflow import (
 from workers.runtime.models import StepRun, UTCDateTime, WorkerProcess, WorkflowRun, utcnow
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from celery import Celery
     from celery.result import AsyncResult
     from sqlalchemy import CursorResult, Table, Update
@@ -323,13 +325,21 @@ def claim_step(
     )
     if not cast("CursorResult[Any]", claimed).rowcount:
         return Claim("busy")
+    context = _claimed_context(rows, phase_rows, mine, run_id=run_id, phase=phase, name=name)
+    return Claim("claimed", context=context, step_id=int(mine.id), takeover=takeover)
+
+
+def _claimed_context(
+    rows: Sequence[Any], phase_rows: list[Any], mine: Any, *, run_id: str, phase: str, name: str
+) -> StepContext:
+    """What the body of the step just claimed sees: its input, earlier outputs, its place."""
     successors = [str(row.name) for row in phase_rows if row.position > mine.position]
     outputs = {
         r.name: r.output or {}
         for r in rows
         if r.phase == Phase.FORWARD and r.status == StepStatus.DONE
     }
-    context = StepContext(
+    return StepContext(
         run_id=run_id,
         kind=mine.kind,
         phase=phase,
@@ -341,7 +351,6 @@ def claim_step(
         error=mine.error,
         next_step=successors[0] if successors else None,
     )
-    return Claim("claimed", context=context, step_id=int(mine.id), takeover=takeover)
 
 
 def _untouched(later: list[Any], next_task_id: str | None) -> bool:
@@ -676,43 +685,53 @@ def stalled_runs(
     ).all()
     taken: list[tuple[str, str, list[str]]] = []
     for run in runs:
-        current = session.scalars(
-            select(StepRun)
-            .where(
-                StepRun.run_id == run.id,
-                StepRun.phase == run.phase,
-                StepRun.status.not_in(FINISHED),
-            )
-            .order_by(StepRun.position)
-            .limit(1)
-        ).first()
-        if current is None:
-            continue
-        early = run.deadline_at is not None and run.deadline_at >= now
-        if early and current.status != StepStatus.PENDING:
-            continue  # taken for being idle: only an untouched step can have lost its message
-        busy_until = None
-        if current.status in (StepStatus.RUNNING, StepStatus.RETRYING):
-            # Held, or parked for a countdown: abandoned_steps frees it once its owner is
-            # silent or its countdown message is overdue; until then it is busy.
-            busy_until = now
-        elif current.status == StepStatus.WAITING and current.due_at and current.due_at > now:
-            busy_until = current.due_at
-        new_deadline = (busy_until or now) + dt.timedelta(seconds=grace)
-        moved = _rowcount(
-            session,
-            update(WorkflowRun)
-            .where(
-                WorkflowRun.id == run.id,
-                WorkflowRun.deadline_at == run.deadline_at,
-                WorkflowRun.updated_at == run.updated_at,
-            )
-            .values(deadline_at=new_deadline, updated_at=now)
-            .execution_options(synchronize_session=False),
-        )
-        if moved and busy_until is None:
-            if current.status == StepStatus.WAITING:
-                current.status, current.due_at = StepStatus.PENDING, None
-            log.warning("workflow_stalled", workflow_id=run.id, step=current.name)
-            taken.append((run.id, run.phase, next_pending(session, run)))
+        tasks = _retake(session, run, grace=grace, now=now)
+        if tasks is not None:
+            taken.append((run.id, run.phase, tasks))
     return taken
+
+
+def _retake(
+    session: Session, run: WorkflowRun, *, grace: float, now: dt.datetime
+) -> list[str] | None:
+    """Push a stalled run's deadline out; its tasks to re-send, or ``None`` to leave it be."""
+    current = session.scalars(
+        select(StepRun)
+        .where(
+            StepRun.run_id == run.id,
+            StepRun.phase == run.phase,
+            StepRun.status.not_in(FINISHED),
+        )
+        .order_by(StepRun.position)
+        .limit(1)
+    ).first()
+    if current is None:
+        return None
+    early = run.deadline_at is not None and run.deadline_at >= now
+    if early and current.status != StepStatus.PENDING:
+        return None  # taken for being idle: only an untouched step can have lost its message
+    busy_until = None
+    if current.status in (StepStatus.RUNNING, StepStatus.RETRYING):
+        # Held, or parked for a countdown: abandoned_steps frees it once its owner is
+        # silent or its countdown message is overdue; until then it is busy.
+        busy_until = now
+    elif current.status == StepStatus.WAITING and current.due_at and current.due_at > now:
+        busy_until = current.due_at
+    new_deadline = (busy_until or now) + dt.timedelta(seconds=grace)
+    moved = _rowcount(
+        session,
+        update(WorkflowRun)
+        .where(
+            WorkflowRun.id == run.id,
+            WorkflowRun.deadline_at == run.deadline_at,
+            WorkflowRun.updated_at == run.updated_at,
+        )
+        .values(deadline_at=new_deadline, updated_at=now)
+        .execution_options(synchronize_session=False),
+    )
+    if not moved or busy_until is not None:
+        return None
+    if current.status == StepStatus.WAITING:
+        current.status, current.due_at = StepStatus.PENDING, None
+    log.warning("workflow_stalled", workflow_id=run.id, step=current.name)
+    return next_pending(session, run)

@@ -25,7 +25,7 @@ from workers.runtime.liveness import exited
 from workers.runtime.models import StepRun, WorkerProcess, WorkflowRun, utcnow
 
 if TYPE_CHECKING:
-    from sqlalchemy import CursorResult, Table
+    from sqlalchemy import CursorResult, Select, Table
     from sqlalchemy.orm import Session
 
 __all__ = [
@@ -199,8 +199,30 @@ def abandoned_steps(
     in its history; the guard on ``attempts`` makes two reconcilers free it once.
     """
     now = utcnow()
-    silent = now - dt.timedelta(seconds=owner_timeout)
     rows = session.execute(
+        _candidates(now=now, owner_timeout=owner_timeout, namespace=namespace).limit(limit)
+    ).all()
+    # Nobody can be holding these: any owner id but a real one reads as "someone else".
+    nobody = Owner(boot_id="", timeout=owner_timeout, namespace=namespace)
+    freed: list[Abandoned] = []
+    for row in rows:
+        takeover: dict[str, Any] | None
+        if row.status == StepStatus.RETRYING:
+            takeover = _record(now, "countdown_lost", row.attempts, None, since=row.due_at)
+        else:
+            decision, takeover = verdict(row, now=now, owner=nobody)
+            if decision != "take" or takeover is None:
+                continue
+        found = _release(session, row, {**takeover, "by": "reconcile"}, now=now, grace=grace)
+        if found is not None:
+            freed.append(found)
+    return freed
+
+
+def _candidates(*, now: dt.datetime, owner_timeout: float, namespace: str | None) -> Select[Any]:
+    """Current steps that may be abandoned, with their owner's columns (one query)."""
+    silent = now - dt.timedelta(seconds=owner_timeout)
+    return (
         select(
             _steps.c.id,
             _steps.c.run_id,
@@ -232,56 +254,46 @@ def abandoned_steps(
             )
             | ((_steps.c.status == StepStatus.RETRYING) & (_steps.c.lease_until < now)),
         )
-        .limit(limit)
-    ).all()
-    freed: list[Abandoned] = []
-    # Nobody can be holding these: any owner id but a real one reads as "someone else".
-    nobody = Owner(boot_id="", timeout=owner_timeout, namespace=namespace)
-    for row in rows:
-        takeover: dict[str, Any] | None
-        if row.status == StepStatus.RETRYING:
-            takeover = _record(now, "countdown_lost", row.attempts, None, since=row.due_at)
-        else:
-            decision, takeover = verdict(row, now=now, owner=nobody)
-            if decision != "take" or takeover is None:
-                continue
-        takeover = {**takeover, "by": "reconcile"}
-        task_id = uuid.uuid4().hex
-        released = session.connection().execute(
-            update(_steps)
-            .where(
-                _steps.c.id == row.id,
-                _steps.c.attempts == row.attempts,
-                _steps.c.status == row.status,
-            )
-            .values(
-                status=StepStatus.PENDING,
-                owner_id=None,
-                heartbeat_at=None,
-                lease_until=None,
-                task_id=task_id,
-                history=[*(row.history or []), takeover],
-            )
+    )
+
+
+def _release(
+    session: Session, row: Any, takeover: dict[str, Any], *, now: dt.datetime, grace: float
+) -> Abandoned | None:
+    """Put ``row`` back to pending under a fresh message id, unless another reconciler did."""
+    task_id = uuid.uuid4().hex
+    released = session.connection().execute(
+        update(_steps)
+        .where(
+            _steps.c.id == row.id,
+            _steps.c.attempts == row.attempts,
+            _steps.c.status == row.status,
         )
-        if not cast("CursorResult[Any]", released).rowcount:
-            continue
-        session.execute(
-            update(WorkflowRun)
-            .where(WorkflowRun.id == row.run_id)
-            .values(deadline_at=now + dt.timedelta(seconds=grace), updated_at=now)
-            .execution_options(synchronize_session=False)
+        .values(
+            status=StepStatus.PENDING,
+            owner_id=None,
+            heartbeat_at=None,
+            lease_until=None,
+            task_id=task_id,
+            history=[*(row.history or []), takeover],
         )
-        freed.append(
-            Abandoned(
-                run_id=row.run_id,
-                phase=row.phase,
-                step=row.name,
-                tenant_id=row.tenant_id,
-                task_id=task_id,
-                takeover=takeover,
-            )
-        )
-    return freed
+    )
+    if not cast("CursorResult[Any]", released).rowcount:
+        return None
+    session.execute(
+        update(WorkflowRun)
+        .where(WorkflowRun.id == row.run_id)
+        .values(deadline_at=now + dt.timedelta(seconds=grace), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return Abandoned(
+        run_id=row.run_id,
+        phase=row.phase,
+        step=row.name,
+        tenant_id=row.tenant_id,
+        task_id=task_id,
+        takeover=takeover,
+    )
 
 
 def lost_workers(session: Session, *, owner_timeout: float) -> list[dict[str, Any]]:
