@@ -217,10 +217,11 @@ def install(source: str, *, settings: Settings) -> dict[str, Any]:
     }
 
 
-def reload(name: str, *, settings: Settings, version: str | None = None) -> dict[str, Any]:
-    """Point ``name`` at its newest version found (or ``version``) once that version passed.
+def _candidate(name: str, settings: Settings, version: str | None) -> Candidate:
+    """The version of ``name`` found on disk that a reload asks for (newest by default).
 
-    On failure the table keeps the version that serves and records why the new one did not.
+    Raises:
+        NotFoundError: naming the versions found, if any.
     """
     registry = PluginRegistry(settings)
     registry._discover()
@@ -236,6 +237,15 @@ def reload(name: str, *, settings: Settings, version: str | None = None) -> dict
         raise NotFoundError(
             f"plugin {name!r} {version} not found; found: {', '.join(sorted(versions))}"
         )
+    return candidate
+
+
+def reload(name: str, *, settings: Settings, version: str | None = None) -> dict[str, Any]:
+    """Point ``name`` at its newest version found (or ``version``) once that version passed.
+
+    On failure the table keeps the version that serves and records why the new one did not.
+    """
+    candidate = _candidate(name, settings, version)
     with session_scope(settings.sqlalchemy_url) as session:
         row = session.get(Plugin, name)
         serving = (row.version, row.checksum, row.config, row.state) if row else None

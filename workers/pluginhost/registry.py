@@ -380,25 +380,30 @@ class PluginRegistry:
         }
         try:
             with session_scope(self.settings.sqlalchemy_url) as session:
-                current = session.get(Plugin, name, with_for_update=True)
-                if current is None:
-                    session.add(Plugin(name=name, generation=1, **values))
-                    for step in ("discovered", "validated", "loaded", state):
-                        if step != "discovered" and state == "failed" and step != "failed":
-                            continue
-                        self._record(session, name, None, step, version, error)
-                    return
-                if all(getattr(current, key) == value for key, value in values.items()):
-                    return
-                old = current.state
-                for key, value in values.items():
-                    setattr(current, key, value)
-                current.generation += 1
-                if old != state:
-                    self._record(session, name, old, state, version, error)
+                self._write_row(session, name, values)
         except IntegrityError:
             # Another process inserted the row at the same moment: its view is the same.
             return
+
+    def _write_row(self, session: Any, name: str, values: dict[str, Any]) -> None:
+        """Insert or update the plugin's row; each state it went through is audited."""
+        state, version, error = values["state"], values["version"], values["error"]
+        current = session.get(Plugin, name, with_for_update=True)
+        if current is None:
+            session.add(Plugin(name=name, generation=1, **values))
+            for step in ("discovered", "validated", "loaded", state):
+                if step != "discovered" and state == "failed" and step != "failed":
+                    continue
+                self._record(session, name, None, step, version, error)
+            return
+        if all(getattr(current, key) == value for key, value in values.items()):
+            return
+        old = current.state
+        for key, value in values.items():
+            setattr(current, key, value)
+        current.generation += 1
+        if old != state:
+            self._record(session, name, old, state, version, error)
 
     @staticmethod
     def _record(

@@ -45,8 +45,7 @@ _BODIES: Final[dict[PluginType, tuple[str, str]]] = {
     ),
     PluginType.SECRETS: (
         "from pydantic import SecretStr\n\n"
-        "from schemas.plugins import Ack, SecretValue\n"
-        "from workers.runtime.errors import NotFoundError",
+        "from schemas.plugins import Ack, SecretValue",
         '''
     def get(self, path: str) -> SecretValue:
         """The value stored at ``path``."""
@@ -221,13 +220,15 @@ _CONFIG: Final[dict[PluginType, str]] = {
 def _module(name: str, plugin_type: PluginType) -> str:
     imports, body = _BODIES[plugin_type]
     config_field = _CONFIG.get(plugin_type, "pass")
+    # What the plugin imports from cul8er: the plugin API, and nothing else.
+    api = "NotFoundError, PluginContext" if plugin_type is PluginType.SECRETS else "PluginContext"
     return (
         f'"""The {name} {plugin_type.value} plugin for cul8er."""\n\n'
         "from __future__ import annotations\n\n"
         "from typing import Any\n\n"
         "from pydantic import BaseModel, ConfigDict\n\n"
         f"{imports}\n"
-        "from workers.plugin_api import PluginContext\n\n"
+        f"from workers.plugin_api import {api}\n\n"
         '__all__ = ["Config", "Plugin"]\n\n\n'
         "class Config(BaseModel):\n"
         f'    """The {name} plugin\'s settings (``CUL8ER_PLUGIN_CONFIG``)."""\n\n'
@@ -315,53 +316,59 @@ def write_plugin(
     (project / "tests").mkdir()
     (source / "__init__.py").write_text(_module(name, plugin_type))
     (project / "tests" / "test_plugin.py").write_text(_test(name, package, plugin_type))
-    (project / "pyproject.toml").write_text(
-        textwrap.dedent(
-            f"""\
-            [build-system]
-            requires = ["setuptools>=61"]
-            build-backend = "setuptools.build_meta"
-
-            [project]
-            name = "cul8er-{name.replace("_", "-")}"
-            version = "0.1.0"
-            description = "The {name} {plugin_type.value} plugin for cul8er."
-            requires-python = ">=3.11"
-
-            # cul8er finds installed plugins through this entry-point group.
-            [project.entry-points."cul8er.plugins"]
-            {name} = "{package}"
-
-            [tool.setuptools]
-            packages = ["{package}"]
-
-            [tool.setuptools.package-data]
-            {package} = ["{MANIFEST_FILE}"]
-            """
-        )
-    )
-    (project / "README.md").write_text(
-        textwrap.dedent(
-            f"""\
-            # cul8er-{name.replace("_", "-")}
-
-            A cul8er {plugin_type.value} plugin. Its operations run as Celery tasks
-            `plugins.{name}.<operation>` on queue `plugins.{name}`
-            ({"a general worker" if trusted else "the sandbox worker: it is untrusted"}).
-
-            ```sh
-            pip install .                 # cul8er finds it through the cul8er.plugins entry point
-            cul8er plugin validate {package}
-            cul8er plugin list
-            pytest tests                  # the plugin passes cul8er's checks
-            ```
-
-            After editing `{package}/`, refresh the file hashes in `{package}/{MANIFEST_FILE}`
-            (cul8er refuses a plugin whose files changed): `cul8er plugin rehash {package}`.
-            Config comes from `CUL8ER_PLUGIN_CONFIG='{{"{name}": {{...}}}}'`; values may be
-            `${{secret:path}}` references, resolved when an operation runs.
-            """
-        )
-    )
+    (project / "pyproject.toml").write_text(_pyproject(name, package, plugin_type))
+    (project / "README.md").write_text(_readme(name, package, plugin_type, trusted=trusted))
     write_manifest(source, name=name, plugin_type=plugin_type, module=package, trusted=trusted)
     return project
+
+
+def _pyproject(name: str, package: str, plugin_type: PluginType) -> str:
+    """The plugin package's ``pyproject.toml``: the entry point cul8er discovers it by."""
+    return textwrap.dedent(
+        f"""\
+        [build-system]
+        requires = ["setuptools>=61"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "cul8er-{name.replace("_", "-")}"
+        version = "0.1.0"
+        description = "The {name} {plugin_type.value} plugin for cul8er."
+        requires-python = ">=3.11"
+
+        # cul8er finds installed plugins through this entry-point group.
+        [project.entry-points."cul8er.plugins"]
+        {name} = "{package}"
+
+        [tool.setuptools]
+        packages = ["{package}"]
+
+        [tool.setuptools.package-data]
+        {package} = ["{MANIFEST_FILE}"]
+        """
+    )
+
+
+def _readme(name: str, package: str, plugin_type: PluginType, *, trusted: bool) -> str:
+    """The plugin package's README: how it runs, installs and is checked."""
+    return textwrap.dedent(
+        f"""\
+        # cul8er-{name.replace("_", "-")}
+
+        A cul8er {plugin_type.value} plugin. Its operations run as Celery tasks
+        `plugins.{name}.<operation>` on queue `plugins.{name}`
+        ({"a general worker" if trusted else "the sandbox worker: it is untrusted"}).
+
+        ```sh
+        pip install .                 # cul8er finds it through the cul8er.plugins entry point
+        cul8er plugin validate {package}
+        cul8er plugin list
+        pytest tests                  # the plugin passes cul8er's checks
+        ```
+
+        After editing `{package}/`, refresh the file hashes in `{package}/{MANIFEST_FILE}`
+        (cul8er refuses a plugin whose files changed): `cul8er plugin rehash {package}`.
+        Config comes from `CUL8ER_PLUGIN_CONFIG='{{"{name}": {{...}}}}'`; values may be
+        `${{secret:path}}` references, resolved when an operation runs.
+        """
+    )
