@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -44,7 +44,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from workers.economics.periods import MAX_PERIODS_PER_RUN, PeriodKind, due_periods
 from workers.economics.plans import get_plan
-from workers.economics.pricing import Part, Usage, price_period, split_period
+from workers.economics.pricing import (
+    Part,
+    Priced,
+    Usage,
+    in_billing_units,
+    price_period,
+    split_period,
+)
 from workers.engine.events import emit
 from workers.runtime.db import session_scope
 from workers.runtime.errors import ConfigError, Cul8erError
@@ -52,7 +59,12 @@ from workers.runtime.models import Invoice, PlanPeriod, Tenant, UsageRecord, UTC
 from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy import Select
+    from sqlalchemy.engine import Row
     from sqlalchemy.orm import Session
+
+    #: A tenant as closing reads it: id, billing anchor, status, last update.
+    _TenantRow = Row[str, dt.date, str, dt.datetime]
 
 __all__ = [
     "CloseSummary",
@@ -69,8 +81,6 @@ log = structlog.get_logger(__name__)
 #: Tenants whose periods one transaction closes: big enough for set-based aggregation to
 #: pay off, small enough that one transaction does not hold the writers back for long.
 DEFAULT_CHUNK_SIZE: Final = 2000
-#: Bytes in a GB, as plans count memory and storage (GiB).
-BYTES_PER_GB: Final = Decimal(1024**3)
 #: Before any usage: the lower bound of the window of late usage.
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: Invoice ids and event ids are uuid5 in these namespaces: the same close, the same ids.
@@ -78,13 +88,8 @@ _INVOICE_NS: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://cul8er.dev/billing/
 _EVENT_NS: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://cul8er.dev/billing/invoice-event")
 #: ``pg_advisory_xact_lock`` key of billing closes ("cul8erb1").
 _PG_LOCK_KEY: Final = 0x6375_6C38_6572_6231
-
-#: Metrics metered in bytes, billed in GB under the plan's name for them.
-_BYTE_METRICS: Final = {
-    "disk_bytes": "storage_gb",
-    "storage_bytes": "storage_gb",
-    "memory_bytes": "memory_gb",
-}
+#: A tenant's plan span: (plan, from, to or ``None`` while it lasts).
+Span = tuple[str, dt.datetime, dt.datetime | None]
 
 
 # -- identities ------------------------------------------------------------------------------
@@ -145,6 +150,17 @@ class CloseSummary:
         }
 
 
+@dataclass(frozen=True)
+class _CloseRun:
+    """What every chunk of one ``close_periods`` call is closed by."""
+
+    as_of: dt.datetime
+    period: PeriodKind
+    catalog: Path | None
+    chunk_size: int
+    max_periods: int
+
+
 #: The due parts of one chunk; ``part_id`` indexes the chunk's list of parts.
 _PARTS = Table(
     "billing_parts",
@@ -185,15 +201,14 @@ def close_periods(
     if kind not in get_args(PeriodKind):
         raise ConfigError(f"unknown billing period {kind!r}")
     catalog = plans_file if plans_file is not None else settings.plans_file
+    run = _CloseRun(moment, kind, catalog, chunk_size, max_periods)
     summary = CloseSummary(as_of=moment)
     summary.published += publish_pending(url=url, chunk_size=chunk_size)
     after = ""
     while True:
         with session_scope(url) as session:
             _lock(session)
-            last, finalized = _close_chunk(
-                session, after, moment, kind, catalog, chunk_size, max_periods, summary
-            )
+            last, finalized = _close_chunk(session, after, run, summary)
         if finalized:
             summary.published += publish_pending(url=url, chunk_size=chunk_size)
         if last is None:
@@ -241,40 +256,62 @@ def _lock(session: Session) -> None:
 
 
 def _close_chunk(
-    session: Session,
-    after: str,
-    as_of: dt.datetime,
-    period: PeriodKind,
-    catalog: Path | None,
-    chunk_size: int,
-    max_periods: int,
-    summary: CloseSummary,
+    session: Session, after: str, run: _CloseRun, summary: CloseSummary
 ) -> tuple[str | None, list[dict[str, Any]]]:
     """Close the due periods of the next chunk of tenants; (last tenant id, invoices)."""
-    tenants = session.execute(
+    tenants = _next_tenants(session, after, run.chunk_size)
+    if not tenants:
+        return None, []
+    summary.tenants += len(tenants)
+    last_id: str = tenants[-1].id
+    due = _due_in_chunk(session, tenants, run, summary)
+    if not due:
+        return last_id, []
+    # Usage recorded after this moment belongs to the next invoice (as late usage): the
+    # cut-off is the invoice's created_at, fixed before anything is read.
+    cutoff = utcnow()
+    usage, late = _aggregate(session, due, cutoff)
+    rows = _invoice_rows(due, usage, late, run.catalog, cutoff, summary)
+    summary.periods += len(rows)
+    inserted = set(_insert_invoices(session, rows))
+    finalized = [row for row in rows if row["id"] in inserted]
+    summary.inserted.extend(row["id"] for row in finalized)
+    return last_id, finalized
+
+
+def _next_tenants(session: Session, after: str, limit: int) -> Sequence[_TenantRow]:
+    """The next ``limit`` tenants by id after ``after``: what closing needs of each."""
+    return session.execute(
         select(Tenant.id, Tenant.billing_anchor, Tenant.status, Tenant.updated_at)
         .where(Tenant.id > after)
         .order_by(Tenant.id)
-        .limit(chunk_size)
+        .limit(limit)
     ).all()
-    if not tenants:
-        return None, []
-    first_id, last_id = tenants[0].id, tenants[-1].id
-    summary.tenants += len(tenants)
-    history: dict[str, list[tuple[str, dt.datetime, dt.datetime | None]]] = defaultdict(list)
+
+
+def _plan_history(session: Session, first_id: str, last_id: str) -> dict[str, list[Span]]:
+    """The plan spans of the tenants with ids in ``[first_id, last_id]``, oldest first."""
+    history: dict[str, list[Span]] = defaultdict(list)
     for row in session.execute(
         select(PlanPeriod.tenant_id, PlanPeriod.plan, PlanPeriod.start_at, PlanPeriod.end_at)
         .where(PlanPeriod.tenant_id >= first_id, PlanPeriod.tenant_id <= last_id)
         .order_by(PlanPeriod.tenant_id, PlanPeriod.start_at)
     ):
         history[row.tenant_id].append((row.plan, row.start_at, row.end_at))
+    return history
+
+
+def _last_invoices(
+    session: Session, first_id: str, last_id: str
+) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """Each tenant's latest invoice (ids in ``[first_id, last_id]``): (period end, made at)."""
     latest = (
         select(Invoice.tenant_id, func.max(Invoice.period_start).label("period_start"))
         .where(Invoice.tenant_id >= first_id, Invoice.tenant_id <= last_id)
         .group_by(Invoice.tenant_id)
         .subquery()
     )
-    previous = {
+    return {
         row.tenant_id: (row.period_end, row.created_at)
         for row in session.execute(
             select(Invoice.tenant_id, Invoice.period_end, Invoice.created_at).join(
@@ -286,33 +323,66 @@ def _close_chunk(
             )
         )
     }
+
+
+def _due_in_chunk(
+    session: Session, tenants: Sequence[_TenantRow], run: _CloseRun, summary: CloseSummary
+) -> list[DuePeriod]:
+    """The due periods of ``tenants`` (a chunk sorted by id), each tenant's oldest first."""
+    first_id, last_id = tenants[0].id, tenants[-1].id
+    history = _plan_history(session, first_id, last_id)
+    previous = _last_invoices(session, first_id, last_id)
     due: list[DuePeriod] = []
     for tenant in tenants:
         spans = history.get(tenant.id)
         if not spans:
             continue  # never on a plan: nothing to bill
-        # A terminated tenant's open plan span ends when it was terminated.
-        until = tenant.updated_at if tenant.status == "terminated" else None
-        last = previous.get(tenant.id)
-        since = last[0] if last else min(span[1] for span in spans)
-        periods = due_periods(
-            tenant.billing_anchor, period, since=since, as_of=as_of, until=until, limit=max_periods
-        )
-        if len(periods) == max_periods:
-            summary.backlog += 1
-        late_after = last[1] if last else None
-        for start, end in periods:
-            parts = split_period(start, end, spans, until=until)
-            if not parts:
-                continue  # a stretch off every plan (before sign-up, after termination)
-            due.append(DuePeriod(tenant.id, start, end, tuple(parts), late_after))
-            late_after = None  # later periods of this run: nothing recorded after the cut-off
-    if not due:
-        return last_id, []
-    # Usage recorded after this moment belongs to the next invoice (as late usage): the
-    # cut-off is the invoice's created_at, fixed before anything is read.
-    cutoff = utcnow()
-    usage, late = _aggregate(session, due, cutoff)
+        due.extend(_tenant_due(tenant, spans, previous.get(tenant.id), run, summary))
+    return due
+
+
+def _tenant_due(
+    tenant: _TenantRow,
+    spans: Sequence[Span],
+    last: tuple[dt.datetime, dt.datetime] | None,
+    run: _CloseRun,
+    summary: CloseSummary,
+) -> list[DuePeriod]:
+    """One tenant's due periods since its ``last`` invoice; the first bills the late usage."""
+    # A terminated tenant's open plan span ends when it was terminated.
+    until = tenant.updated_at if tenant.status == "terminated" else None
+    since = last[0] if last else min(span[1] for span in spans)
+    periods = due_periods(
+        tenant.billing_anchor,
+        run.period,
+        since=since,
+        as_of=run.as_of,
+        until=until,
+        limit=run.max_periods,
+    )
+    if len(periods) == run.max_periods:
+        summary.backlog += 1
+    late_after = last[1] if last else None
+    due: list[DuePeriod] = []
+    for start, end in periods:
+        parts = split_period(start, end, spans, until=until)
+        if not parts:
+            continue  # a stretch off every plan (before sign-up, after termination)
+        due.append(DuePeriod(tenant.id, start, end, tuple(parts), late_after))
+        late_after = None  # later periods of this run: nothing recorded after the cut-off
+    return due
+
+
+def _invoice_rows(
+    due: Sequence[DuePeriod],
+    usage: Mapping[int, Mapping[int, Sequence[Usage]]],
+    late: Mapping[int, Sequence[Usage]],
+    catalog: Path | None,
+    cutoff: dt.datetime,
+    summary: CloseSummary,
+) -> list[dict[str, Any]]:
+    """The invoice row of each due period, priced; none for a tenant's periods from the
+    first one its plans cannot price (counted in ``summary.failed``)."""
     rows: list[dict[str, Any]] = []
     unpriced: set[str] = set()
     for position, item in enumerate(due):
@@ -333,24 +403,23 @@ def _close_chunk(
             unpriced.add(item.tenant_id)
             summary.failed += 1
             continue
-        rows.append(
-            {
-                "id": invoice_id(item.tenant_id, item.start),
-                "tenant_id": item.tenant_id,
-                "period_start": item.start,
-                "period_end": item.end,
-                "currency": priced.currency,
-                "total": priced.total,
-                "lines": priced.lines,
-                "status": "finalized",
-                "created_at": cutoff,
-            }
-        )
-    summary.periods += len(rows)
-    inserted = set(_insert_invoices(session, rows))
-    finalized = [row for row in rows if row["id"] in inserted]
-    summary.inserted.extend(row["id"] for row in finalized)
-    return last_id, finalized
+        rows.append(_invoice_row(item, priced, cutoff))
+    return rows
+
+
+def _invoice_row(item: DuePeriod, priced: Priced, cutoff: dt.datetime) -> dict[str, Any]:
+    """The ``invoices`` row of a priced period, made at ``cutoff``."""
+    return {
+        "id": invoice_id(item.tenant_id, item.start),
+        "tenant_id": item.tenant_id,
+        "period_start": item.start,
+        "period_end": item.end,
+        "currency": priced.currency,
+        "total": priced.total,
+        "lines": priced.lines,
+        "status": "finalized",
+        "created_at": cutoff,
+    }
 
 
 def _aggregate(
@@ -360,44 +429,66 @@ def _aggregate(
 
     One ``GROUP BY`` over a temporary table holding every part of the chunk.
     """
+    owners = _fill_parts(session, due)
+    usage: dict[int, dict[int, list[Usage]]] = defaultdict(lambda: defaultdict(list))
+    late: dict[int, list[Usage]] = defaultdict(list)
+    for part_id, metric, aggregation, total, peak, mean, first, last in session.execute(
+        _usage_by_part(cutoff)
+    ):
+        raw = {"sum": total, "max": peak}.get(aggregation, mean)
+        name, value = in_billing_units(metric, Decimal(str(raw)))
+        position, index = owners[part_id]
+        found = Usage(name, aggregation, value, first, last)
+        if index is None:
+            late[position].append(found)
+        else:
+            usage[position][index].append(found)
+    return usage, late
+
+
+def _part_rows(
+    due: Sequence[DuePeriod],
+) -> tuple[list[dict[str, Any]], list[tuple[int, int | None]]]:
+    """The parts table's rows for ``due``, and whose each ``part_id`` is: (period, part
+    index), or (period, ``None``) for the late usage recorded before that period."""
+    spans: list[tuple[str, dt.datetime, dt.datetime, dt.datetime]] = []
+    owners: list[tuple[int, int | None]] = []
+    for position, item in enumerate(due):
+        for index, part in enumerate(item.parts):
+            spans.append((item.tenant_id, part.start, part.end, _EPOCH))
+            owners.append((position, index))
+        if item.late_after is not None:
+            spans.append((item.tenant_id, _EPOCH, item.start, item.late_after))
+            owners.append((position, None))
+    rows = [
+        {"part_id": part_id, "tenant_id": tenant, "from_at": lo, "to_at": hi, "rec_after": after}
+        for part_id, (tenant, lo, hi, after) in enumerate(spans)
+    ]
+    return rows, owners
+
+
+def _fill_parts(session: Session, due: Sequence[DuePeriod]) -> list[tuple[int, int | None]]:
+    """Load ``due``'s parts into this transaction's parts table; whose each ``part_id`` is."""
     dialect = session.get_bind().dialect.name
     suffix = " ON COMMIT DELETE ROWS" if dialect == "postgresql" else ""
     session.execute(
         text(f"CREATE TEMPORARY TABLE IF NOT EXISTS billing_parts ({_PARTS_COLUMNS}){suffix}")
     )
     session.execute(_PARTS.delete())
-    owners: list[tuple[int, int | None]] = []  # part_id → (period, part index | None: late)
-    rows: list[dict[str, Any]] = []
-    for position, item in enumerate(due):
-        for index, part in enumerate(item.parts):
-            rows.append(
-                {
-                    "part_id": len(owners),
-                    "tenant_id": item.tenant_id,
-                    "from_at": part.start,
-                    "to_at": part.end,
-                    "rec_after": _EPOCH,
-                }
-            )
-            owners.append((position, index))
-        if item.late_after is not None:
-            rows.append(
-                {
-                    "part_id": len(owners),
-                    "tenant_id": item.tenant_id,
-                    "from_at": _EPOCH,
-                    "to_at": item.start,
-                    "rec_after": item.late_after,
-                }
-            )
-            owners.append((position, None))
+    rows, owners = _part_rows(due)
     session.execute(_PARTS.insert(), rows)
     if dialect == "postgresql":
         # Row counts for the planner: an index walk per part for a few tenants, a hash
         # join over the usage table for a fleet.
         session.execute(text("ANALYZE billing_parts"))
+    return owners
+
+
+def _usage_by_part(cutoff: dt.datetime) -> Select[Any]:
+    """Per part and metric: the aggregation, sum, peak, mean, first and last window of the
+    usage in the part's windows, recorded after its ``rec_after`` and by ``cutoff``."""
     parts, used = _PARTS.c, UsageRecord.__table__.c
-    query = (
+    return (
         select(
             parts.part_id,
             used.metric,
@@ -422,20 +513,6 @@ def _aggregate(
         )
         .group_by(parts.part_id, used.metric)
     )
-    usage: dict[int, dict[int, list[Usage]]] = defaultdict(lambda: defaultdict(list))
-    late: dict[int, list[Usage]] = defaultdict(list)
-    for part_id, metric, aggregation, total, peak, mean, first, last in session.execute(query):
-        raw = {"sum": total, "max": peak}.get(aggregation, mean)
-        name, value = metric, Decimal(str(raw))
-        if metric in _BYTE_METRICS:
-            name, value = _BYTE_METRICS[metric], value / BYTES_PER_GB
-        position, index = owners[part_id]
-        found = Usage(name, aggregation, value, first, last)
-        if index is None:
-            late[position].append(found)
-        else:
-            usage[position][index].append(found)
-    return usage, late
 
 
 def _insert_invoices(session: Session, rows: list[dict[str, Any]]) -> list[str]:

@@ -10,7 +10,7 @@ period that bills it.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Final
@@ -19,12 +19,14 @@ if TYPE_CHECKING:
     from schemas.plans import Plan
 
 __all__ = [
+    "BYTES_PER_GB",
     "MONEY",
     "Part",
     "Priced",
     "QUANTITY",
     "Usage",
     "ZERO",
+    "in_billing_units",
     "money",
     "price_period",
     "split_period",
@@ -34,6 +36,15 @@ __all__ = [
 MONEY: Final = Decimal("0.0001")
 QUANTITY: Final = Decimal("0.000001")
 ZERO: Final = Decimal(0)
+#: Bytes in a GB, as plans count memory and storage (GiB).
+BYTES_PER_GB: Final = Decimal(1024**3)
+
+#: Metrics metered in bytes, billed in GB under the plan's name for them.
+_BYTE_METRICS: Final = {
+    "disk_bytes": "storage_gb",
+    "storage_bytes": "storage_gb",
+    "memory_bytes": "memory_gb",
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,14 @@ def split_period(
     return parts
 
 
+def in_billing_units(metric: str, value: Decimal) -> tuple[str, Decimal]:
+    """A metered metric and value as plans bill them: bytes become GB, under the plan's
+    name for them (``storage_bytes`` → ``storage_gb``); any other metric is unchanged."""
+    if metric in _BYTE_METRICS:
+        return _BYTE_METRICS[metric], value / BYTES_PER_GB
+    return metric, value
+
+
 def money(value: Decimal | float | str) -> Decimal:
     """``value`` as an amount: a Decimal rounded half up to 1/100 of a cent."""
     amount = value if isinstance(value, Decimal) else Decimal(str(value))
@@ -149,6 +168,83 @@ def _line(
     }
 
 
+def _share(part: Part, length: Decimal) -> Decimal:
+    """The part's share of a period ``length`` microseconds long."""
+    return Decimal((part.end - part.start) // dt.timedelta(microseconds=1)) / length
+
+
+def _base_line(plan: Plan, part: Part, share: Decimal) -> dict[str, Any]:
+    """The part's base line: the plan's monthly price times the part's share of the period."""
+    return _line(
+        "base",
+        plan.name,
+        None,
+        part.start,
+        part.end,
+        _quantity(share),
+        None,
+        plan.monthly_price,
+        plan.monthly_price * share,
+    )
+
+
+def _usage_line(plan: Plan, part: Part, share: Decimal, used: Usage) -> dict[str, Any]:
+    """One metric's line of a part: an ``overage`` line where the plan prices the metric,
+    an informative ``usage`` line (nothing billed) where it does not."""
+    quantity = used.value if used.aggregation == "sum" else used.value * share
+    quota = _quota(plan, used.metric)
+    price = plan.overage.get(used.metric)
+    if price is None:
+        included = None if quota is None else quota * share
+        return _line(
+            "usage",
+            plan.name,
+            used.metric,
+            part.start,
+            part.end,
+            _quantity(quantity),
+            included,
+            ZERO,
+            ZERO,
+        )
+    # A priced metric without a quota (enterprise) is invoiced on all its usage.
+    included = (quota or ZERO) * share
+    return _line(
+        "overage",
+        plan.name,
+        used.metric,
+        part.start,
+        part.end,
+        _quantity(quantity),
+        included,
+        price,
+        max(ZERO, quantity - included) * price,
+    )
+
+
+def _late_line(plan: Plan, used: Usage) -> dict[str, Any]:
+    """A late metric's line: a ``sum`` the plan prices is billed in full, the rest shown."""
+    price = plan.overage.get(used.metric)
+    billed = used.aggregation == "sum" and price is not None
+    return _line(
+        "overage" if billed else "usage",
+        plan.name,
+        used.metric,
+        used.first,
+        used.last,
+        _quantity(used.value),
+        ZERO if billed else None,
+        price if billed and price is not None else ZERO,
+        used.value * price if billed and price is not None else ZERO,
+        late=True,
+    )
+
+
+def _by_metric(usage: Iterable[Usage]) -> list[Usage]:
+    """``usage`` in metric order: the order of an invoice's lines."""
+    return sorted(usage, key=lambda u: u.metric)
+
+
 def price_period(
     start: dt.datetime,
     end: dt.datetime,
@@ -179,73 +275,13 @@ def price_period(
     for position, part in enumerate(parts):
         plan = plans(part.plan)
         currency = plan.currency
-        share = Decimal((part.end - part.start) // dt.timedelta(microseconds=1)) / length
-        lines.append(
-            _line(
-                "base",
-                plan.name,
-                None,
-                part.start,
-                part.end,
-                _quantity(share),
-                None,
-                plan.monthly_price,
-                plan.monthly_price * share,
-            )
+        share = _share(part, length)
+        lines.append(_base_line(plan, part, share))
+        lines.extend(
+            _usage_line(plan, part, share, used) for used in _by_metric(usage.get(position, ()))
         )
-        for used in sorted(usage.get(position, ()), key=lambda u: u.metric):
-            quantity = used.value if used.aggregation == "sum" else used.value * share
-            quota = _quota(plan, used.metric)
-            price = plan.overage.get(used.metric)
-            if price is None:
-                included = None if quota is None else quota * share
-                lines.append(
-                    _line(
-                        "usage",
-                        plan.name,
-                        used.metric,
-                        part.start,
-                        part.end,
-                        _quantity(quantity),
-                        included,
-                        ZERO,
-                        ZERO,
-                    )
-                )
-                continue
-            # A priced metric without a quota (enterprise) is invoiced on all its usage.
-            included = (quota or ZERO) * share
-            lines.append(
-                _line(
-                    "overage",
-                    plan.name,
-                    used.metric,
-                    part.start,
-                    part.end,
-                    _quantity(quantity),
-                    included,
-                    price,
-                    max(ZERO, quantity - included) * price,
-                )
-            )
     if late and parts:
         plan = plans(parts[-1].plan)
-        for used in sorted(late, key=lambda u: u.metric):
-            price = plan.overage.get(used.metric)
-            billed = used.aggregation == "sum" and price is not None
-            lines.append(
-                _line(
-                    "overage" if billed else "usage",
-                    plan.name,
-                    used.metric,
-                    used.first,
-                    used.last,
-                    _quantity(used.value),
-                    ZERO if billed else None,
-                    price if billed and price is not None else ZERO,
-                    used.value * price if billed and price is not None else ZERO,
-                    late=True,
-                )
-            )
+        lines.extend(_late_line(plan, used) for used in _by_metric(late))
     total = sum((Decimal(line["amount"]) for line in lines), ZERO)
     return Priced(lines=lines, total=money(total), currency=currency)
