@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from tests.stack import ROOT, Stack
 from workers.runtime.models import NetworkAllocation
+from workers.runtime.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -87,15 +88,43 @@ def engine_has(platform: str, name: str) -> bool:
 
 
 def health(endpoint: str, timeout: float = 30) -> int:
-    deadline = time.monotonic() + timeout
-    status = 0
-    while time.monotonic() < deadline:
+    """The status of the first successful answer to ``/health`` (the instance may be booting)."""
+
+    def answer() -> int | None:
         try:
             with urllib.request.urlopen(f"http://{endpoint}/health", timeout=2) as response:
                 return int(response.status)
         except OSError:
-            time.sleep(0.3)
-    return status
+            return None
+
+    return wait_until(
+        answer, timeout=timeout, interval=0.3, message=f"{endpoint}/health did not answer"
+    )
+
+
+def subnets(stack: Stack, tenant_id: str) -> list[NetworkAllocation]:
+    """The subnets allocated to the tenant."""
+    with stack.session() as session:
+        return list(
+            session.scalars(
+                select(NetworkAllocation).where(NetworkAllocation.tenant_id == tenant_id)
+            )
+        )
+
+
+def first_failure(stack: Stack, run_id: str, step: str, timeout: float) -> dict:
+    """The step (a name ending in ``step``) of the run, once it has failed at least once."""
+    view: dict = {}
+
+    def failed() -> dict | None:
+        nonlocal view
+        view = stack.call("cul8er.workflows.status", workflow_id=run_id)
+        found = next(s for s in view["steps"] if s["name"].endswith(step))
+        return found if found["attempts"] >= 1 and found["error"] else None
+
+    return wait_until(
+        failed, timeout=timeout, interval=0.3, message=lambda: f"{step} never failed: {view}"
+    )
 
 
 @pytest.fixture(scope="module", params=["docker", "incus"])
@@ -185,13 +214,7 @@ def test_tenant_lifecycle_on_a_real_engine(platform_stack: Stack) -> None:
     assert stack.wait_run(gone["workflow_id"], timeout=180)["status"] == "succeeded"
     # Then the container is gone and the subnet is free
     assert not engine_has(platform, name)
-    with stack.session() as session:
-        assert (
-            session.scalars(
-                select(NetworkAllocation).where(NetworkAllocation.tenant_id == tenant_id)
-            ).all()
-            == []
-        )
+    assert subnets(stack, tenant_id) == []
 
 
 def test_steps_twice_and_a_killed_worker_leave_one_container(platform_stack: Stack) -> None:
@@ -283,14 +306,7 @@ def test_engine_down_during_a_step_then_back_and_down_for_good(platform_stack: S
             platform=platform,
         )
         # When create_instances has failed at least once
-        deadline = time.monotonic() + 120
-        while True:
-            view = stack.call("cul8er.workflows.status", workflow_id=created["workflow_id"])
-            step = next(s for s in view["steps"] if s["name"].endswith("create_instances"))
-            if step["attempts"] >= 1 and step["error"]:
-                break
-            assert time.monotonic() < deadline, view
-            time.sleep(0.3)
+        step = first_failure(stack, created["workflow_id"], "create_instances", timeout=120)
         assert step["error"]["code"] == "transient"
     # Then once the engine is back, the step retries and the workflow completes
     run = stack.wait_run(created["workflow_id"], timeout=240)

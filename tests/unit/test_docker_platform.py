@@ -29,6 +29,7 @@ from workers.pluginhost.contracts import Platform
 from workers.pluginhost.handles import check_platform
 from workers.runtime.errors import NotFoundError, PermanentError, TransientError
 from workers.runtime.settings import Settings
+from workers.runtime.waiting import wait_until
 
 IN_CI = bool(os.environ.get("CI"))
 IMAGE = os.environ.get("CUL8ER_DOCKER_IMAGE", "cul8er/instance:latest")
@@ -70,15 +71,21 @@ def get(endpoint: str, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def wait_healthy(endpoint: str, within: float = 10.0) -> tuple[int, bytes]:
-    """GET /health until it answers (httpd may still be starting); the last answer."""
-    deadline = time.monotonic() + within
-    while True:
+    """GET /health until it answers (httpd may still be starting); the first answer."""
+
+    def answer() -> tuple[int, bytes] | None:
         try:
             return get(endpoint, "/health")
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            return None
+
+    return wait_until(
+        answer,
+        timeout=within,
+        interval=0.2,
+        message=f"{endpoint}/health did not answer",
+        error=OSError,
+    )
 
 
 def health_fails(endpoint: str) -> bool:

@@ -7,6 +7,7 @@ serving ``/health``). Missing, the tests skip; with ``CI`` set, they fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from schemas.platform import InstanceInfo, InstanceSpec, Limits  # noqa: E402
 from workers.pluginhost.contracts import Platform  # noqa: E402
 from workers.pluginhost.handles import check_platform  # noqa: E402
 from workers.runtime.errors import NotFoundError, PermanentError, TransientError  # noqa: E402
+from workers.runtime.waiting import wait_until  # noqa: E402
 
 SOCKET = os.environ.get("CUL8ER_INCUS_SOCKET", "/var/lib/incus/unix.socket")
 IMAGE = os.environ.get("CUL8ER_INCUS_IMAGE", "cul8er-instance")
@@ -69,14 +71,20 @@ def get(endpoint: str, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
 
 def wait_healthy(endpoint: str, seconds: float = BOOT_SECONDS) -> tuple[int, bytes]:
     """The first answer of ``/health`` while the instance boots, within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
+
+    def answer() -> tuple[int, bytes] | None:
         try:
             return get(endpoint, "/health")
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            return None
+
+    return wait_until(
+        answer,
+        timeout=seconds,
+        interval=0.2,
+        message=f"{endpoint}/health did not answer",
+        error=OSError,
+    )
 
 
 def cgroup_value(name: str, controller: str, v1_file: str, v2_file: str) -> str:
@@ -104,12 +112,9 @@ def cpu_quota_us(name: str) -> int:
 
 def wait_for(check: Callable[[], bool], seconds: float = 5.0) -> bool:
     """Poll ``check`` until it holds or ``seconds`` pass; its last result."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    with contextlib.suppress(TimeoutError):
+        return wait_until(check, timeout=seconds, interval=0.1)
+    return False
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -24,6 +23,7 @@ from schemas.platform import InstanceInfo, InstanceSpec, Limits
 from workers.pluginhost.contracts import Platform
 from workers.pluginhost.handles import check_platform
 from workers.runtime.errors import NotFoundError, PermanentError
+from workers.runtime.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -248,11 +248,15 @@ def test_a_booting_process_of_a_killed_worker_is_adopted(platform, spec, state_d
     worker = subprocess.Popen(
         [sys.executable, "-c", script, str(state_dir), wanted.model_dump_json()], cwd=ROOT
     )
-    deadline = time.monotonic() + 20
-    while not instance_processes(state_dir, wanted.name) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait(timeout=10)
+    try:
+        wait_until(
+            lambda: instance_processes(state_dir, wanted.name),
+            timeout=20,
+            message="the worker spawned no instance process",
+        )
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
     orphan = instance_processes(state_dir, wanted.name)
     assert len(orphan) == 1
     assert not (state_dir / wanted.name / "port").exists()
