@@ -8,7 +8,9 @@ import pkgutil
 import pytest
 from pydantic import ValidationError
 
+import plugins
 import schemas
+import tasks
 import workers
 from schemas.tasks import PUBLIC_TASKS, CreateTenant
 from tasks.tenants import slugify
@@ -107,7 +109,9 @@ def _modules(package) -> list[str]:  # noqa: ANN001
     ]
 
 
-@pytest.mark.parametrize("module_name", _modules(workers) + _modules(schemas))
+@pytest.mark.parametrize(
+    "module_name", _modules(workers) + _modules(tasks) + _modules(plugins) + _modules(schemas)
+)
 def test_all_is_sorted_and_names_exist(module_name: str) -> None:
     module = importlib.import_module(module_name)
     exported = getattr(module, "__all__", None)
