@@ -195,15 +195,47 @@ class WebhookObserver:
             TransientError: every attempt failed in a way that may pass.
             PermanentError: the receiver refused the request (4xx other than 429, 3xx).
         """
+        headers = self._headers(body, idempotency_key=idempotency_key, event_type=event_type)
+        try:
+            status, attempts = self._post(body, headers)
+            self._check_accepted(status)
+        except (TransientError, PermanentError) as exc:
+            self._failed(str(exc), event_type, idempotency_key)
+            raise
+        self._last_failure = None
+        self._delivered += 1
+        log.info(
+            "webhook_delivered",
+            host=self.host,
+            event_type=event_type,
+            idempotency_key=idempotency_key,
+            status=status,
+            attempts=attempts,
+        )
+        return attempts
+
+    def _headers(
+        self, body: bytes, *, idempotency_key: str, event_type: str
+    ) -> CaseInsensitiveDict[str]:
+        """The configured headers, then ours: content type, idempotency key, event, signature."""
         headers: CaseInsensitiveDict[str] = CaseInsensitiveDict(self.config.headers)
         headers["Content-Type"] = "application/json"
         headers["Idempotency-Key"] = idempotency_key
         headers["X-Cul8er-Event"] = event_type
         if self.config.secret is not None:
             headers[SIGNATURE_HEADER] = sign(self.config.secret.get_secret_value(), body)
+        return headers
+
+    def _post(self, body: bytes, headers: CaseInsensitiveDict[str]) -> tuple[int, int]:
+        """POST until the receiver answers other than 429 or 5xx: its status, and the attempts.
+
+        Raises:
+            TransientError: the last attempt still failed in a way that may pass.
+            PermanentError: the request cannot be sent as it is (bad URL or header).
+        """
         made = 0
 
-        def attempt() -> requests.Response:
+        def attempt() -> int:
             nonlocal made
             made += 1
             try:
@@ -224,7 +256,7 @@ class WebhookObserver:
                 raise _UndeliveredError(type(exc).__name__) from exc
             if response.status_code == 429 or response.status_code >= 500:
                 raise _UndeliveredError(f"status {response.status_code}")
-            return response
+            return response.status_code
 
         retrying = Retrying(
             stop=stop_after_attempt(self.config.attempts),
@@ -236,33 +268,21 @@ class WebhookObserver:
             reraise=True,
         )
         try:
-            response = retrying(attempt)
+            return retrying(attempt), made
         except _UndeliveredError as exc:
-            message = f"webhook {self.host} unavailable after {made} attempt(s): last {exc.reason}"
-            self._failed(message, event_type, idempotency_key)
-            raise TransientError(message) from exc
-        except PermanentError as exc:
-            self._failed(str(exc), event_type, idempotency_key)
-            raise
-        status = response.status_code
+            raise TransientError(
+                f"webhook {self.host} unavailable after {made} attempt(s): last {exc.reason}"
+            ) from exc
+
+    def _check_accepted(self, status: int) -> None:
+        """Refuse a final answer other than 2xx: the receiver will not take this delivery."""
         if 200 <= status < 300:
-            self._last_failure = None
-            self._delivered += 1
-            log.info(
-                "webhook_delivered",
-                host=self.host,
-                event_type=event_type,
-                idempotency_key=idempotency_key,
-                status=status,
-                attempts=made,
-            )
-            return made
+            return
         if 300 <= status < 400:
-            message = f"webhook {self.host} redirected (status {status}): set the final URL"
-        else:
-            message = f"webhook {self.host} refused the delivery with status {status}"
-        self._failed(message, event_type, idempotency_key)
-        raise PermanentError(message)
+            raise PermanentError(
+                f"webhook {self.host} redirected (status {status}): set the final URL"
+            )
+        raise PermanentError(f"webhook {self.host} refused the delivery with status {status}")
 
     def _failed(self, message: str, event_type: str, idempotency_key: str) -> None:
         self._last_failure = message
