@@ -201,25 +201,20 @@ def _bounds(rule: AutoscaleRule, state: TenantState, plans: Mapping[str, Plan]) 
     return None
 
 
-def decide(
+def _no_action(reason: str, inputs: dict[str, Any]) -> Decision:
+    """A decision to do nothing, with the reason an operator reads."""
+    return Decision(action=NO_ACTION, reason=reason, inputs=inputs)
+
+
+def _inputs(
     rule: AutoscaleRule,
     state: TenantState,
-    windows: Iterable[UsageWindow],
-    *,
+    recent: list[UsageWindow],
     now: dt.datetime,
-    plans: Mapping[str, Plan],
-    default_cooldown: float,
-    default_stabilization: float,
-) -> Decision:
-    """What ``rule`` does for the tenant now, given its usage rows of the rule's metric.
-
-    ``windows`` may reach back further than the rule's window (the stabilization window
-    of a scale-down); rows are used where they overlap the part being checked.
-    """
-    cooldown = default_cooldown if rule.cooldown is None else rule.cooldown
-    stabilization = default_stabilization if rule.stabilization is None else rule.stabilization
-    rows = [w for w in windows if w.start < now]
-    recent = [w for w in rows if w.end > now - dt.timedelta(seconds=rule.window)]
+    cooldown: float,
+    stabilization: float,
+) -> dict[str, Any]:
+    """What a decision saw, recorded with it so an operator can tell why it went that way."""
     inputs: dict[str, Any] = {
         "metric": rule.metric,
         "source_metric": SOURCE_METRICS[rule.metric],
@@ -237,51 +232,38 @@ def decide(
     }
     if rule.scale_down:
         inputs["stabilization"] = stabilization
+    return inputs
 
-    def none(reason: str) -> Decision:
-        return Decision(action=NO_ACTION, reason=reason, inputs=inputs)
 
+def _unmeasurable(rule: AutoscaleRule, state: TenantState, recent: list[UsageWindow]) -> str | None:
+    """Why the rule's metric cannot be measured for the tenant now, or ``None``."""
     if rule.metric != "requests_per_second":
         if state.instances <= 0:
-            return none("no action: the tenant has no instances of its own")
+            return "no action: the tenant has no instances of its own"
         if _capacity(rule.metric, state.plan, state.instances) is None:
             resource = "cpu_cores" if rule.metric == "cpu_utilization" else "memory_gb"
-            return none(f"no action: plan {state.plan.name} sets no {resource} quota")
+            return f"no action: plan {state.plan.name} sets no {resource} quota"
     if not recent:
-        return none(f"no action: no usage data in the last {rule.window:g} s")
-    value = measure(rule.metric, state.plan, state.instances, recent)
-    inputs["value"] = round(value, 4)
+        return f"no action: no usage data in the last {rule.window:g} s"
+    return None
+
+
+def _unmet_reason(rule: AutoscaleRule, value: float) -> str:
+    """The reason of a rule whose condition does not hold: the value on the wrong side."""
+    side = "below" if rule.comparison == "above" else "above"
+    sign = "≤" if rule.comparison == "above" else "≥"
     shown, limit = _fmt(rule.metric, value), _fmt_threshold(rule.metric, rule.threshold)
-    if not _met(rule, value):
-        side = "below" if rule.comparison == "above" else "above"
-        sign = "≤" if rule.comparison == "above" else "≥"
-        return none(
-            f"no action: {side} threshold ({rule.metric} {shown} {sign} {limit} "
-            f"over {rule.window:g} s)"
-        )
-    held = float(rule.window)
-    if rule.scale_down:
-        held = _held_for(rule, state, rows, now)
-        inputs["held_seconds"] = round(held, 3)
-        if held < stabilization:
-            return none(
-                f"no action: {rule.metric} {rule.comparison} {limit} for only {held:.0f} s of "
-                f"the {stabilization:g} s stabilization window"
-            )
-    if state.last_action_at is not None:
-        until = state.last_action_at + dt.timedelta(seconds=cooldown)
-        inputs["cooldown_until"] = until.isoformat()
-        if now < until:
-            return none(
-                f"no action: in cooldown until {until.isoformat(timespec='seconds')} "
-                f"(last action by rule {state.last_action_rule})"
-            )
-    blocked = _bounds(rule, state, plans)
-    if blocked is not None:
-        return none(blocked)
-    if state.busy_with is not None:
-        return none(f"no action: tenant busy with workflow {state.busy_with}")
+    return (
+        f"no action: {side} threshold ({rule.metric} {shown} {sign} {limit} over {rule.window:g} s)"
+    )
+
+
+def _action(
+    rule: AutoscaleRule, state: TenantState, value: float, held: float, inputs: dict[str, Any]
+) -> Decision:
+    """The rule's action, its condition (held for ``held`` seconds) as the reason."""
     sign = ">" if rule.comparison == "above" else "<"
+    shown, limit = _fmt(rule.metric, value), _fmt_threshold(rule.metric, rule.threshold)
     condition = f"{rule.metric} {shown} {sign} {limit} for {held:.0f} s"
     if rule.action in ("add_instance", "remove_instance"):
         count = state.instances + (1 if rule.action == "add_instance" else -1)
@@ -297,3 +279,60 @@ def decide(
         inputs=inputs,
         target_plan=rule.target_plan,
     )
+
+
+def decide(
+    rule: AutoscaleRule,
+    state: TenantState,
+    windows: Iterable[UsageWindow],
+    *,
+    now: dt.datetime,
+    plans: Mapping[str, Plan],
+    default_cooldown: float,
+    default_stabilization: float,
+) -> Decision:
+    """What ``rule`` does for the tenant now, given its usage rows of the rule's metric.
+
+    ``windows`` may reach back further than the rule's window (the stabilization window
+    of a scale-down); rows are used where they overlap the part being checked. The checks
+    run in order (measurable, over the threshold, held, out of cooldown, within bounds,
+    tenant free) and the first that fails is the reason nothing is done.
+    """
+    cooldown = default_cooldown if rule.cooldown is None else rule.cooldown
+    stabilization = default_stabilization if rule.stabilization is None else rule.stabilization
+    rows = [w for w in windows if w.start < now]
+    recent = [w for w in rows if w.end > now - dt.timedelta(seconds=rule.window)]
+    inputs = _inputs(rule, state, recent, now, cooldown, stabilization)
+    unmeasurable = _unmeasurable(rule, state, recent)
+    if unmeasurable is not None:
+        return _no_action(unmeasurable, inputs)
+    value = measure(rule.metric, state.plan, state.instances, recent)
+    inputs["value"] = round(value, 4)
+    if not _met(rule, value):
+        return _no_action(_unmet_reason(rule, value), inputs)
+    held = float(rule.window)
+    if rule.scale_down:
+        held = _held_for(rule, state, rows, now)
+        inputs["held_seconds"] = round(held, 3)
+        if held < stabilization:
+            limit = _fmt_threshold(rule.metric, rule.threshold)
+            return _no_action(
+                f"no action: {rule.metric} {rule.comparison} {limit} for only {held:.0f} s of "
+                f"the {stabilization:g} s stabilization window",
+                inputs,
+            )
+    if state.last_action_at is not None:
+        until = state.last_action_at + dt.timedelta(seconds=cooldown)
+        inputs["cooldown_until"] = until.isoformat()
+        if now < until:
+            return _no_action(
+                f"no action: in cooldown until {until.isoformat(timespec='seconds')} "
+                f"(last action by rule {state.last_action_rule})",
+                inputs,
+            )
+    blocked = _bounds(rule, state, plans)
+    if blocked is None and state.busy_with is not None:
+        blocked = f"no action: tenant busy with workflow {state.busy_with}"
+    if blocked is not None:
+        return _no_action(blocked, inputs)
+    return _action(rule, state, value, held, inputs)
