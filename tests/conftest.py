@@ -24,7 +24,6 @@ from tests.stack import (
     instance_processes,
     reachable,
 )
-from workers.runtime.embedded import EmbeddedRedis
 from workers.runtime.migrate import upgrade
 from workers.runtime.settings import Settings, get_settings
 
@@ -86,8 +85,7 @@ def teardown_stack(stack: Stack) -> None:
     _cleanup_instances(stack.data_dir)
     if stack.database_url.startswith("postgresql"):
         drop_pg_database(stack.database_url)
-    if stack.broker_url is None:
-        EmbeddedRedis(stack.data_dir).stop()
+    stack.stop_broker()
 
 
 @pytest.fixture

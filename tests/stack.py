@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,9 +24,11 @@ import psutil
 from celery import Celery
 from sqlalchemy.orm import Session
 
+from schemas.states import FINAL_RUN, StepStatus
 from workers.runtime.db import session_scope
-from workers.runtime.embedded import EmbeddedRedis
+from workers.runtime.embedded import EmbeddedRedis, EmbeddedServer
 from workers.runtime.migrate import upgrade
+from workers.runtime.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -90,7 +91,12 @@ def write_plans(path: Path) -> Path:
 
 @dataclass
 class Stack:
-    """One broker + database + data dir, and the processes started on it."""
+    """One broker + database + data dir, and the processes started on it.
+
+    On the embedded broker (``broker_url`` None) the stack owns the server: :meth:`prepare`
+    starts it as a child of the test process, :meth:`stop_broker` stops it, and it dies
+    with the test process if that is killed first.
+    """
 
     name: str
     data_dir: Path
@@ -99,6 +105,7 @@ class Stack:
     result_backend: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    broker: EmbeddedServer | None = None
     _client: Celery | None = None
 
     @property
@@ -134,9 +141,15 @@ class Stack:
         """Migrate the database and start the embedded broker when there is one."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         write_plans(self.data_dir / "plans.yaml")
-        if self.broker_url is None:
-            EmbeddedRedis(self.data_dir).ensure_running()
+        if self.broker_url is None and self.broker is None:
+            self.broker = EmbeddedRedis(self.data_dir).start()
         upgrade(self.database_url)
+
+    def stop_broker(self) -> None:
+        """Stop the embedded broker this stack started (its messages stay on disk)."""
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = open(self.data_dir / log_name, "ab")  # noqa: SIM115 - the child owns it
@@ -188,12 +201,19 @@ class Stack:
 
     def wait_for_worker(self, prefix: str, timeout: float = 60) -> None:
         """Block until a worker whose name starts with ``prefix`` answers ping."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def answered() -> bool:
             replies = self.client.control.ping(timeout=0.5) or []
-            if any(next(iter(r)).startswith(prefix) for r in replies):
-                return
-        raise AssertionError(f"worker {prefix} did not start; see {self.data_dir}")
+            return any(next(iter(r)).startswith(prefix) for r in replies)
+
+        # The ping itself waits half a second: no sleep between pings.
+        wait_until(
+            answered,
+            timeout=timeout,
+            interval=0,
+            message=f"worker {prefix} did not start; see {self.data_dir}",
+            error=AssertionError,
+        )
 
     def call(self, task: str, timeout: float = 60, **kwargs: Any) -> dict[str, Any]:
         """Send a public task by name and return its JSON result."""
@@ -225,19 +245,25 @@ class Stack:
             )
 
     def wait_run(self, run_id: str, timeout: float = 90) -> dict[str, Any]:
-        """Poll the ledger until the run ends; returns the run as ``workflows.status`` does."""
+        """Poll the ledger until the run ends; returns the run as ``workflows.status`` does.
+
+        Past ``timeout`` it returns the run as it is then, for the test to assert on.
+        """
         from tasks.maintenance import describe_run
         from workers.runtime.models import WorkflowRun
 
-        deadline = time.monotonic() + timeout
-        while True:
+        seen: list[dict[str, Any]] = []
+
+        def ended() -> bool:
             with self.session() as session:
                 run = session.get(WorkflowRun, run_id)
                 assert run is not None, f"no run {run_id}"
-                view = describe_run(session, run)
-            if view["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
-                return view
-            time.sleep(0.1)
+                seen.append(describe_run(session, run))
+            return seen[-1]["status"] in FINAL_RUN
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(ended, timeout=timeout, interval=0.1)
+        return seen[-1]
 
     def step_row(self, run_id: str, name: str, phase: str = "forward") -> Any:
         """The ledger row of one step of a run (detached, read-only)."""
@@ -256,14 +282,19 @@ class Stack:
         self, run_id: str, name: str, timeout: float = 60, phase: str = "forward"
     ) -> Any:
         """Poll until a step is running with an owner; returns its row."""
-        deadline = time.monotonic() + timeout
-        while True:
-            row = self.step_row(run_id, name, phase)
-            if row.status == "running" and row.owner_id:
-                return row
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} of {run_id} never ran (status {row.status})")
-            time.sleep(0.05)
+        seen: list[Any] = []
+
+        def running() -> Any:
+            seen.append(self.step_row(run_id, name, phase))
+            row = seen[-1]
+            return row if row.status == StepStatus.RUNNING and row.owner_id else None
+
+        return wait_until(
+            running,
+            timeout=timeout,
+            message=lambda: f"{name} of {run_id} never ran (status {seen[-1].status})",
+            error=AssertionError,
+        )
 
     def worker_of(self, boot_id: str) -> tuple[subprocess.Popen[bytes], int]:
         """The worker of this stack whose pool child is ``boot_id``, and that child's pid."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,8 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from schemas.states import StepStatus
 from tests.stack import ROOT, Stack
 from workers.runtime.models import StepRun
+from workers.runtime.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -47,29 +48,30 @@ def of_node(rows: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
 
 
 def wait_step_running(stack: Stack, run_id: str, name: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def running() -> bool:
         with stack.session() as session:
             status = session.scalars(
                 select(StepRun.status).where(StepRun.run_id == run_id, StepRun.name == name)
             ).first()
-        if status == "running":
-            return
-        assert time.monotonic() < deadline, f"{name} never started"
-        time.sleep(0.05)
+        return status == StepStatus.RUNNING
+
+    wait_until(running, timeout=timeout, message=f"{name} never started", error=AssertionError)
 
 
 def wait_states(
     stack: Stack, prefix: str, states: set[str], timeout: float = 30
 ) -> list[dict[str, Any]]:
     """Poll `cul8er workers --json` until every process of the node is in one of ``states``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = of_node(listed(stack), prefix)
-        if rows and all(r["state"] in states for r in rows):
-            return rows
-        assert time.monotonic() < deadline, rows
-        time.sleep(0.5)
+    seen: list[list[dict[str, Any]]] = []
+
+    def settled() -> list[dict[str, Any]] | None:
+        seen.append(of_node(listed(stack), prefix))
+        rows = seen[-1]
+        return rows if rows and all(r["state"] in states for r in rows) else None
+
+    return wait_until(
+        settled, timeout=timeout, interval=0.5, message=lambda: str(seen[-1]), error=AssertionError
+    )
 
 
 def provision(stack: Stack, tenant_id: str) -> str:

@@ -6,28 +6,26 @@ Every command reads the database directly (no worker needed) and has ``--json``.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import select
 
+from workers.cli.console import JsonOpt, add_row, complain, console, emit, fail, line
+from workers.cli.lookups import find_invoice, find_tenant
 from workers.runtime.db import session_scope
-from workers.runtime.models import (
-    AutoscaleDecision,
-    Invoice,
-    Operation,
-    Tenant,
-    UsageRecord,
-    utcnow,
-)
+from workers.runtime.models import AutoscaleDecision, Invoice, Operation, UsageRecord, utcnow
 from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
+
+    from schemas.autoscale import AutoscaleRule
+    from workers.runtime.models import Tenant
+    from workers.runtime.settings import Settings
 
 __all__ = ["autoscale_cli", "beat_cli", "economics_cli", "invoice_cli", "main", "usage_cli"]
 
@@ -64,22 +62,8 @@ economics_cli.add_typer(invoice_cli, name="invoice")
 economics_cli.add_typer(autoscale_cli, name="autoscale")
 economics_cli.add_typer(beat_cli, name="beat")
 
-console = Console()
-err = Console(stderr=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-
 #: How long past its expected run a crontab entry may be before it counts as overdue (s).
 CRONTAB_GRACE: Final = 600.0
-
-
-def _emit(data: Any) -> None:
-    console.print_json(json.dumps(data, default=str))
-
-
-def _not_found(what: str) -> typer.Exit:
-    err.print(f"[red]not_found[/]: {what}")
-    return typer.Exit(1)
 
 
 def _moment(text: str | None, option: str) -> dt.datetime | None:
@@ -89,16 +73,9 @@ def _moment(text: str | None, option: str) -> dt.datetime | None:
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
-        err.print(f"[red]validation_error[/]: {option}: not an ISO date or datetime: {text!r}")
-        raise typer.Exit(2) from None
+        message = f"{option}: not an ISO date or datetime: {text!r}"
+        raise fail("validation_error", message, exit_code=2) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
-
-
-def _tenant(session: Session, tenant_id: str) -> Tenant:
-    tenant = session.get(Tenant, tenant_id)
-    if tenant is None:
-        raise _not_found(f"tenant {tenant_id!r} does not exist")
-    return tenant
 
 
 # -- usage ------------------------------------------------------------------------------------
@@ -115,6 +92,69 @@ def _total(aggregation: str, rows: list[UsageRecord]) -> float:
             return sum(r.value for r in rows) / len(rows)
         return sum(r.value * s for r, s in zip(rows, seconds, strict=True)) / covered
     return sum(r.value for r in rows)
+
+
+def _usage_rows(
+    session: Session, tenant_id: str, since: dt.datetime, until: dt.datetime, metric: str | None
+) -> list[UsageRecord]:
+    """The tenant's usage rows whose window starts in [since, until), by metric and time."""
+    query = (
+        select(UsageRecord)
+        .where(
+            UsageRecord.tenant_id == tenant_id,
+            UsageRecord.window_start >= since,
+            UsageRecord.window_start < until,
+        )
+        .order_by(UsageRecord.metric, UsageRecord.window_start)
+    )
+    if metric:
+        query = query.where(UsageRecord.metric == metric)
+    return list(session.scalars(query))
+
+
+def _metric_views(rows: list[UsageRecord]) -> list[dict[str, Any]]:
+    """One entry per metric: its aggregation, total, window count and rows."""
+    grouped: dict[str, list[UsageRecord]] = {}
+    for row in rows:
+        grouped.setdefault(row.metric, []).append(row)
+    return [
+        {
+            "metric": name,
+            "aggregation": group[0].aggregation,
+            "total": _total(group[0].aggregation, group),
+            "windows": len(group),
+            "rows": [
+                {
+                    "window_start": r.window_start.isoformat(),
+                    "window_end": r.window_end.isoformat(),
+                    "value": r.value,
+                }
+                for r in group
+            ],
+        }
+        for name, group in grouped.items()
+    ]
+
+
+def _print_usage(view: dict[str, Any], limit: int) -> None:
+    """The totals per metric, then each metric's last ``limit`` windows."""
+    console.print(line((view["tenant_id"], "bold"), f" usage from {view['from']} to {view['to']}"))
+    metrics = view["metrics"]
+    if not metrics:
+        console.print("no usage recorded")
+        return
+    summary = Table("metric", "aggregation", "windows", "total")
+    for m in metrics:
+        add_row(summary, m["metric"], m["aggregation"], str(m["windows"]), f"{m['total']:.6g}")
+    console.print(summary)
+    for m in metrics:
+        table = Table("window start", "window end", "value", title=Text(m["metric"]))
+        shown = m["rows"][-limit:] if limit > 0 else []
+        for r in shown:
+            add_row(table, r["window_start"][:19], r["window_end"][:19], f"{r['value']:.6g}")
+        total = Text("total", style="bold")
+        add_row(table, total, f"{len(m['rows'])} windows", f"{m['total']:.6g}")
+        console.print(table)
 
 
 @usage_cli.command("show")
@@ -134,67 +174,22 @@ def usage_show(
     settings = get_settings()
     now = utcnow()
     with session_scope() as session:
-        tenant = _tenant(session, tenant_id)
+        tenant = find_tenant(session, tenant_id)
         since = _moment(start, "--from") or period_start(
             tenant.billing_anchor, settings.billing_period, now
         )
         until = _moment(end, "--to") or now
-        query = (
-            select(UsageRecord)
-            .where(
-                UsageRecord.tenant_id == tenant_id,
-                UsageRecord.window_start >= since,
-                UsageRecord.window_start < until,
-            )
-            .order_by(UsageRecord.metric, UsageRecord.window_start)
-        )
-        if metric:
-            query = query.where(UsageRecord.metric == metric)
-        rows = list(session.scalars(query))
-    grouped: dict[str, list[UsageRecord]] = {}
-    for row in rows:
-        grouped.setdefault(row.metric, []).append(row)
-    metrics: list[dict[str, Any]] = [
-        {
-            "metric": name,
-            "aggregation": group[0].aggregation,
-            "total": _total(group[0].aggregation, group),
-            "windows": len(group),
-            "rows": [
-                {
-                    "window_start": r.window_start.isoformat(),
-                    "window_end": r.window_end.isoformat(),
-                    "value": r.value,
-                }
-                for r in group
-            ],
-        }
-        for name, group in grouped.items()
-    ]
+        rows = _usage_rows(session, tenant_id, since, until, metric)
     view = {
         "tenant_id": tenant_id,
         "from": since.isoformat(),
         "to": until.isoformat(),
-        "metrics": metrics,
+        "metrics": _metric_views(rows),
     }
     if as_json:
-        _emit(view)
-        return
-    console.print(f"[bold]{tenant_id}[/] usage from {view['from']} to {view['to']}")
-    if not metrics:
-        console.print("no usage recorded")
-        return
-    summary = Table("metric", "aggregation", "windows", "total")
-    for m in metrics:
-        summary.add_row(m["metric"], m["aggregation"], str(m["windows"]), f"{m['total']:.6g}")
-    console.print(summary)
-    for m in metrics:
-        table = Table("window start", "window end", "value", title=m["metric"])
-        shown = m["rows"][-limit:] if limit > 0 else []
-        for r in shown:
-            table.add_row(r["window_start"][:19], r["window_end"][:19], f"{r['value']:.6g}")
-        table.add_row("[bold]total[/]", f"{len(m['rows'])} windows", f"{m['total']:.6g}")
-        console.print(table)
+        emit(view)
+    else:
+        _print_usage(view, limit)
 
 
 # -- invoices ---------------------------------------------------------------------------------
@@ -234,11 +229,12 @@ def invoice_list(
             query = query.where(Invoice.tenant_id == tenant)
         views = [_invoice_view(i, lines=False) for i in session.scalars(query)]
     if as_json:
-        _emit(views)
+        emit(views)
         return
     table = Table("invoice", "tenant", "period start", "period end", "total", "status", "lines")
     for v in views:
-        table.add_row(
+        add_row(
+            table,
             v["invoice_id"],
             v["tenant_id"],
             v["period_start"][:19],
@@ -254,36 +250,36 @@ def invoice_list(
 def invoice_show(invoice_id: str, as_json: JsonOpt = False) -> None:
     """One invoice with its lines."""
     with session_scope() as session:
-        invoice = session.get(Invoice, invoice_id)
-        if invoice is None:
-            raise _not_found(f"invoice {invoice_id!r} does not exist")
-        view = _invoice_view(invoice, lines=True)
+        view = _invoice_view(find_invoice(session, invoice_id), lines=True)
     if as_json:
-        _emit(view)
+        emit(view)
         return
     console.print(
-        f"[bold]{view['invoice_id']}[/] tenant={view['tenant_id']} "
-        f"{view['period_start'][:19]} → {view['period_end'][:19]} status={view['status']} "
-        f"total={view['total']} {view['currency']}"
+        line(
+            (view["invoice_id"], "bold"),
+            f" tenant={view['tenant_id']} {view['period_start'][:19]} → "
+            f"{view['period_end'][:19]} status={view['status']} "
+            f"total={view['total']} {view['currency']}",
+        )
     )
     table = Table(
         "kind", "plan", "metric", "from", "to", "quantity", "included", "unit price", "amount"
     )
-    for line in view["lines"]:
-        table.add_row(
-            str(line.get("kind", "")),
-            str(line.get("plan") or "-"),
-            str(line.get("metric") or "-"),
-            str(line.get("from") or "-")[:19],
-            str(line.get("to") or "-")[:19],
-            str(line.get("quantity", "-")),
-            str(line.get("included", "-")),
-            str(line.get("unit_price", "-")),
-            _money(line.get("amount")) + (" (late)" if line.get("late") else ""),
+    for item in view["lines"]:
+        add_row(
+            table,
+            str(item.get("kind", "")),
+            str(item.get("plan") or "-"),
+            str(item.get("metric") or "-"),
+            str(item.get("from") or "-")[:19],
+            str(item.get("to") or "-")[:19],
+            str(item.get("quantity", "-")),
+            str(item.get("included", "-")),
+            str(item.get("unit_price", "-")),
+            _money(item.get("amount")) + (" (late)" if item.get("late") else ""),
         )
-    table.add_row(
-        "[bold]total[/]", "", "", "", "", "", "", "", f"{view['total']} {view['currency']}"
-    )
+    total = Text("total", style="bold")
+    add_row(table, total, "", "", "", "", "", "", "", f"{view['total']} {view['currency']}")
     console.print(table)
 
 
@@ -295,6 +291,67 @@ def _inputs_text(inputs: dict[str, Any]) -> str:
     return " ".join(f"{k}={inputs[k]}" for k in keys if k in inputs)
 
 
+def _decisions(session: Session, tenant_id: str, last: int) -> list[dict[str, Any]]:
+    """The tenant's ``last`` autoscale decisions, newest first."""
+    query = (
+        select(AutoscaleDecision)
+        .where(AutoscaleDecision.tenant_id == tenant_id)
+        .order_by(AutoscaleDecision.decided_at.desc(), AutoscaleDecision.id.desc())
+        .limit(last)
+    )
+    return [
+        {
+            "decided_at": d.decided_at.isoformat(),
+            "window_start": d.window_start.isoformat(),
+            "rule": d.rule,
+            "action": d.action,
+            "reason": d.reason,
+            "inputs": d.inputs,
+            "workflow_id": d.workflow_id,
+        }
+        for d in session.scalars(query)
+    ]
+
+
+def _rules(settings: Settings, tenant: Tenant) -> tuple[list[AutoscaleRule], list[str]]:
+    """The tenant's effective autoscale rules (its plan's, with its overrides), and problems."""
+    from workers.economics.autoscale import resolve_rules
+    from workers.economics.plans import load_catalog
+
+    plan = load_catalog(settings.plans_file).plans.get(tenant.plan)
+    return resolve_rules(plan, tenant.meta or {}) if plan else ([], [])
+
+
+def _print_autoscale(view: dict[str, Any], rules: list[AutoscaleRule]) -> None:
+    """The rules in words, their problems on stderr, then the decisions' table."""
+    console.print(line((view["tenant_id"], "bold"), f" on {view['plan']} ({view['status']})"))
+    for rule in rules:
+        extra = f" → {rule.target_plan}" if rule.target_plan else ""
+        console.print(
+            line(
+                "rule ",
+                (rule.name, "bold"),
+                f": {rule.metric} {rule.comparison} {rule.threshold:g} "
+                f"over {rule.window:g} s: {rule.action}{extra}",
+            )
+        )
+    for problem in view["rule_problems"]:
+        complain(("rule problem", "yellow"), f": {problem}")
+    decisions = view["decisions"]
+    table = Table("decided", "rule", "action", "reason", "inputs", "workflow")
+    for d in decisions:
+        add_row(
+            table,
+            d["decided_at"][:19],
+            d["rule"],
+            d["action"],
+            d["reason"],
+            _inputs_text(d["inputs"]),
+            d["workflow_id"] or "-",
+        )
+    console.print(table if decisions else "no decisions yet")
+
+
 @autoscale_cli.command("explain")
 def autoscale_explain(
     tenant_id: str,
@@ -302,31 +359,10 @@ def autoscale_explain(
     as_json: JsonOpt = False,
 ) -> None:
     """A tenant's autoscale rules and its last decisions, with their inputs and reasons."""
-    from workers.economics.autoscale import resolve_rules
-    from workers.economics.plans import load_catalog
-
     settings = get_settings()
     with session_scope() as session:
-        tenant = _tenant(session, tenant_id)
-        plan = load_catalog(settings.plans_file).plans.get(tenant.plan)
-        rules, problems = resolve_rules(plan, tenant.meta or {}) if plan else ([], [])
-        decisions: list[dict[str, Any]] = [
-            {
-                "decided_at": d.decided_at.isoformat(),
-                "window_start": d.window_start.isoformat(),
-                "rule": d.rule,
-                "action": d.action,
-                "reason": d.reason,
-                "inputs": d.inputs,
-                "workflow_id": d.workflow_id,
-            }
-            for d in session.scalars(
-                select(AutoscaleDecision)
-                .where(AutoscaleDecision.tenant_id == tenant_id)
-                .order_by(AutoscaleDecision.decided_at.desc(), AutoscaleDecision.id.desc())
-                .limit(last)
-            )
-        ]
+        tenant = find_tenant(session, tenant_id)
+        rules, problems = _rules(settings, tenant)
         view = {
             "tenant_id": tenant_id,
             "plan": tenant.plan,
@@ -337,31 +373,12 @@ def autoscale_explain(
                 "cooldown": settings.autoscale_cooldown,
                 "stabilization": settings.autoscale_stabilization,
             },
-            "decisions": decisions,
+            "decisions": _decisions(session, tenant_id, last),
         }
     if as_json:
-        _emit(view)
-        return
-    console.print(f"[bold]{tenant_id}[/] on {view['plan']} ({view['status']})")
-    for rule in rules:
-        extra = f" → {rule.target_plan}" if rule.target_plan else ""
-        console.print(
-            f"rule [bold]{rule.name}[/]: {rule.metric} {rule.comparison} {rule.threshold:g} "
-            f"over {rule.window:g} s: {rule.action}{extra}"
-        )
-    for problem in problems:
-        err.print(f"[yellow]rule problem[/]: {problem}")
-    table = Table("decided", "rule", "action", "reason", "inputs", "workflow")
-    for d in decisions:
-        table.add_row(
-            d["decided_at"][:19],
-            d["rule"],
-            d["action"],
-            d["reason"],
-            _inputs_text(d["inputs"]),
-            d["workflow_id"] or "-",
-        )
-    console.print(table if decisions else "no decisions yet")
+        emit(view)
+    else:
+        _print_autoscale(view, rules)
 
 
 # -- beat -------------------------------------------------------------------------------------
@@ -427,18 +444,19 @@ def beat_status(as_json: JsonOpt = False) -> None:
             for name, entry in entries.items()
         ]
     if as_json:
-        _emit(views)
+        emit(views)
         return
     table = Table("entry", "task", "schedule", "last slot", "next due", "overdue")
     for v in views:
-        overdue = {None: "-", True: "[red]yes[/]", False: "no"}[v["overdue"]]
-        table.add_row(
+        overdue = {None: Text("-"), True: Text("yes", style="red"), False: Text("no")}
+        add_row(
+            table,
             v["entry"],
             v["task"],
             v["schedule"],
             (v["last_slot"] or "never claimed")[:19],
             (v["next_due"] or "-")[:19],
-            overdue,
+            overdue[v["overdue"]],
         )
     console.print(table)
     console.print("overdue '-': the task claims no schedule slot, or none yet")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from schemas.manifest import PluginType
+from workers.cli.console import JsonOpt, add_row, complain, console, emit, fail, line
 from workers.pluginhost import admin as plugin_admin
 from workers.runtime.errors import Cul8erError
 from workers.runtime.settings import get_settings
@@ -20,26 +20,23 @@ __all__ = ["plugin_cli"]
 plugin_cli = typer.Typer(
     help="Plugins: list, validate, install, enable, reload.", no_args_is_help=True
 )
-console = Console()
-err = Console(stderr=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def _print(data: Any, as_json: bool) -> None:
+def _print(data: dict[str, Any], as_json: bool) -> None:
+    """``data`` as JSON, or one ``key: value`` line per entry for people."""
     if as_json:
-        console.print_json(json.dumps(data, default=str))
+        emit(data)
     else:
         for key, value in data.items():
-            console.print(f"[bold]{key}[/]: {value}")
+            console.print(line((key, "bold"), f": {value}"))
 
 
-def _refused(exc: Cul8erError, as_json: bool) -> None:
+def _refused(exc: Cul8erError, as_json: bool) -> NoReturn:
+    """Exit with code 1 saying why the action was refused (as JSON with ``--json``)."""
     if as_json:
-        console.print_json(json.dumps({"ok": False, "error": exc.to_dict()}))
-    else:
-        err.print(f"[red]refused[/]: {exc}")
-    raise typer.Exit(1)
+        emit({"ok": False, "error": exc.to_dict()})
+        raise typer.Exit(1)
+    raise fail("refused", str(exc))
 
 
 @plugin_cli.command("list")
@@ -50,14 +47,15 @@ def plugin_list(as_json: JsonOpt = False) -> None:
     registry = PluginRegistry(get_settings()).boot()
     rows = registry.status()
     if as_json:
-        console.print_json(json.dumps(rows))
+        emit(rows)
         return
     for note in registry.notes:
         # Duplicates resolved by version, skipped folders, refused archives.
-        err.print(f"[yellow]note[/]: {note}")
+        complain(("note", "yellow"), f": {note}")
     table = Table("name", "version", "type", "state", "trusted", "queue", "error")
     for row in rows:
-        table.add_row(
+        add_row(
+            table,
             row["name"],
             row["version"],
             row["type"],
@@ -78,8 +76,7 @@ def plugin_info(name: str, as_json: JsonOpt = False) -> None:
     registry = PluginRegistry(get_settings()).boot()
     rows = {row["name"]: row for row in registry.status()}
     if name not in rows:
-        err.print(f"[red]not_found[/]: no plugin {name!r}; installed: {', '.join(sorted(rows))}")
-        raise typer.Exit(1)
+        raise fail("not_found", f"no plugin {name!r}; installed: {', '.join(sorted(rows))}")
     view = dict(rows[name])
     served = registry.served.get(name)
     if served is not None:
@@ -122,7 +119,7 @@ def plugin_init(
     from workers.pluginhost.template import write_plugin
 
     project = write_plugin(directory, name=name, plugin_type=plugin_type, trusted=trusted)
-    console.print(f"wrote {project} (pip install {project})")
+    console.print(line(f"wrote {project} (pip install {project})"))
 
 
 @plugin_cli.command("rehash")
@@ -134,7 +131,7 @@ def plugin_rehash(package: Path) -> None:
     manifest = json.loads(manifest_path.read_text())
     manifest["files"] = file_digests(package)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    console.print(f"{manifest_path}: {len(manifest['files'])} files hashed")
+    console.print(line(f"{manifest_path}: {len(manifest['files'])} files hashed"))
 
 
 @plugin_cli.command("install")

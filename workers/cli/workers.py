@@ -7,27 +7,29 @@ each process owns; needs no worker to answer.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import or_, select
 
+from schemas.states import StepStatus
+from workers.cli.console import JsonOpt, add_row, console, emit, line
 from workers.runtime.db import session_scope
 from workers.runtime.models import StepRun, WorkerProcess, WorkflowRun, utcnow
 from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy import Select
     from sqlalchemy.orm import Session
 
 __all__ = ["RECENT", "worker_state", "workers_cli", "workers_view"]
 
 #: Holds the one ``workers`` command; ``cul8er`` adds it without a group name.
 workers_cli = typer.Typer(help="Worker processes: alive, silent, lost, and the steps they hold.")
-console = Console()
 
 #: Lost and stopped processes stay listed this long without ``--all`` (seconds).
 RECENT: Final = 3600.0
@@ -46,6 +48,57 @@ def worker_state(worker: WorkerProcess, *, now: dt.datetime, owner_timeout: floa
     return "silent"
 
 
+def _listed(now: dt.datetime, include_all: bool) -> Select[Any]:
+    """The query for the processes to list: all, or the live and the recently gone."""
+    query = select(WorkerProcess).order_by(WorkerProcess.node, WorkerProcess.started_at)
+    if include_all:
+        return query
+    cutoff = now - dt.timedelta(seconds=RECENT)
+    return query.where(
+        or_(
+            WorkerProcess.stopped_at >= cutoff,
+            WorkerProcess.stopped_at.is_(None)
+            & or_(WorkerProcess.lost_at.is_(None), WorkerProcess.lost_at >= cutoff),
+        )
+    )
+
+
+def _held_steps(
+    session: Session, workers: Sequence[WorkerProcess]
+) -> dict[str, list[dict[str, Any]]]:
+    """The running steps each of ``workers`` owns, by boot id, oldest first."""
+    holds: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    if not workers:
+        return holds
+    held = session.execute(
+        select(
+            StepRun.owner_id,
+            StepRun.run_id,
+            StepRun.name,
+            StepRun.attempts,
+            StepRun.heartbeat_at,
+            WorkflowRun.tenant_id,
+        )
+        .join(WorkflowRun, WorkflowRun.id == StepRun.run_id)
+        .where(
+            StepRun.owner_id.in_([w.boot_id for w in workers]),
+            StepRun.status == StepStatus.RUNNING.value,
+        )
+        .order_by(StepRun.started_at)
+    ).all()
+    for row in held:
+        holds[str(row.owner_id)].append(
+            {
+                "workflow_id": row.run_id,
+                "step": row.name,
+                "tenant_id": row.tenant_id,
+                "attempts": row.attempts,
+                "heartbeat_at": _iso(row.heartbeat_at),
+            }
+        )
+    return holds
+
+
 def workers_view(
     session: Session,
     *,
@@ -59,45 +112,8 @@ def workers_view(
     within :data:`RECENT` seconds.
     """
     now = now or utcnow()
-    query = select(WorkerProcess).order_by(WorkerProcess.node, WorkerProcess.started_at)
-    if not include_all:
-        cutoff = now - dt.timedelta(seconds=RECENT)
-        query = query.where(
-            or_(
-                WorkerProcess.stopped_at >= cutoff,
-                WorkerProcess.stopped_at.is_(None)
-                & or_(WorkerProcess.lost_at.is_(None), WorkerProcess.lost_at >= cutoff),
-            )
-        )
-    workers = session.scalars(query).all()
-    holds: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    if workers:
-        held = session.execute(
-            select(
-                StepRun.owner_id,
-                StepRun.run_id,
-                StepRun.name,
-                StepRun.attempts,
-                StepRun.heartbeat_at,
-                WorkflowRun.tenant_id,
-            )
-            .join(WorkflowRun, WorkflowRun.id == StepRun.run_id)
-            .where(
-                StepRun.owner_id.in_([w.boot_id for w in workers]),
-                StepRun.status == "running",
-            )
-            .order_by(StepRun.started_at)
-        ).all()
-        for row in held:
-            holds[str(row.owner_id)].append(
-                {
-                    "workflow_id": row.run_id,
-                    "step": row.name,
-                    "tenant_id": row.tenant_id,
-                    "attempts": row.attempts,
-                    "heartbeat_at": _iso(row.heartbeat_at),
-                }
-            )
+    workers: Sequence[WorkerProcess] = session.scalars(_listed(now, include_all)).all()
+    holds = _held_steps(session, workers)
     return [
         {
             "node": w.node,
@@ -136,7 +152,7 @@ def workers_list(
     include_all: Annotated[
         bool, typer.Option("--all", help="Every process ever recorded, however old.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Worker processes by node: alive, silent, lost or stopped, and the steps each runs.
 
@@ -146,7 +162,7 @@ def workers_list(
     with session_scope() as session:
         rows = workers_view(session, owner_timeout=settings.owner_timeout, include_all=include_all)
     if as_json:
-        console.print_json(json.dumps(rows, default=str))
+        emit(rows)
         return
     if not rows:
         console.print("no worker processes" + ("" if include_all else " (try --all)"))
@@ -156,17 +172,17 @@ def workers_list(
     for r in rows:
         if node is not None and r["node"] != node:
             table.add_section()
-        style = _STATE_STYLE[r["state"]]
-        table.add_row(
+        add_row(
+            table,
             r["node"] if r["node"] != node else "",
             str(r["pid"]),
             r["boot_id"][:8],
-            f"[{style}]{r['state']}[/]",
+            Text(r["state"], style=_STATE_STYLE[r["state"]]),
             f"{r['age_seconds']:.1f}s ago",
             _holds(r["holds"]),
         )
         node = r["node"]
     console.print(table)
     console.print(
-        f"alive: a beat within {settings.owner_timeout:g} s; silent: none since, not yet lost"
+        line(f"alive: a beat within {settings.owner_timeout:g} s; silent: none since, not yet lost")
     )

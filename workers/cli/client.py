@@ -1,0 +1,48 @@
+"""Calling a public task from the command line, as another service would: by name.
+
+On the embedded default the broker is ``cul8er up``'s: the CLI is only its client, so with
+no ``cul8er up`` running it says so and exits, and starts no broker of its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import celery.exceptions
+import typer
+
+from workers.cli.console import complain, fail
+from workers.runtime.embedded import EmbeddedRedis
+from workers.runtime.errors import ConfigError
+from workers.runtime.settings import get_settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["call", "celery_app"]
+
+
+def celery_app() -> Celery:
+    """cul8er's Celery app, once its broker is known to answer (exit code 2 otherwise)."""
+    from workers.app import app
+
+    settings = get_settings()
+    if settings.embedded_broker:
+        try:
+            EmbeddedRedis(settings.data_dir).require_running()
+        except ConfigError as exc:
+            raise fail(exc.code, str(exc), exit_code=2) from None
+    return app
+
+
+def call(task: str, kwargs: dict[str, Any], *, timeout: float) -> Any:
+    """Enqueue the public task ``task`` by name and wait for its answer (exit code 2 if none)."""
+    result = celery_app().send_task(task, kwargs=kwargs)
+    try:
+        return result.get(timeout=timeout)
+    except (TimeoutError, celery.exceptions.TimeoutError):
+        complain(
+            (f"no answer from a worker within {timeout:.0f} s", "red"),
+            " (is `cul8er up` running?)",
+        )
+        raise typer.Exit(2) from None

@@ -1,0 +1,216 @@
+"""``cul8er tenant …``: sign tenants up, change, suspend, resume and delete them, and read them.
+
+A change enqueues the public task by name, exactly as another service would, and with
+``--wait`` follows the workflow it started to its end.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from sqlalchemy import select
+
+from schemas.states import TenantStatus
+from workers.cli.client import call
+from workers.cli.console import JsonOpt, add_row, console, emit, fail, line
+from workers.cli.lookups import find_tenant
+from workers.cli.runs import follow, print_run, succeeded
+from workers.runtime.db import session_scope
+from workers.runtime.models import Tenant
+
+__all__ = ["TimeoutOpt", "WaitOpt", "tenant_cli"]
+
+tenant_cli = typer.Typer(help="Create and change tenants.", no_args_is_help=True)
+
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Follow the workflow until it ends.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for a worker's answer.")]
+
+#: How long to wait for a worker to accept a change (seconds); ``--timeout`` is for the run.
+ACCEPT_TIMEOUT = 30.0
+
+
+def _fail_on_error(result: dict[str, Any], as_json: bool) -> None:
+    """Exit with code 1 when the task refused: its answer as JSON, or ``code: message``."""
+    if result.get("ok"):
+        return
+    if as_json:
+        emit(result)
+        raise typer.Exit(1)
+    error = result.get("error", {})
+    raise fail(str(error.get("code")), str(error.get("message")))
+
+
+def _mutate(
+    task: str, kwargs: dict[str, Any], *, wait: bool, as_json: bool, timeout: float
+) -> None:
+    """Send a change; without ``wait`` print the workflow it started, with it follow that."""
+    result = call(task, kwargs, timeout=ACCEPT_TIMEOUT)
+    _fail_on_error(result, as_json)
+    if not wait:
+        if as_json:
+            emit(result)
+        else:
+            console.print(
+                line(
+                    "workflow ",
+                    (result["workflow_id"], "bold"),
+                    f" started for {result['tenant_id']}",
+                )
+            )
+        return
+    view = follow(result["workflow_id"], as_json=as_json, timeout=timeout)
+    if as_json:
+        emit(view)
+    else:
+        print_run(view)
+    if not succeeded(view):
+        raise typer.Exit(1)
+
+
+@tenant_cli.command("create")
+def tenant_create(
+    name: str,
+    plan: Annotated[str, typer.Option(help="Plan name from the catalog.")] = "starter",
+    tenant_id: Annotated[
+        str | None, typer.Option(help="Tenant id (default: from the name).")
+    ] = None,
+    platform: Annotated[str | None, typer.Option(help="Platform (default from settings).")] = None,
+    idempotency_key: str | None = None,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 300.0,
+) -> None:
+    """Sign a tenant up on a plan."""
+    kwargs: dict[str, Any] = {"name": name, "plan": plan}
+    for key, value in (
+        ("tenant_id", tenant_id),
+        ("platform", platform),
+        ("idempotency_key", idempotency_key),
+    ):
+        if value is not None:
+            kwargs[key] = value
+    _mutate("cul8er.tenants.create", kwargs, wait=wait, as_json=as_json, timeout=timeout)
+
+
+@tenant_cli.command("change-plan")
+def tenant_change_plan(
+    tenant_id: str,
+    plan: str,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 300.0,
+) -> None:
+    """Move a tenant to another plan."""
+    kwargs = {"tenant_id": tenant_id, "plan": plan}
+    _mutate("cul8er.tenants.change_plan", kwargs, wait=wait, as_json=as_json, timeout=timeout)
+
+
+@tenant_cli.command("suspend")
+def tenant_suspend(
+    tenant_id: str,
+    reason: str = "",
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 300.0,
+) -> None:
+    """Stop a tenant's instances, keeping its data."""
+    kwargs = {"tenant_id": tenant_id, "reason": reason}
+    _mutate("cul8er.tenants.suspend", kwargs, wait=wait, as_json=as_json, timeout=timeout)
+
+
+@tenant_cli.command("resume")
+def tenant_resume(
+    tenant_id: str,
+    reason: str = "",
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 300.0,
+) -> None:
+    """Start a suspended tenant again."""
+    kwargs = {"tenant_id": tenant_id, "reason": reason}
+    _mutate("cul8er.tenants.resume", kwargs, wait=wait, as_json=as_json, timeout=timeout)
+
+
+@tenant_cli.command("delete")
+def tenant_delete(
+    tenant_id: str, wait: WaitOpt = False, as_json: JsonOpt = False, timeout: TimeoutOpt = 300.0
+) -> None:
+    """Deprovision a tenant: instances, data store and subnet go."""
+    kwargs = {"tenant_id": tenant_id}
+    _mutate("cul8er.tenants.deprovision", kwargs, wait=wait, as_json=as_json, timeout=timeout)
+
+
+@tenant_cli.command("list")
+def tenant_list(
+    status: Annotated[
+        TenantStatus | None, typer.Option(help="Only tenants in this status.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every tenant, newest first."""
+    with session_scope() as session:
+        query = select(Tenant).order_by(Tenant.created_at.desc())
+        if status:
+            query = query.where(Tenant.status == status.value)
+        rows: list[dict[str, Any]] = [
+            {
+                "tenant_id": t.id,
+                "name": t.name,
+                "plan": t.plan,
+                "status": t.status,
+                "platform": t.platform,
+                "subnet": t.resources.get("subnet"),
+                "created_at": t.created_at.isoformat(),
+            }
+            for t in session.scalars(query)
+        ]
+    if as_json:
+        emit(rows)
+        return
+    table = Table("tenant", "name", "plan", "status", "platform", "subnet", "created")
+    for r in rows:
+        add_row(
+            table,
+            r["tenant_id"],
+            r["name"],
+            r["plan"],
+            r["status"],
+            r["platform"],
+            r["subnet"] or "-",
+            r["created_at"][:19],
+        )
+    console.print(table)
+
+
+@tenant_cli.command("show")
+def tenant_show(tenant_id: str, as_json: JsonOpt = False) -> None:
+    """One tenant: status, plan, subnet, instances."""
+    from tasks.tenants import describe_tenant
+
+    with session_scope() as session:
+        view = describe_tenant(session, find_tenant(session, tenant_id))
+    if as_json:
+        emit(view)
+        return
+    console.print(
+        line(
+            (view["tenant_id"], "bold"),
+            f" ({view['name']}): {view['status']} on {view['plan']}, {view['platform']}, "
+            f"subnet {view['subnet'] or '-'}",
+        )
+    )
+    if view["status_reason"]:
+        console.print(line(f"reason: {view['status_reason']}"))
+    table = Table("instance", "status", "endpoint", "limits applied")
+    for i in view["instances"]:
+        add_row(
+            table,
+            i["name"],
+            i["status"],
+            i["endpoint"] or "-",
+            json.dumps(i["limits"].get("applied", {})),
+        )
+    console.print(table)
