@@ -196,86 +196,127 @@ def _decide_one(
     result: Evaluation,
 ) -> None:
     """Decide one rule of one tenant for ``slot`` (nothing if it was decided already)."""
+    try:
+        with session_scope() as session:
+            decided = _decide_in(session, tenant_id, rule, slot, now, plans)
+    except IntegrityError:
+        log.info("autoscale_decided_concurrently", tenant_id=tenant_id, rule=rule.name)
+        return
+    if decided is None:
+        return
+    decision, event = decided
+    result.decisions += 1
+    log.info("autoscale_decided", tenant_id=tenant_id, rule=rule.name, reason=decision.reason)
+    if event is not None:
+        _announce(tenant_id, rule, event, result)
+
+
+def _decide_in(
+    session: Session,
+    tenant_id: str,
+    rule: AutoscaleRule,
+    slot: dt.datetime,
+    now: dt.datetime,
+    plans: dict[str, Plan],
+) -> tuple[Decision, dict[str, Any] | None] | None:
+    """Decide and record the rule in ``session``: the decision and its action's event data
+    (``None`` for no action), or ``None`` when the slot was decided or the tenant is gone."""
+    decided = session.scalars(
+        select(AutoscaleDecision.id).where(
+            AutoscaleDecision.tenant_id == tenant_id,
+            AutoscaleDecision.rule == rule.name,
+            AutoscaleDecision.window_start == slot,
+        )
+    ).first()
+    tenant = session.get(Tenant, tenant_id)
+    if decided is not None or tenant is None or tenant.status != "active":
+        return None
+    decision = _decision(session, tenant, rule, now, plans)
+    row = AutoscaleDecision(
+        tenant_id=tenant_id,
+        rule=rule.name,
+        window_start=slot,
+        action=decision.action,
+        reason=decision.reason,
+        inputs=decision.inputs,
+        decided_at=now,
+    )
+    session.add(row)
+    session.flush()  # the unique key: a concurrent evaluation of this slot stops here
+    if decision.action == NO_ACTION:
+        return decision, None
+    return decision, _start_action(session, tenant, rule, decision, row, plans, slot)
+
+
+def _decision(
+    session: Session, tenant: Tenant, rule: AutoscaleRule, now: dt.datetime, plans: dict[str, Plan]
+) -> Decision:
+    """What ``rule`` decides for ``tenant`` now, over its usage rows and its state."""
+    plan = plans.get(tenant.plan)
+    if plan is None:
+        return Decision(NO_ACTION, f"no action: plan {tenant.plan!r} is not in the catalog", {})
     settings = get_settings()
     stabilization = settings.autoscale_stabilization
     if rule.stabilization is not None:
         stabilization = rule.stabilization
-    event: dict[str, Any] | None = None
-    try:
-        with session_scope() as session:
-            decided = session.scalars(
-                select(AutoscaleDecision.id).where(
-                    AutoscaleDecision.tenant_id == tenant_id,
-                    AutoscaleDecision.rule == rule.name,
-                    AutoscaleDecision.window_start == slot,
-                )
-            ).first()
-            tenant = session.get(Tenant, tenant_id)
-            if decided is not None or tenant is None or tenant.status != "active":
-                return
-            plan = plans.get(tenant.plan)
-            if plan is None:
-                decision = Decision(
-                    NO_ACTION, f"no action: plan {tenant.plan!r} is not in the catalog", {}
-                )
-            else:
-                decision = decide(
-                    rule,
-                    _state(session, tenant, plan),
-                    _windows(session, tenant_id, rule, now, lookback(rule, stabilization)),
-                    now=now,
-                    plans=plans,
-                    default_cooldown=settings.autoscale_cooldown,
-                    default_stabilization=settings.autoscale_stabilization,
-                )
-            row = AutoscaleDecision(
-                tenant_id=tenant_id,
-                rule=rule.name,
-                window_start=slot,
-                action=decision.action,
-                reason=decision.reason,
-                inputs=decision.inputs,
-                decided_at=now,
-            )
-            session.add(row)
-            session.flush()  # the unique key: a concurrent evaluation of this slot stops here
-            if decision.action != NO_ACTION:
-                run_id = _act(session, tenant, rule, decision, plans)
-                if run_id is None:
-                    row.action = NO_ACTION
-                    row.reason = "no action: tenant taken by another workflow"
-                else:
-                    row.workflow_id = run_id
-                    session.add(
-                        AuditEvent(
-                            tenant_id=tenant_id,
-                            kind="autoscale.decided",
-                            data={"rule": rule.name, "action": row.action, "reason": row.reason},
-                        )
-                    )
-                    event = {
-                        "workflow_id": run_id,
-                        "rule": rule.name,
-                        "action": row.action,
-                        "reason": row.reason,
-                        "inputs": row.inputs,
-                        "slot": slot.isoformat(),
-                    }
-    except IntegrityError:
-        log.info("autoscale_decided_concurrently", tenant_id=tenant_id, rule=rule.name)
-        return
-    result.decisions += 1
-    log.info("autoscale_decided", tenant_id=tenant_id, rule=rule.name, reason=decision.reason)
-    if event is not None:
-        result.actions += 1
-        result.dispatch.append((event["workflow_id"], Phase.FORWARD, wf.CHANGE_PLAN.forward_tasks))
-        emit(
-            "autoscale.decided",
-            tenant_id=tenant_id,
-            workflow_id=event["workflow_id"],
-            subject=rule.name,
-            data=event,
+    return decide(
+        rule,
+        _state(session, tenant, plan),
+        _windows(session, tenant.id, rule, now, lookback(rule, stabilization)),
+        now=now,
+        plans=plans,
+        default_cooldown=settings.autoscale_cooldown,
+        default_stabilization=settings.autoscale_stabilization,
+    )
+
+
+def _start_action(
+    session: Session,
+    tenant: Tenant,
+    rule: AutoscaleRule,
+    decision: Decision,
+    row: AutoscaleDecision,
+    plans: dict[str, Plan],
+    slot: dt.datetime,
+) -> dict[str, Any] | None:
+    """Start the decision's workflow and note it on ``row``; the event data, or ``None``
+    (the row then says no action) when another workflow took the tenant first."""
+    run_id = _act(session, tenant, rule, decision, plans)
+    if run_id is None:
+        row.action = NO_ACTION
+        row.reason = "no action: tenant taken by another workflow"
+        return None
+    row.workflow_id = run_id
+    session.add(
+        AuditEvent(
+            tenant_id=tenant.id,
+            kind="autoscale.decided",
+            data={"rule": rule.name, "action": row.action, "reason": row.reason},
         )
+    )
+    return {
+        "workflow_id": run_id,
+        "rule": rule.name,
+        "action": row.action,
+        "reason": row.reason,
+        "inputs": row.inputs,
+        "slot": slot.isoformat(),
+    }
+
+
+def _announce(
+    tenant_id: str, rule: AutoscaleRule, event: dict[str, Any], result: Evaluation
+) -> None:
+    """Queue the started workflow's dispatch (after commit) and emit ``autoscale.decided``."""
+    result.actions += 1
+    result.dispatch.append((event["workflow_id"], Phase.FORWARD, wf.CHANGE_PLAN.forward_tasks))
+    emit(
+        "autoscale.decided",
+        tenant_id=tenant_id,
+        workflow_id=event["workflow_id"],
+        subject=rule.name,
+        data=event,
+    )
 
 
 def evaluate_slot(slot: dt.datetime, *, now: dt.datetime | None = None) -> Evaluation:
