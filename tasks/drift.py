@@ -8,11 +8,13 @@ runs it on demand.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import structlog
 from sqlalchemy import select
 
+from schemas.states import TenantStatus
 from tasks.steps import record_instance
 from workers.economics.plans import get_plan
 from workers.engine.instances import SHARED_TENANT_ID, instance_spec
@@ -23,12 +25,48 @@ from workers.runtime.errors import Cul8erError
 from workers.runtime.models import AuditEvent, Instance, Tenant
 from workers.runtime.settings import get_settings
 
+if TYPE_CHECKING:
+    from schemas.platform import InstanceInfo
+    from workers.pluginhost.contracts import Platform
+    from workers.runtime.settings import Settings
+
 __all__ = ["reconcile_platforms"]
 
 log = structlog.get_logger(__name__)
 
 #: Tenant states whose instances must exist (running or, when suspended, stopped).
-LIVE = ("active", "suspended")
+LIVE: Final = (TenantStatus.ACTIVE, TenantStatus.SUSPENDED)
+#: The lists of a reconcile report, each of ``{platform, instance, tenant_id}`` entries.
+REPORT_KEYS: Final = ("recreated", "started", "orphans", "pruned", "errors")
+
+_Report = dict[str, list[dict[str, Any]]]
+
+
+class _TenantView(NamedTuple):
+    """What reconciling needs of a tenant, read once at the start of a pass."""
+
+    platform: str
+    plan: str
+    status: str
+    #: The workflow that owns the tenant right now, if any.
+    owner: str | None
+
+
+class _Recorded(NamedTuple):
+    """An instance row: whose it is, and which of the tenant's instances."""
+
+    tenant_id: str
+    ordinal: int
+
+
+@dataclass(frozen=True)
+class _OnePlatform:
+    """One platform under reconciliation: what runs there, and what the database recorded."""
+
+    name: str
+    engine: Platform
+    running: dict[str, InstanceInfo]
+    recorded: dict[str, _Recorded]
 
 
 def _audit(tenant_id: str | None, kind: str, data: dict[str, Any]) -> None:
@@ -37,75 +75,115 @@ def _audit(tenant_id: str | None, kind: str, data: dict[str, Any]) -> None:
 
 
 @app.task(name="cul8er.platforms.reconcile", acks_late=True)
-def reconcile_platforms(prune: bool = False) -> dict[str, Any]:
+def reconcile_platforms(prune: bool = False) -> _Report:
     """Bring every platform back in line with the database; returns what it found and did."""
     settings = get_settings()
-    report: dict[str, list[dict[str, Any]]] = {
-        "recreated": [],
-        "started": [],
-        "orphans": [],
-        "pruned": [],
-        "errors": [],
-    }
+    tenants, recorded = _read_database()
+    drift = _Drift(settings=settings, tenants=tenants, prune=prune)
+    in_use = {view.platform for view in tenants.values()} | {settings.default_platform}
+    for platform_name in sorted(in_use):
+        drift.reconcile(platform_name, recorded.get(platform_name, {}))
+    if any(drift.report[key] for key in ("recreated", "started", "orphans")):
+        log.warning("platform_drift", **{k: len(v) for k, v in drift.report.items()})
+    return drift.report
+
+
+def _read_database() -> tuple[dict[str, _TenantView], dict[str, dict[str, _Recorded]]]:
+    """Every tenant's view by id, and the instance rows by platform, then instance name."""
+    recorded: dict[str, dict[str, _Recorded]] = {}
     with session_scope() as session:
-        tenants = {t.id: t for t in session.scalars(select(Tenant))}
+        tenants = {
+            t.id: _TenantView(t.platform, t.plan, t.status, t.active_workflow_id)
+            for t in session.scalars(select(Tenant))
+        }
         rows = session.execute(
             select(Instance.tenant_id, Instance.name, Instance.ordinal, Instance.platform)
         ).all()
-        views = {
-            t.id: (t.platform, t.plan, t.status, t.active_workflow_id) for t in tenants.values()
-        }
-    in_use = {platform for platform, *_ in views.values()} | {settings.default_platform}
-    for platform_name in sorted(in_use):
+    for tenant_id, name, ordinal, platform in rows:
+        recorded.setdefault(platform, {})[name] = _Recorded(tenant_id, ordinal)
+    return tenants, recorded
+
+
+@dataclass
+class _Drift:
+    """One reconcile pass: the database's view, read once, and the report it fills."""
+
+    settings: Settings
+    tenants: dict[str, _TenantView]
+    prune: bool
+    report: _Report = field(default_factory=lambda: {key: [] for key in REPORT_KEYS})
+
+    def reconcile(self, platform_name: str, recorded: dict[str, _Recorded]) -> None:
+        """One platform: report (or prune) its orphans, then bring back the missing instances."""
         try:
-            platform = get_platform(platform_name, settings)
-            running = {info.name: info for info in platform.list_instances()}
+            engine = get_platform(platform_name, self.settings)
+            running = {info.name: info for info in engine.list_instances()}
         except Cul8erError as exc:
-            report["errors"].append({"platform": platform_name, "error": str(exc)})
-            continue
-        expected = {name: (tid, ordinal) for tid, name, ordinal, pf in rows if pf == platform_name}
+            self.report["errors"].append({"platform": platform_name, "error": str(exc)})
+            return
+        on = _OnePlatform(platform_name, engine, running, recorded)
         for name, info in running.items():
-            if info.tenant_id == SHARED_TENANT_ID:
-                continue  # a shared pool: the shared_cluster provisioner owns it
-            view = views.get(info.tenant_id)
-            if view is not None and (view[3] is not None or name in expected):
-                continue  # known, or its tenant is mid-workflow (rows not written yet)
-            if view is not None and view[2] not in LIVE and view[2] != "failed":
-                continue  # provisioning or deprovisioning: the workflow owns it
-            orphan = {"platform": platform_name, "instance": name, "tenant_id": info.tenant_id}
-            report["orphans"].append(orphan)
-            log.warning("instance_orphaned", **orphan)
-            _audit(info.tenant_id, "platform.orphan_found", orphan)
-            if prune:
-                platform.destroy_instance(name)
-                report["pruned"].append(orphan)
-                _audit(info.tenant_id, "platform.orphan_pruned", orphan)
-        for name, (tenant_id, ordinal) in expected.items():
-            _, plan_name, status, owner = views[tenant_id]
-            if status not in LIVE or owner is not None:
-                continue
-            found = running.get(name)
-            entry = {"platform": platform_name, "instance": name, "tenant_id": tenant_id}
-            try:
-                if found is None:
-                    plan = get_plan(plan_name, settings.plans_file)
-                    created = platform.create_instance(
-                        instance_spec(tenant_id, plan, platform_name, ordinal)
-                    )
-                    if status == "suspended":
-                        platform.stop_instance(name)
-                        created = created.model_copy(update={"status": "stopped"})
-                    record_instance(tenant_id, created, role="app", ordinal=ordinal)
-                    report["recreated"].append(entry)
-                    _audit(tenant_id, "platform.instance_recreated", entry)
-                elif found.status != "running" and status == "active":
-                    record_instance(
-                        tenant_id, platform.start_instance(name), role="app", ordinal=ordinal
-                    )
-                    report["started"].append(entry)
-                    _audit(tenant_id, "platform.instance_started", entry)
-            except Cul8erError as exc:
-                report["errors"].append({**entry, "error": str(exc)})
-    if any(report[key] for key in ("recreated", "started", "orphans")):
-        log.warning("platform_drift", **{k: len(v) for k, v in report.items()})
-    return report
+            if self._orphaned(on, name, info):
+                self._report_orphan(on, name, info.tenant_id)
+        for name, want in recorded.items():
+            view = self.tenants[want.tenant_id]
+            if view.status in LIVE and view.owner is None:
+                self._restore(on, name, want, view)
+
+    def _orphaned(self, on: _OnePlatform, name: str, info: InstanceInfo) -> bool:
+        """Whether a running instance belongs to no tenant that wants it."""
+        if info.tenant_id == SHARED_TENANT_ID:
+            return False  # a shared pool: the shared_cluster provisioner owns it
+        view = self.tenants.get(info.tenant_id)
+        if view is None:
+            return True
+        if view.owner is not None or name in on.recorded:
+            return False  # known, or its tenant is mid-workflow (rows not written yet)
+        # Provisioning or deprovisioning: the workflow owns it.
+        return view.status in LIVE or view.status == TenantStatus.FAILED
+
+    def _report_orphan(self, on: _OnePlatform, name: str, tenant_id: str) -> None:
+        """Report and audit an orphan; destroy it too when pruning."""
+        orphan = {"platform": on.name, "instance": name, "tenant_id": tenant_id}
+        self.report["orphans"].append(orphan)
+        log.warning("instance_orphaned", **orphan)
+        _audit(tenant_id, "platform.orphan_found", orphan)
+        if self.prune:
+            on.engine.destroy_instance(name)
+            self.report["pruned"].append(orphan)
+            _audit(tenant_id, "platform.orphan_pruned", orphan)
+
+    def _restore(self, on: _OnePlatform, name: str, want: _Recorded, view: _TenantView) -> None:
+        """Bring back one recorded instance of a live tenant; report and audit what it took."""
+        entry = {"platform": on.name, "instance": name, "tenant_id": want.tenant_id}
+        try:
+            done = self._bring_back(on, name, want, view)
+            if done is not None:
+                self.report[done].append(entry)
+                _audit(want.tenant_id, f"platform.instance_{done}", entry)
+        except Cul8erError as exc:
+            self.report["errors"].append({**entry, "error": str(exc)})
+
+    def _bring_back(
+        self, on: _OnePlatform, name: str, want: _Recorded, view: _TenantView
+    ) -> str | None:
+        """Recreate the instance if missing, start it if stopped while its tenant is active.
+
+        ``"recreated"``, ``"started"``, or ``None`` when it already is as it should be.
+        """
+        found = on.running.get(name)
+        if found is None:
+            plan = get_plan(view.plan, self.settings.plans_file)
+            created = on.engine.create_instance(
+                instance_spec(want.tenant_id, plan, on.name, want.ordinal)
+            )
+            if view.status == TenantStatus.SUSPENDED:
+                on.engine.stop_instance(name)
+                created = created.model_copy(update={"status": "stopped"})
+            record_instance(want.tenant_id, created, role="app", ordinal=want.ordinal)
+            return "recreated"
+        if found.status != "running" and view.status == TenantStatus.ACTIVE:
+            started = on.engine.start_instance(name)
+            record_instance(want.tenant_id, started, role="app", ordinal=want.ordinal)
+            return "started"
+        return None
