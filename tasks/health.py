@@ -14,6 +14,7 @@ from typing import Any, Final
 import structlog
 from sqlalchemy import select, update
 
+from schemas.states import TenantStatus
 from workers.engine.instances import probe
 from workers.runtime.app import app
 from workers.runtime.db import session_scope
@@ -52,7 +53,11 @@ def _record(target: _Target, status: str, detail: str) -> bool:
         owner = session.execute(
             select(Tenant.status, Tenant.active_workflow_id).where(Tenant.id == target.tenant_id)
         ).first()
-        if owner is None or owner.status != "active" or owner.active_workflow_id is not None:
+        if (
+            owner is None
+            or owner.status != TenantStatus.ACTIVE
+            or owner.active_workflow_id is not None
+        ):
             return False
         # Compare-and-set: a workflow (or another sweep) that changed the row wins.
         changed = session.execute(
@@ -95,7 +100,7 @@ def sweep_once() -> dict[str, Any]:
                 Instance.id, Instance.tenant_id, Instance.name, Instance.endpoint, Instance.status
             )
             .join(Tenant, Tenant.id == Instance.tenant_id)
-            .where(Tenant.status == "active", Tenant.active_workflow_id.is_(None))
+            .where(Tenant.status == TenantStatus.ACTIVE, Tenant.active_workflow_id.is_(None))
             .order_by(Instance.tenant_id, Instance.name)
         ).all()
     targets = [_Target(*row) for row in rows]
