@@ -32,6 +32,7 @@ from workers.runtime.models import (
     utcnow,
 )
 from workers.runtime.settings import get_settings
+from workers.runtime.waiting import wait_until
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -322,19 +323,30 @@ def health_check(ctx: StepContext) -> dict[str, Any]:
         rows = session.execute(
             select(Instance.name, Instance.endpoint).where(Instance.tenant_id == ctx.tenant_id)
         ).all()
-    results: dict[str, str] = {}
+    # One window for the whole tenant: a slow first instance leaves less time to the rest.
     deadline = time.monotonic() + settings.health_window
     for name, endpoint in rows:
-        healthy, detail = False, "no endpoint"
-        while endpoint:
-            healthy, detail = probe(endpoint, timeout=settings.health_timeout)
-            if healthy or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        if not healthy:
-            raise TransientError(f"instance {name} is not healthy: {detail[:200]}")
-        results[name] = "healthy"
-    return {"instances": results}
+        if not endpoint:
+            raise TransientError(f"instance {name} is not healthy: no endpoint")
+        _wait_healthy(name, endpoint, timeout=max(0.0, deadline - time.monotonic()))
+    return {"instances": dict.fromkeys((name for name, _ in rows), "healthy")}
+
+
+def _wait_healthy(name: str, endpoint: str, *, timeout: float) -> None:
+    """Probe ``endpoint`` until it answers healthy; ``TransientError`` with the last answer."""
+    last = {"detail": ""}
+
+    def healthy() -> bool:
+        ok, last["detail"] = probe(endpoint, timeout=get_settings().health_timeout)
+        return ok
+
+    wait_until(
+        healthy,
+        timeout=timeout,
+        interval=0.2,
+        message=lambda: f"instance {name} is not healthy: {last['detail'][:200]}",
+        error=TransientError,
+    )
 
 
 # -- status -----------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import structlog
@@ -34,6 +33,7 @@ from workers.plugin_api import (
     check_tenant_id,
     get_platform,
     health_report,
+    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -320,18 +320,24 @@ class SharedCluster:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         # Joins create a pool's instances while holding the lock, so allow for that.
         timeout = self.settings.instance_start_timeout * (self.config.size + 1) + 30
-        deadline = time.monotonic() + timeout
         # flock (not lockf) locks the open file, so two threads of one process exclude too.
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+
+        def take() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError as exc:
-                    if time.monotonic() > deadline:
-                        raise TransientError("shared pool memberships are busy (locked)") from exc
-                    time.sleep(POLL_SECONDS)
+            wait_until(
+                take,
+                timeout=timeout,
+                interval=POLL_SECONDS,
+                message="shared pool memberships are busy (locked)",
+                error=TransientError,
+            )
             yield
         finally:
             os.close(fd)
