@@ -125,6 +125,7 @@ def seed(database_url: str, tenants: int) -> None:
     """``tenants`` active tenants, each with one instance on the stand-in platform."""
     from sqlalchemy import insert
 
+    from schemas.states import TenantStatus
     from workers.runtime.db import session_scope
     from workers.runtime.models import Instance, Tenant, utcnow
 
@@ -138,7 +139,7 @@ def seed(database_url: str, tenants: int) -> None:
                     "id": t,
                     "name": t,
                     "plan": "free",
-                    "status": "active",
+                    "status": TenantStatus.ACTIVE,
                     "platform": PLUGIN,
                     "placement": None,
                     "resources": {},

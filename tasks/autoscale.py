@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from schemas.states import Phase
+from schemas.states import Phase, TenantStatus
 from tasks import workflows as wf
 from workers.economics.autoscale import (
     NO_ACTION,
@@ -94,7 +94,7 @@ def start_tenant_workflow(
         update(Tenant)
         .where(
             Tenant.id == tenant.id,
-            Tenant.status == "active",
+            Tenant.status == TenantStatus.ACTIVE,
             Tenant.active_workflow_id.is_(None),
         )
         .values(active_workflow_id=run_id)
@@ -229,7 +229,7 @@ def _decide_in(
         )
     ).first()
     tenant = session.get(Tenant, tenant_id)
-    if decided is not None or tenant is None or tenant.status != "active":
+    if decided is not None or tenant is None or tenant.status != TenantStatus.ACTIVE:
         return None
     decision = _decision(session, tenant, rule, now, plans)
     row = AutoscaleDecision(
@@ -330,7 +330,7 @@ def evaluate_slot(slot: dt.datetime, *, now: dt.datetime | None = None) -> Evalu
             return result
         tenants = session.execute(
             select(Tenant.id, Tenant.plan, Tenant.meta)
-            .where(Tenant.status == "active")
+            .where(Tenant.status == TenantStatus.ACTIVE)
             .order_by(Tenant.id)
         ).all()
     plans = dict(load_catalog(get_settings().plans_file).plans)

@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from schemas.states import Phase
+from schemas.states import Phase, TenantStatus
 from tasks import workflows as wf
 from tasks.autoscale import start_tenant_workflow
 from workers.economics.plans import load_catalog
@@ -179,7 +179,7 @@ def enforce_quotas(
     result = Enforcement()
     plans = load_catalog(get_settings().plans_file).plans
     with session_scope() as session:
-        query = select(Tenant.id).where(Tenant.status == "active").order_by(Tenant.id)
+        query = select(Tenant.id).where(Tenant.status == TenantStatus.ACTIVE).order_by(Tenant.id)
         if tenant_ids is not None:
             query = query.where(Tenant.id.in_(tenant_ids))
         ids = list(session.scalars(query))
@@ -188,7 +188,7 @@ def enforce_quotas(
         try:
             with session_scope() as session:
                 tenant = session.get(Tenant, tenant_id)
-                if tenant is None or tenant.status != "active":
+                if tenant is None or tenant.status != TenantStatus.ACTIVE:
                     continue
                 plan = plans.get(tenant.plan)
                 result.checked += 1

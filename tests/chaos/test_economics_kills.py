@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, insert, select
 
+from schemas.states import RunStatus, TenantStatus
 from tests.chaos._faults import (
     describe_unfinished,
     log_events,
@@ -100,7 +101,8 @@ def test_sigkill_during_a_metering_fan_out_meters_each_window_once(tmp_path: Pat
         workers = _start_workers(stack)
         provisions = start_provisions(stack, ["free"] * 6, prefix="m")
         finished = wait_runs(stack, [p.run_id for p in provisions], timeout=120)
-        assert set(finished.status.values()) == {"succeeded"}, describe_unfinished(stack, finished)
+        statuses = set(finished.status.values())
+        assert statuses == {RunStatus.SUCCEEDED}, describe_unfinished(stack, finished)
         tenant_ids = sorted(p.tenant_id for p in provisions)
         _wait_early_in_slot(METER_INTERVAL, SLOT_MARGIN)
         window = metering.window_for(METER_INTERVAL)
@@ -207,7 +209,7 @@ def _add_billed_tenants(stack: Stack, count: int, since: dt.datetime) -> list[st
                     "id": tenant_id,
                     "name": tenant_id,
                     "plan": "starter",
-                    "status": "active",
+                    "status": TenantStatus.ACTIVE,
                     "platform": "local",
                     "resources": {},
                     "meta": {},

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from schemas.states import RunStatus, TenantStatus
 from tests.stack import ROOT, Stack
 from workers.runtime.models import (
     AutoscaleDecision,
@@ -91,9 +92,9 @@ def create(stack: Stack, plan: str, prefix: str, **extra: Any) -> dict[str, Any]
         "cul8er.tenants.create", name=tenant_id, plan=plan, tenant_id=tenant_id, **extra
     )
     assert made["ok"], made
-    assert stack.wait_run(made["workflow_id"])["status"] == "succeeded"
+    assert stack.wait_run(made["workflow_id"])["status"] == RunStatus.SUCCEEDED
     got = stack.call("cul8er.tenants.get", tenant_id=tenant_id)
-    assert got["status"] == "active"
+    assert got["status"] == TenantStatus.ACTIVE
     return got
 
 
@@ -163,7 +164,7 @@ def test_over_its_cpu_threshold_a_tenant_is_scaled_once_then_cools_down(stack: S
     assert action.reason.startswith("cpu_utilization 190.0% > 80% for 20 s: add_instance 1 → 2")
     assert action.inputs["instances"] == 1 and action.inputs["samples"] >= 4
     run = stack.wait_run(action.workflow_id)
-    assert run["kind"] == "tenant.change_plan" and run["status"] == "succeeded", run
+    assert run["kind"] == "tenant.change_plan" and run["status"] == RunStatus.SUCCEEDED, run
 
     # and the next evaluations, still over the threshold, decide nothing: in cooldown
     def cooling() -> list[AutoscaleDecision]:
@@ -231,9 +232,9 @@ def test_over_its_request_quota_a_free_tenant_is_suspended_and_stops_answering(
                 WorkflowRun.tenant_id == tenant_id, WorkflowRun.kind == "tenant.suspend"
             )
         ).all()
-    assert stack.wait_run(run_id)["status"] == "succeeded"
+    assert stack.wait_run(run_id)["status"] == RunStatus.SUCCEEDED
     got = stack.call("cul8er.tenants.get", tenant_id=tenant_id)
-    assert got["status"] == "suspended"
+    assert got["status"] == TenantStatus.SUSPENDED
     assert got["status_reason"] == "quota exceeded: requests 10234 > 10000"
     # and its instance no longer answers
     assert health(instance["endpoint"]) == 0
@@ -264,8 +265,8 @@ def test_a_failed_payment_suspends_the_tenant_after_the_grace(stack: Stack) -> N
                 WorkflowRun.tenant_id == tenant_id, WorkflowRun.kind == "tenant.suspend"
             )
         ).all()
-    assert stack.wait_run(run_id)["status"] == "succeeded"
+    assert stack.wait_run(run_id)["status"] == RunStatus.SUCCEEDED
     got = stack.call("cul8er.tenants.get", tenant_id=tenant_id)
-    assert got["status"] == "suspended"
+    assert got["status"] == TenantStatus.SUSPENDED
     assert got["status_reason"] == "payment failed: inv-77 unpaid past the grace period"
     assert all(health(i["endpoint"] or "127.0.0.1:1") == 0 for i in got["instances"])

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import select
 
+from schemas.states import TenantStatus
 from tests.stack import Stack
 from tests.webhook import Receiver, webhook_receiver
 from workers.economics import billing, periods, pricing
@@ -55,7 +56,7 @@ def add_tenants(stack: Stack, count: int, since: dt.datetime) -> list[str]:
                     id=tenant_id,
                     name=tenant_id,
                     plan="starter",
-                    status="active",
+                    status=TenantStatus.ACTIVE,
                     platform="local",
                     resources={},
                     meta={},

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from sqlalchemy import func, select
 
+from schemas.states import RunStatus
 from tests.conftest import require, teardown_stack
 from tests.stack import Stack, create_pg_database
 from workers.economics import metering
@@ -71,7 +72,7 @@ def create_tenant(stack: Stack) -> tuple[str, str, int]:
     )
     assert created["ok"], created
     run = stack.wait_run(created["workflow_id"])
-    assert run["status"] == "succeeded", run
+    assert run["status"] == RunStatus.SUCCEEDED, run
     with stack.session() as session:
         instance = session.scalars(select(Instance).where(Instance.tenant_id == tenant_id)).one()
         assert instance.endpoint is not None and instance.provider_id is not None

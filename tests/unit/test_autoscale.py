@@ -19,6 +19,7 @@ from sqlalchemy import delete, select
 from typer.testing import CliRunner
 
 from schemas.autoscale import AutoscaleRule
+from schemas.states import Phase, RunStatus, TenantStatus
 from tasks import workflows as wf
 from tasks.autoscale import EVALUATE, evaluate_slot
 from workers.cli.economics import autoscale_cli, beat_cli
@@ -247,7 +248,7 @@ def add_tenant(
                 id=tenant_id,
                 name=tenant_id,
                 plan=plan,
-                status="active",
+                status=TenantStatus.ACTIVE,
                 platform="local",
                 resources={},
                 meta=meta or {},
@@ -329,12 +330,12 @@ def test_a_slot_decides_once_and_starts_one_change_then_cools_down(settings: Set
         "no action: above threshold (cpu_utilization 95.0% ≥ 20% over 300 s)"
     )
     run_id = hot["cpu-high"].workflow_id
-    assert first.dispatch == [(run_id, "forward", wf.CHANGE_PLAN.forward_tasks)]
+    assert first.dispatch == [(run_id, Phase.FORWARD, wf.CHANGE_PLAN.forward_tasks)]
     with session_scope() as session:
         run = session.get(WorkflowRun, run_id)
         tenant = session.get(Tenant, "hot")
         assert run is not None and tenant is not None
-        assert run.kind == "tenant.change_plan" and run.status == "running"
+        assert run.kind == "tenant.change_plan" and run.status == RunStatus.RUNNING
         assert run.input["plan"] == "starter" and run.input["instances"] == 2
         assert tenant.active_workflow_id == run_id and tenant.resources["instances"] == 2
         kinds = session.scalars(select(AuditEvent.kind).where(AuditEvent.tenant_id == "hot"))

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
+from schemas.states import TenantStatus
 from tasks.billing import close_periods as close_task
 from tasks.billing import get_invoice
 from workers.economics import billing, periods, pricing
@@ -47,7 +48,7 @@ def add_tenant(
     anchor: dt.date,
     history: list[tuple[str, dt.datetime, dt.datetime | None]],
     *,
-    status: str = "active",
+    status: str = TenantStatus.ACTIVE,
     updated_at: dt.datetime | None = None,
 ) -> None:
     """A tenant and its plan history, as create and change_plan leave them."""
@@ -415,7 +416,7 @@ def test_a_terminated_tenant_is_billed_until_it_ended(db: str) -> None:
         "gone",
         dt.date(2026, 4, 1),
         [("starter", at(2026, 4, 1), None)],
-        status="terminated",
+        status=TenantStatus.TERMINATED,
         updated_at=at(2026, 4, 11),
     )
 

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 from plugins.platforms.local import LocalPlatform
 from schemas.platform import InstanceSpec
+from schemas.states import TenantStatus
 from tasks.metering import PluginSources
 from tests.conftest import require
 from tests.stack import create_pg_database, drop_pg_database
@@ -170,7 +171,9 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield url
 
 
-def add_tenant(url: str, tenant_id: str, *, status: str = "active", **extra: object) -> None:
+def add_tenant(
+    url: str, tenant_id: str, *, status: str = TenantStatus.ACTIVE, **extra: object
+) -> None:
     with session_scope(url) as session:
         session.add(
             Tenant(

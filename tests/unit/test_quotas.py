@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from schemas.states import Phase, TenantStatus
 from tasks import workflows as wf
 from tasks.quotas import enforce_quotas, payment_failed, payment_succeeded
 from workers.cli.economics import invoice_cli, usage_cli
@@ -99,7 +100,7 @@ def add_tenant(tenant_id: str, plan: str, *, anchor: dt.date = dt.date(2026, 11,
                 id=tenant_id,
                 name=tenant_id,
                 plan=plan,
-                status="active",
+                status=TenantStatus.ACTIVE,
                 platform="local",
                 resources={},
                 meta={},
@@ -175,7 +176,7 @@ def test_over_the_request_quota_a_suspend_plan_is_suspended_once(settings: Setti
     [run] = runs("freebie")
     assert run.kind == wf.SUSPEND.kind
     assert run.input == {"reason": "quota exceeded: requests 10234 > 10000"}
-    assert first.dispatch == [(run.id, "forward", wf.SUSPEND.forward_tasks)]
+    assert first.dispatch == [(run.id, Phase.FORWARD, wf.SUSPEND.forward_tasks)]
     assert first.suspended == ["freebie"]
     assert [e["reason"] for e in first.exceeded] == ["quota exceeded: requests 10234 > 10000"]
     assert tenant("freebie").active_workflow_id == run.id
@@ -265,7 +266,7 @@ def test_a_failed_payment_suspends_after_the_grace(settings: Settings) -> None:
     later = utcnow() + dt.timedelta(seconds=61)
     result = enforce_quotas(now=later)
     [run] = runs("payer")
-    assert result.dispatch == [(run.id, "forward", wf.SUSPEND.forward_tasks)]
+    assert result.dispatch == [(run.id, Phase.FORWARD, wf.SUSPEND.forward_tasks)]
     assert run.input["reason"] == "payment failed: inv-1, inv-2 unpaid past the grace period"
     with session_scope() as session:
         row = session.get(Tenant, "payer")

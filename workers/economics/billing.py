@@ -42,6 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from schemas.states import TenantStatus
 from workers.economics.periods import MAX_PERIODS_PER_RUN, PeriodKind, due_periods
 from workers.economics.plans import get_plan
 from workers.economics.pricing import (
@@ -350,7 +351,7 @@ def _tenant_due(
 ) -> list[DuePeriod]:
     """One tenant's due periods since its ``last`` invoice; the first bills the late usage."""
     # A terminated tenant's open plan span ends when it was terminated.
-    until = tenant.updated_at if tenant.status == "terminated" else None
+    until = tenant.updated_at if tenant.status == TenantStatus.TERMINATED else None
     since = last[0] if last else min(span[1] for span in spans)
     periods = due_periods(
         tenant.billing_anchor,

@@ -47,6 +47,7 @@ import structlog
 from sqlalchemy import Table, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
+from schemas.states import TenantStatus
 from workers.runtime.errors import Cul8erError, NotFoundError
 from workers.runtime.models import Base, Instance, MeterReading, Tenant, UsageRecord, utcnow
 from workers.runtime.schedule import slot_start
@@ -329,7 +330,7 @@ def aggregate(
 
 def active_tenant_ids(session: Session) -> list[str]:
     """Every active tenant's id, sorted."""
-    query = select(Tenant.id).where(Tenant.status == "active").order_by(Tenant.id)
+    query = select(Tenant.id).where(Tenant.status == TenantStatus.ACTIVE).order_by(Tenant.id)
     return list(session.scalars(query))
 
 
@@ -344,7 +345,7 @@ def load_sources(session: Session, tenant_ids: Sequence[str]) -> dict[str, Tenan
                 Tenant.id, Tenant.platform, Tenant.placement, Tenant.resources, Tenant.status
             ).where(Tenant.id.in_(tenant_ids))
         )
-        if status == "active"
+        if status == TenantStatus.ACTIVE
     ]
     instances: dict[str, list[tuple[str, str, str | None]]] = defaultdict(list)
     for tenant_id, name, platform, endpoint in session.execute(
