@@ -44,7 +44,7 @@ from workers.runtime.redaction import (
 )
 from workers.runtime.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def fresh_secret() -> str:

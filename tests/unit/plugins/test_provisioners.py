@@ -53,7 +53,7 @@ from workers.pluginhost.contracts import check_contract
 from workers.runtime.errors import ConfigError, ConflictError, NotFoundError, PermanentError
 from workers.runtime.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 #: Never route loopback requests through an HTTP proxy from the environment.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 #: ``get_platform`` caches platforms by ``id(settings)``: keeping every Settings alive for
