@@ -1,4 +1,4 @@
-"""Events the app emits and observer plugins receive (DESIGN §5, observers)."""
+"""Events the app emits and observer plugins receive (docs/architecture.md §5, observers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The models plugin operations take and answer, one per contract operation (DESIGN §5).
+"""The models plugin operations take and answer, one per contract operation.
+
+See docs/architecture.md §5.
 
 Every model is JSON in and out: a plugin task ``plugins.<name>.<operation>`` validates its
 keyword arguments with them and answers ``model_dump(mode="json")``. Secret values are

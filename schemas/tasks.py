@@ -1,4 +1,7 @@
-"""Keyword arguments of the public tasks (DESIGN §4). One model per task, strict, no extras."""
+"""Keyword arguments of the public tasks: one model per task, strict, no extras.
+
+See docs/architecture.md §4.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The public tenant tasks: other services call these by name (DESIGN §4)."""
+"""The public tenant tasks: other services call these by name (docs/architecture.md §4)."""
 
 from __future__ import annotations
 

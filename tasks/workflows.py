@@ -1,4 +1,7 @@
-"""Every tenant workflow, declared once: ordered steps and what undoes each (DESIGN §3, §6)."""
+"""Every tenant workflow, declared once: ordered steps and what undoes each.
+
+See docs/architecture.md §3 (the machinery) and §6 (these workflows).
+"""
 
 from __future__ import annotations
 

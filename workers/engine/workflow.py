@@ -1,4 +1,4 @@
-"""Workflows are declared once, as ordered steps with compensations (DESIGN §3)."""
+"""Workflows are declared once, as ordered steps with compensations (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Typed contracts that plugins implement (DESIGN §5), checked when a plugin is loaded.
+"""Typed contracts that plugins implement, checked when a plugin is loaded.
+
+See docs/architecture.md §5.
 
 One ``Protocol`` per plugin type. Every operation takes pydantic models (or JSON
 primitives) and answers one, so the registry can turn each operation into a Celery

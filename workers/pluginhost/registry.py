@@ -1,7 +1,7 @@
 """The plugin registry of one process: what it serves, in which version, in which state.
 
-The ``plugins`` table is the truth (DESIGN §2): ``boot`` discovers built-ins, installed
-packages (``cul8er.plugins`` entry points) and plugin folders, checks trust, order and
+The ``plugins`` table is the truth (docs/architecture.md §2): ``boot`` discovers built-ins,
+installed packages (``cul8er.plugins`` entry points) and plugin folders, checks trust, order and
 contracts, imports what passed and records each plugin's state. Every call then reads the
 table again once its view is older than ``CUL8ER_PLUGIN_STATE_TTL``, so ``enable``,
 ``disable`` and ``reload`` reach running workers without a restart; a new version is
@@ -50,7 +50,7 @@ log = structlog.get_logger(__name__)
 
 #: The plugin API this cul8er offers; manifests declare the range they support.
 API_VERSION: Final = "1.0"
-#: States a plugin row moves through (DESIGN §5).
+#: States a plugin row moves through (docs/architecture.md §5).
 STATES: Final = ("discovered", "validated", "loaded", "active", "disabled", "failed")
 
 
