@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from workers.runtime.models import (
     WorkflowRun,
     utcnow,
 )
+from workers.runtime.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -77,13 +77,14 @@ def health(endpoint: str) -> int:
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
+    """The first truthy answer of ``check``; an assertion error after ``timeout`` seconds."""
+    return wait_until(
+        check,
+        timeout=timeout,
+        interval=0.25,
+        message=f"timed out waiting for {what}",
+        error=AssertionError,
+    )
 
 
 def create(stack: Stack, plan: str, prefix: str, **extra: Any) -> dict[str, Any]:
@@ -135,6 +136,19 @@ def decisions(stack: Stack, tenant_id: str, rule: str) -> list[AutoscaleDecision
                 .order_by(AutoscaleDecision.window_start)
             )
         )
+
+
+def assert_explained(stack: Stack, tenant_id: str) -> None:
+    """``autoscale explain`` shows the action, then the cooldown, with inputs and reasons."""
+    explained = cli(stack, "autoscale", "explain", tenant_id, "--json")
+    table = cli(stack, "autoscale", "explain", tenant_id, "--last", "3")
+    assert explained.returncode == 0, explained.stderr
+    view = json.loads(explained.stdout)
+    reasons = [d["reason"] for d in view["decisions"] if d["rule"] == "cpu-high"]
+    assert any("add_instance 1 → 2" in r for r in reasons)
+    assert any(r.startswith("no action: in cooldown until") for r in reasons)
+    assert view["decisions"][-1]["inputs"]["threshold"] == 80
+    assert table.returncode == 0 and "in cooldown until" in table.stdout
 
 
 def test_over_its_cpu_threshold_a_tenant_is_scaled_once_then_cools_down(stack: Stack) -> None:
@@ -189,17 +203,8 @@ def test_over_its_cpu_threshold_a_tenant_is_scaled_once_then_cools_down(stack: S
         assert tenant is not None
         assert changes == 1 and tenant.resources["instances"] == 2
 
-    # When an operator asks why
-    explained = cli(stack, "autoscale", "explain", tenant_id, "--json")
-    table = cli(stack, "autoscale", "explain", tenant_id, "--last", "3")
-    # Then the decisions come with their inputs and reasons
-    assert explained.returncode == 0, explained.stderr
-    view = json.loads(explained.stdout)
-    reasons = [d["reason"] for d in view["decisions"] if d["rule"] == "cpu-high"]
-    assert any("add_instance 1 → 2" in r for r in reasons)
-    assert any(r.startswith("no action: in cooldown until") for r in reasons)
-    assert view["decisions"][-1]["inputs"]["threshold"] == 80
-    assert table.returncode == 0 and "in cooldown until" in table.stdout
+    # When an operator asks why, then the decisions come with their inputs and reasons
+    assert_explained(stack, tenant_id)
 
     # and the instance count follows the decision (apply_limits scales to resources.instances)
     with stack.session() as session:
@@ -240,6 +245,23 @@ def test_over_its_request_quota_a_free_tenant_is_suspended_and_stops_answering(
     assert health(instance["endpoint"]) == 0
 
 
+def enforce_until_suspended(
+    stack: Stack, tenant_id: str, timeout: float = 60
+) -> list[tuple[dt.datetime, list[str]]]:
+    """Enforce for the tenant again and again until a run suspends it: when each answered,
+    and whom it suspended, in order."""
+    answers: list[tuple[dt.datetime, list[str]]] = []
+
+    def enforce() -> bool:
+        sent = stack.client.send_task("cul8er.quotas.enforce", kwargs={"tenant_ids": [tenant_id]})
+        suspended = sent.get(timeout=60)["suspended"]
+        answers.append((utcnow(), suspended))
+        return bool(suspended)
+
+    wait_for("an enforcement that suspends the tenant", enforce, timeout=timeout)
+    return answers
+
+
 def test_a_failed_payment_suspends_the_tenant_after_the_grace(stack: Stack) -> None:
     # Given an active starter tenant
     got = create(stack, "starter", "payer")
@@ -252,13 +274,18 @@ def test_a_failed_payment_suspends_the_tenant_after_the_grace(stack: Stack) -> N
         idempotency_key=f"charge-{tenant_id}",
     )
     assert failed["ok"] and failed["payment"] == "failed", failed
-    # Then within the grace, enforcement leaves it running
-    first = stack.client.send_task("cul8er.quotas.enforce", kwargs={"tenant_ids": [tenant_id]})
-    assert first.get(timeout=60)["suspended"] == []
-    # When the grace is over, the next enforcement suspends it
-    time.sleep(3.5)
-    second = stack.client.send_task("cul8er.quotas.enforce", kwargs={"tenant_ids": [tenant_id]})
-    assert second.get(timeout=60)["suspended"] == [tenant_id]
+    suspend_after = dt.datetime.fromisoformat(failed["suspend_after"])
+    # And enforcement runs over and over until one suspends the tenant
+    answers = enforce_until_suspended(stack, tenant_id)
+
+    # Then the first enforcement, within the grace, left it running, as did every one
+    # before the grace was over
+    first_at, first = answers[0]
+    assert first_at < suspend_after and first == [], answers
+    assert all(suspended == [] for _, suspended in answers[:-1]), answers
+    # And the enforcement that suspended it ran once the grace was over
+    suspended_at, suspended = answers[-1]
+    assert suspended == [tenant_id] and suspended_at >= suspend_after, answers
     with stack.session() as session:
         [run_id] = session.scalars(
             select(WorkflowRun.id).where(
