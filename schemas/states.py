@@ -42,7 +42,11 @@ class RunStatus(StrEnum):
 
 
 class StepStatus(StrEnum):
-    """pending → running → done | failed; retrying (a due time) or waiting (a poll) in between."""
+    """pending → running → done | failed, with a pause in between after a transient error.
+
+    ``retrying``: a short countdown message is on its way in the broker; ``waiting``: a
+    longer wait kept in the ledger, which the beat tick dispatches once it is due.
+    """
 
     PENDING = "pending"
     RUNNING = "running"
