@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -16,10 +15,12 @@ import pytest
 from sqlalchemy import select
 
 from schemas.states import TenantStatus
+from tests.chaos._faults import log_events
 from tests.stack import Stack
 from tests.webhook import Receiver, webhook_receiver
 from workers.economics import billing, periods, pricing
 from workers.runtime.models import Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
+from workers.runtime.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -95,13 +96,19 @@ def invoices_of(stack: Stack) -> list[Invoice]:
         )
 
 
-def until(check: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.25)
-    return check()
+def delivered(stack: Stack, receiver: Receiver) -> bool:
+    """Whether every close has had its events delivered: every invoice is published, the
+    webhook has an event under each invoice's key, and at least as many as the closes say
+    they emitted (the ``published`` of each ``billing_closed`` line of the worker log)."""
+    found = invoices_of(stack)
+    events = receiver.of_type("invoice.finalized")
+    emitted = sum(entry["published"] for entry in log_events(stack, "billing_closed"))
+    return (
+        bool(found)
+        and all(invoice.published_at is not None for invoice in found)
+        and {key for key, _ in events} >= {str(billing.invoice_event_id(i.id)) for i in found}
+        and len(events) >= emitted
+    )
 
 
 def expected_periods(
@@ -115,9 +122,15 @@ def check_invoices_and_events(
     stack: Stack, receiver: Receiver, wanted: set[tuple[str, dt.datetime]]
 ) -> list[Invoice]:
     """Exactly the wanted invoices, contiguous, each reported once under its derived key."""
-    # Given every close has settled: the webhook has one event per invoice
-    assert until(lambda: len(receiver.of_type("invoice.finalized")) >= len(invoices_of(stack)) > 0)
-    time.sleep(2)  # a duplicate event, were there one, would arrive now
+    # Given every close has settled: each invoice published and every event it emitted
+    # delivered (a duplicate emission would be counted, and delivered, too)
+    wait_until(
+        lambda: delivered(stack, receiver),
+        timeout=60,
+        interval=0.25,
+        message="every emitted invoice.finalized at the webhook",
+        error=AssertionError,
+    )
     found = invoices_of(stack)
     assert {(i.tenant_id, i.period_start) for i in found} >= wanted
     # One invoice per (tenant, period): each period starts where the previous ended
@@ -158,10 +171,13 @@ def test_two_beats_at_once_make_one_invoice_per_tenant_and_period(
     boundary = started.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
     wanted = expected_periods(tenant_ids, since, boundary)
     try:
-        assert until(
+        wait_until(
             lambda: {(i.tenant_id, i.period_start) for i in invoices_of(stack)} >= wanted,
             timeout=120,
-        ), "the periods that ended were not all invoiced"
+            interval=0.25,
+            message="the periods that ended were not all invoiced",
+            error=AssertionError,
+        )
     finally:
         for beat in beats:
             stack.kill(beat)
