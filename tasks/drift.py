@@ -139,7 +139,7 @@ class _Drift:
             return True
         if view.owner is not None or name in on.recorded:
             return False  # known, or its tenant is mid-workflow (rows not written yet)
-        # Provisioning or deprovisioning: the workflow owns it.
+        # Otherwise provisioning or deprovisioning: the workflow owns it.
         return view.status in LIVE or view.status == TenantStatus.FAILED
 
     def _report_orphan(self, on: _OnePlatform, name: str, tenant_id: str) -> None:
