@@ -1,7 +1,9 @@
-"""Billing on real SQLite and PostgreSQL: periods, plan parts, pricing, late usage, once-only.
+"""Billing: periods, plan parts and pricing as pure functions; invoices on real SQLite and
+PostgreSQL (late usage, once-only).
 
-Usage rows are inserted directly (as metering leaves them); the invoices are checked
-against amounts computed by hand in the tests.
+Pricing is checked on plans built in the test, without a database. For the invoices, usage
+rows are inserted directly (as metering leaves them) and the invoices are checked against
+amounts computed by hand in the tests.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
+from schemas.plans import Plan
 from schemas.states import TenantStatus
 from tasks.billing import close_periods as close_task
 from tasks.billing import get_invoice
@@ -215,38 +218,203 @@ def test_a_period_splits_at_each_plan_change_and_overlaps_never_bill_twice() -> 
     ] == pricing.Part("starter", at(2026, 4, 21), at(2026, 4, 25))
 
 
+# -- pricing (pure: no database) -------------------------------------------------------------
+
+#: Plans with round numbers, so each amount below is easy to check by hand.
+BASIC = Plan(
+    name="basic",
+    monthly_price=Decimal(30),
+    max_requests_per_month=1000,
+    storage_gb=10,
+    memory_gb=4,
+    overage={"requests": Decimal("0.01"), "storage_gb": Decimal("0.5")},
+)
+BIG = Plan(
+    name="big",
+    monthly_price=Decimal(90),
+    max_requests_per_month=10_000,
+    currency="EUR",
+    overage={"requests": Decimal("0.001")},
+)
+#: Priced on usage, with no quota at all (an enterprise-like plan).
+METERED = Plan(name="metered", overage={"requests": Decimal("0.001")})
+PLANS = {plan.name: plan for plan in (BASIC, BIG, METERED)}
+#: April 2026: a 30-day period.
+APRIL = (at(2026, 4, 1), at(2026, 5, 1))
+
+
+def price(
+    parts: list[pricing.Part],
+    usage: dict[int, list[pricing.Usage]],
+    late: tuple[pricing.Usage, ...] = (),
+) -> pricing.Priced:
+    """April priced on ``parts`` with the test plans."""
+    return pricing.price_period(*APRIL, parts, usage, PLANS.__getitem__, late=late)
+
+
+def test_a_full_period_within_its_quota_costs_the_monthly_price() -> None:
+    # Given a whole April on basic with 500 of its 1000 requests used
+    parts = [pricing.Part("basic", *APRIL)]
+    priced = price(parts, {0: [pricing.Usage("requests", "sum", Decimal(500))]})
+    # Then the base is the monthly price, the requests line bills nothing, in the plan's currency
+    base = line(priced.lines, "base", "basic", None)
+    assert (base["quantity"], base["amount"], base["unit_price"]) == ("1", "30.0000", "30")
+    requests = line(priced.lines, "overage", "basic", "requests")
+    assert (requests["quantity"], requests["included"], requests["amount"]) == (
+        "500",
+        "1000",
+        "0.0000",
+    )
+    assert (priced.total, priced.currency) == (Decimal("30.0000"), "USD")
+    assert [x["kind"] for x in priced.lines] == ["base", "overage"]
+
+
+def test_a_plan_change_prorates_the_base_and_the_included_quota_of_each_part() -> None:
+    # Given April on basic for 10 days (a third) and on big for 20 (two thirds)
+    parts = [
+        pricing.Part("basic", at(2026, 4, 1), at(2026, 4, 11)),
+        pricing.Part("big", at(2026, 4, 11), at(2026, 5, 1)),
+    ]
+    usage = {
+        0: [pricing.Usage("requests", "sum", Decimal(400))],
+        1: [pricing.Usage("requests", "sum", Decimal(7000))],
+    }
+    priced = price(parts, usage)
+    # Then each base is its share of the monthly price
+    assert line(priced.lines, "base", "basic", None)["quantity"] == "0.333333"
+    assert line(priced.lines, "base", "basic", None)["amount"] == "10.0000"
+    assert line(priced.lines, "base", "big", None)["amount"] == "60.0000"
+    # And each part includes its share of the quota: the overage is what is above it
+    basic = line(priced.lines, "overage", "basic", "requests")
+    assert (basic["included"], basic["amount"]) == ("333.333333", "0.6667")  # 66.67 × 0.01
+    big = line(priced.lines, "overage", "big", "requests")
+    assert (big["included"], big["amount"]) == ("6666.666667", "0.3333")  # 333.33 × 0.001
+    # And the total adds the rounded lines; the currency is the last part's plan's
+    assert priced.total == Decimal("71.0000")
+    assert priced.currency == "EUR"
+
+
+def test_levels_are_prorated_like_their_quota_and_unpriced_metrics_are_shown_free() -> None:
+    # Given the second half of April on basic, at a 16 GB storage peak and 2 GB of memory
+    parts = [pricing.Part("basic", at(2026, 4, 16), at(2026, 5, 1))]
+    usage = {
+        0: [
+            pricing.Usage("storage_gb", "max", Decimal(16)),
+            pricing.Usage("memory_gb", "avg", Decimal(2)),
+            pricing.Usage("bandwidth_bytes", "sum", Decimal(123)),
+        ]
+    }
+    priced = price(parts, usage)
+    # Then storage is 8 GB-months against 5 included: 3 over at 0.5
+    storage = line(priced.lines, "overage", "basic", "storage_gb")
+    assert (storage["quantity"], storage["included"], storage["amount"]) == ("8", "5", "1.5000")
+    # And memory (no price) is shown against its prorated quota, billing nothing
+    memory = line(priced.lines, "usage", "basic", "memory_gb")
+    assert (memory["quantity"], memory["included"], memory["amount"]) == ("1", "2", "0.0000")
+    # And a metric neither priced nor under a quota is shown with nothing included
+    bandwidth = line(priced.lines, "usage", "basic", "bandwidth_bytes")
+    assert (bandwidth["quantity"], bandwidth["included"]) == ("123", None)
+    # And the lines after the base follow the metrics' names
+    assert [x["metric"] for x in priced.lines] == [
+        None,
+        "bandwidth_bytes",
+        "memory_gb",
+        "storage_gb",
+    ]
+    assert priced.total == Decimal("16.5000")  # 15 + 1.5
+
+
+def test_a_priced_metric_without_a_quota_is_billed_on_all_its_usage() -> None:
+    # Given a whole April on the metered plan (no quota, no monthly price)
+    parts = [pricing.Part("metered", *APRIL)]
+    priced = price(parts, {0: [pricing.Usage("requests", "sum", Decimal(5000))]})
+    # Then every request is billed
+    requests = line(priced.lines, "overage", "metered", "requests")
+    assert (requests["included"], requests["amount"]) == ("0", "5.0000")
+    assert priced.total == Decimal("5.0000")
+
+
+def test_late_usage_is_billed_in_full_on_the_last_parts_plan_and_late_levels_are_shown() -> None:
+    # Given April on big then basic, and usage of March that arrived after March's invoice
+    parts = [
+        pricing.Part("big", at(2026, 4, 1), at(2026, 4, 20)),
+        pricing.Part("basic", at(2026, 4, 20), at(2026, 5, 1)),
+    ]
+    first, last = at(2026, 3, 30), at(2026, 3, 30, 0, 1)
+    late = (
+        pricing.Usage("requests", "sum", Decimal(300), first, last),
+        pricing.Usage("storage_gb", "max", Decimal(50), first, last),
+    )
+    priced = price(parts, {}, late=late)
+    # Then the late requests are billed on basic with nothing included, over their windows
+    requests = line([x for x in priced.lines if x["late"]], "overage", "basic", "requests")
+    assert (requests["included"], requests["amount"]) == ("0", "3.0000")  # 300 × 0.01
+    assert (requests["from"], requests["to"]) == (first.isoformat(), last.isoformat())
+    # And the late storage level is shown, not billed, though basic prices storage
+    storage = line(priced.lines, "usage", "basic", "storage_gb")
+    assert (storage["late"], storage["included"], storage["amount"]) == (True, None, "0.0000")
+    assert priced.total == Decimal("71.0000")  # 90 × 19/30 + 30 × 11/30 + 3 = 57 + 11 + 3
+    # And with no part to bill them on, late usage is left for a later period
+    nothing = pricing.Priced(lines=[], total=Decimal("0.0000"), currency="USD")
+    assert price([], {}, late=late) == nothing
+
+
+def test_amounts_round_half_up_and_bytes_are_billed_in_gb() -> None:
+    assert pricing.money(Decimal("0.00005")) == Decimal("0.0001")
+    assert pricing.money(1.23454) == Decimal("1.2345")
+    assert pricing.money("2") == Decimal("2.0000")
+    assert pricing.in_billing_units("storage_bytes", Decimal(3 * 1024**3)) == ("storage_gb", 3)
+    assert pricing.in_billing_units("memory_bytes", Decimal(1024**3 // 2)) == (
+        "memory_gb",
+        Decimal("0.5"),
+    )
+    assert pricing.in_billing_units("requests", Decimal(7)) == ("requests", Decimal(7))
+
+
 # -- invoices --------------------------------------------------------------------------------
 
 
+#: Usage of a tenant upgraded from starter to pro on April 11th: on each side of the
+#: upgrade, plus a row of May (another period).
+UPGRADE_USAGE: list[tuple[str, dt.datetime, float]] = [
+    ("requests", at(2026, 4, 2, 10), 30_000),
+    ("requests", at(2026, 4, 10, 23, 59), 20_000),
+    ("requests", at(2026, 4, 11), 400_000),
+    ("requests", at(2026, 4, 30, 23, 59), 300_000),
+    ("requests", at(2026, 5, 1), 999),
+    ("cpu_seconds", at(2026, 4, 5), 100_000),
+    ("cpu_seconds", at(2026, 4, 20), 200_000),
+    ("storage_gb", at(2026, 4, 3), 12),
+    ("storage_gb", at(2026, 4, 9), 26),
+    ("storage_gb", at(2026, 4, 15), 40),
+    ("memory_gb", at(2026, 4, 4), 1),
+    ("memory_gb", at(2026, 4, 8), 3),
+    ("memory_gb", at(2026, 4, 12), 8),
+]
+
+
+def upgrade_total_by_hand(starter: Decimal, pro: Decimal) -> Decimal:
+    """The upgraded tenant's April total with each plan's share: every billed line rounded
+    on its own, then added, as the invoice does."""
+    return (
+        q(29 * starter)
+        + q(99 * pro)
+        + q((50_000 - 100_000 * starter) * Decimal("0.0005"))
+        + q((700_000 - 1_000_000 * pro) * Decimal("0.0002"))
+        + q(100_000 * Decimal("0.00002"))
+        + q(200_000 * Decimal("0.000015"))
+        + q((26 - 20) * starter * Decimal("0.10"))
+    )
+
+
 def test_a_mid_period_upgrade_is_priced_part_by_part_as_computed_by_hand(db: str) -> None:
-    # Given a tenant anchored on April 1st (a 30-day period), on starter for 10 days and
-    # upgraded to pro on April 11th
-    add_tenant(
-        db,
-        "acme",
-        dt.date(2026, 4, 1),
-        [("starter", at(2026, 4, 1), at(2026, 4, 11)), ("pro", at(2026, 4, 11), None)],
-    )
-    # And usage on each side of the upgrade, plus a row of May (another period)
-    add_usage(
-        db,
-        "acme",
-        [
-            ("requests", at(2026, 4, 2, 10), 30_000),
-            ("requests", at(2026, 4, 10, 23, 59), 20_000),
-            ("requests", at(2026, 4, 11), 400_000),
-            ("requests", at(2026, 4, 30, 23, 59), 300_000),
-            ("requests", at(2026, 5, 1), 999),
-            ("cpu_seconds", at(2026, 4, 5), 100_000),
-            ("cpu_seconds", at(2026, 4, 20), 200_000),
-            ("storage_gb", at(2026, 4, 3), 12),
-            ("storage_gb", at(2026, 4, 9), 26),
-            ("storage_gb", at(2026, 4, 15), 40),
-            ("memory_gb", at(2026, 4, 4), 1),
-            ("memory_gb", at(2026, 4, 8), 3),
-            ("memory_gb", at(2026, 4, 12), 8),
-        ],
-    )
+    # Given a tenant on starter from April 1st (a 30-day period), on pro from the 11th
+    history: list[tuple[str, dt.datetime, dt.datetime | None]] = [
+        ("starter", at(2026, 4, 1), at(2026, 4, 11)),
+        ("pro", at(2026, 4, 11), None),
+    ]
+    add_tenant(db, "acme", dt.date(2026, 4, 1), history)
+    add_usage(db, "acme", UPGRADE_USAGE)  # on both sides of the upgrade, and in May
 
     # When the periods that ended by May 1st 01:00 are closed
     summary = billing.close_periods(at(2026, 5, 1, 1), url=db)
@@ -295,15 +463,7 @@ def test_a_mid_period_upgrade_is_priced_part_by_part_as_computed_by_hand(db: str
     }
     assert not any(x["late"] for x in lines)
     # And the total is the sum of the hand-computed lines
-    by_hand = (
-        q(29 * starter)
-        + q(99 * pro)
-        + q((50_000 - 100_000 * starter) * Decimal("0.0005"))
-        + q((700_000 - 1_000_000 * pro) * Decimal("0.0002"))
-        + q(100_000 * Decimal("0.00002"))
-        + q(200_000 * Decimal("0.000015"))
-        + q((26 - 20) * starter * Decimal("0.10"))
-    )
+    by_hand = upgrade_total_by_hand(starter, pro)
     assert by_hand == Decimal("95.8667")
     assert pricing.money(invoice.total) == by_hand
     assert sum(Decimal(x["amount"]) for x in lines) == by_hand
