@@ -408,7 +408,6 @@ class LocalPlatform:
             message=f"instance {name} did not listen",
             error=TransientError,
         )
-        assert port is not None  # wait_until returns a truthy value only
         return port
 
     def _kill(self, name: str, *, grace: float) -> int:
@@ -543,7 +542,6 @@ class LocalPlatform:
             message=f"instance {name} is busy (locked)",
             error=TransientError,
         )
-        assert lock is not None  # wait_until returns a truthy value only
         with lock:
             yield path
 

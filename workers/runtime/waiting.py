@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 def wait_until(
-    check: Callable[[], T],
+    check: Callable[[], T | None],
     *,
     timeout: float,
     interval: float = 0.05,
