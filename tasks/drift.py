@@ -74,7 +74,7 @@ def _audit(tenant_id: str | None, kind: str, data: dict[str, Any]) -> None:
         session.add(AuditEvent(tenant_id=tenant_id, kind=kind, data=data))
 
 
-@app.task(name="cul8er.platforms.reconcile", acks_late=True)
+@app.task(name="cul8er.platforms.reconcile")
 def reconcile_platforms(prune: bool = False) -> _Report:
     """Bring every platform back in line with the database; returns what it found and did."""
     settings = get_settings()

@@ -116,7 +116,7 @@ def sweep_once() -> dict[str, Any]:
     return {"probed": len(targets), "unhealthy": unhealthy, "changes": changes}
 
 
-@app.task(name=SWEEP, ignore_result=True, acks_late=True)
+@app.task(name=SWEEP, ignore_result=True)
 def sweep() -> dict[str, Any]:
     """Probe every active tenant's instances once per slot (a second beat does nothing)."""
     slot = slot_start(get_settings().health_sweep_interval)
