@@ -325,7 +325,8 @@ def broker() -> Iterator[str]:
             embedded.stop()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The bench's options (see the module's docstring)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tenants", type=int, default=10_000)
     parser.add_argument("--chunk", type=int, default=100)
@@ -338,13 +339,61 @@ def main() -> None:
         default=BILLING_WINDOWS,
         help="usage windows per tenant for the billing close (x5 metrics; 0 skips it)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def time_ticks(client: Any, database_url: str, args: argparse.Namespace) -> None:
+    """Time ``args.ticks`` metering ticks and as many bare fan-outs, interleaved; print both."""
+    from bench._harness import emit
+
+    bare_s: list[float] = []
+    tick_s: list[float] = []
+    # Interleaved, so both see the same machine noise.
+    for _ in range(args.ticks):
+        bare_s.append(bare_fanout(client, args.tenants, args.chunk))
+        tick_s.append(metering_tick(client, database_url, args.tenants, args.interval))
+    warm = tick_s[1:] or tick_s  # the first tick inserts every reading; later update
+    best_bare = min(bare_s)
+    emit(
+        f"metering tick of {args.tenants} tenants on PostgreSQL "
+        f"({args.concurrency} worker processes, chunks of {args.chunk})",
+        {
+            "tick_seconds": [round(s, 2) for s in tick_s],
+            "first_tick_tenants_per_s": round(args.tenants / tick_s[0], 1),
+            "warm_tick_seconds_median": round(sorted(warm)[len(warm) // 2], 2),
+            "warm_tenants_per_s": round(args.tenants / min(warm), 1),
+            "interval_budget_s": 60,
+            "share_of_60s_interval": round(max(warm) / 60, 3),
+        },
+    )
+    emit(
+        "bare celery fan-out of the same chunks (no-op tasks)",
+        {
+            "seconds": [round(s, 2) for s in bare_s],
+            "tenants_per_s": round(args.tenants / best_bare, 1),
+        },
+    )
+    emit(
+        "metering / bare fan-out ratio",
+        {
+            "warm_tick_over_best_bare": round(min(warm) / best_bare, 2),
+            "first_tick_over_best_bare": round(tick_s[0] / best_bare, 2),
+        },
+    )
+    print(
+        "(the bare fan-out's chunks do nothing: the ratio is what reading counters "
+        "and writing five rows and the readings per tenant costs on top of Celery)"
+    )
+
+
+def main() -> None:
+    args = parse_args()
 
     import logging
 
     from celery import Celery
 
-    from bench._harness import emit, pg_database, wait_ready, workers
+    from bench._harness import pg_database, wait_ready, workers
     from workers.runtime.logging import configure_logging
 
     configure_logging(fmt="console", level="WARNING")
@@ -373,44 +422,7 @@ def main() -> None:
         client.conf.update(task_serializer="json", accept_content=["json"])
         with workers(env, concurrency=args.concurrency):
             wait_ready(client)
-            bare_s: list[float] = []
-            tick_s: list[float] = []
-            # Interleaved, so both see the same machine noise.
-            for _ in range(args.ticks):
-                bare_s.append(bare_fanout(client, args.tenants, args.chunk))
-                tick_s.append(metering_tick(client, database_url, args.tenants, args.interval))
-            warm = tick_s[1:] or tick_s  # the first tick inserts every reading; later update
-            best_bare = min(bare_s)
-            emit(
-                f"metering tick of {args.tenants} tenants on PostgreSQL "
-                f"({args.concurrency} worker processes, chunks of {args.chunk})",
-                {
-                    "tick_seconds": [round(s, 2) for s in tick_s],
-                    "first_tick_tenants_per_s": round(args.tenants / tick_s[0], 1),
-                    "warm_tick_seconds_median": round(sorted(warm)[len(warm) // 2], 2),
-                    "warm_tenants_per_s": round(args.tenants / min(warm), 1),
-                    "interval_budget_s": 60,
-                    "share_of_60s_interval": round(max(warm) / 60, 3),
-                },
-            )
-            emit(
-                "bare celery fan-out of the same chunks (no-op tasks)",
-                {
-                    "seconds": [round(s, 2) for s in bare_s],
-                    "tenants_per_s": round(args.tenants / best_bare, 1),
-                },
-            )
-            emit(
-                "metering / bare fan-out ratio",
-                {
-                    "warm_tick_over_best_bare": round(min(warm) / best_bare, 2),
-                    "first_tick_over_best_bare": round(tick_s[0] / best_bare, 2),
-                },
-            )
-            print(
-                "(the bare fan-out's chunks do nothing: the ratio is what reading counters "
-                "and writing five rows and the readings per tenant costs on top of Celery)"
-            )
+            time_ticks(client, database_url, args)
         if args.billing_windows:
             # The close itself is one set-based pass per chunk of tenants; it runs here, in
             # the bench process, as the beat-scheduled task runs it on a worker.
