@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import celery.exceptions
 import typer
 
 from workers.cli.console import complain, fail
@@ -37,10 +36,13 @@ def celery_app() -> Celery:
 
 def call(task: str, kwargs: dict[str, Any], *, timeout: float) -> Any:
     """Enqueue the public task ``task`` by name and wait for its answer (exit code 2 if none)."""
+    # Imported here: commands that only read the database start without loading Celery.
+    from celery.exceptions import TimeoutError as NoAnswerError
+
     result = celery_app().send_task(task, kwargs=kwargs)
     try:
         return result.get(timeout=timeout)
-    except (TimeoutError, celery.exceptions.TimeoutError):
+    except (TimeoutError, NoAnswerError):
         complain(
             (f"no answer from a worker within {timeout:.0f} s", "red"),
             " (is `cul8er up` running?)",
