@@ -11,6 +11,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from tests.chaos._faults import (
     wait_runs,
 )
 from tests.stack import Stack
-from tests.webhook import webhook_receiver
+from tests.webhook import Receiver, webhook_receiver
 from workers.economics import billing, metering, periods, pricing
 from workers.runtime.models import Instance, Invoice, PlanPeriod, Tenant, UsageRecord, utcnow
 
@@ -91,6 +92,45 @@ def _burn_all(stack: Stack, tenant_ids: list[str], seconds: float) -> ThreadPool
     return pool
 
 
+def _provisioned(stack: Stack, plans: list[str], prefix: str) -> list[str]:
+    """A tenant provisioned on each of ``plans``, every run succeeded; their ids, sorted."""
+    provisions = start_provisions(stack, plans, prefix=prefix)
+    finished = wait_runs(stack, [p.run_id for p in provisions], timeout=120)
+    statuses = set(finished.status.values())
+    assert statuses == {RunStatus.SUCCEEDED}, describe_unfinished(stack, finished)
+    return sorted(p.tenant_id for p in provisions)
+
+
+def _send_fan_out_again(stack: Stack) -> dict[str, Any]:
+    """``meter_all`` sent again, as a second beat would; its answer."""
+    answer = stack.client.send_task(METER_ALL, queue="metering", ignore_result=False)
+    found: dict[str, Any] = answer.get(timeout=60)
+    assert found["ok"], found
+    return found
+
+
+def _slot_log(stack: Stack, event: str, window_start: str) -> list[dict[str, Any]]:
+    """The workers' ``event`` log lines about the window starting at ``window_start``."""
+    return [e for e in log_events(stack, event) if e["window_start"] == window_start]
+
+
+def _assert_metered_once(stack: Stack, window: metering.Window, tenant_ids: list[str]) -> None:
+    """Each tenant has one row per metric in ``window``, and no (tenant, metric, window) has
+    two rows in any window."""
+    rows = _metered_rows(stack, window)
+    expected = Counter(dict.fromkeys(metering.AGGREGATIONS, 1))
+    assert {t: rows[t] for t in tenant_ids} == dict.fromkeys(tenant_ids, expected), rows
+    doubles = read(
+        stack,
+        lambda s: s.execute(
+            select(UsageRecord.tenant_id, UsageRecord.metric, UsageRecord.window_start)
+            .group_by(UsageRecord.tenant_id, UsageRecord.metric, UsageRecord.window_start)
+            .having(func.count() > 1)
+        ).all(),
+    )
+    assert doubles == []
+
+
 @pytest.mark.timeout(300)
 def test_sigkill_during_a_metering_fan_out_meters_each_window_once(tmp_path: Path) -> None:
     rng = seeded_random("meter-kill")
@@ -99,11 +139,7 @@ def test_sigkill_during_a_metering_fan_out_meters_each_window_once(tmp_path: Pat
         # Given six active tenants on the free plan and two workers of two processes each
         # (one tenant per metering chunk, so the fan-out is six messages over four processes)
         workers = _start_workers(stack)
-        provisions = start_provisions(stack, ["free"] * 6, prefix="m")
-        finished = wait_runs(stack, [p.run_id for p in provisions], timeout=120)
-        statuses = set(finished.status.values())
-        assert statuses == {RunStatus.SUCCEEDED}, describe_unfinished(stack, finished)
-        tenant_ids = sorted(p.tenant_id for p in provisions)
+        tenant_ids = _provisioned(stack, ["free"] * 6, prefix="m")
         _wait_early_in_slot(METER_INTERVAL, SLOT_MARGIN)
         window = metering.window_for(METER_INTERVAL)
         # and every tenant busy spinning the CPU, so metering competes for it
@@ -121,24 +157,20 @@ def test_sigkill_during_a_metering_fan_out_meters_each_window_once(tmp_path: Pat
         burning.shutdown(wait=True)
         # and it is started again, and the same slot is sent again (as a second beat would)
         workers[victim] = stack.start_worker(victim, concurrency=2)
-        again = stack.client.send_task(METER_ALL, queue="metering", ignore_result=False)
-        again_answer = again.get(timeout=60)
-        assert again_answer["ok"], again_answer
+        again_answer = _send_fan_out_again(stack)
         assert metering.window_for(METER_INTERVAL) == window, "the slot ended too soon"
 
         # Then every tenant's window is metered, once the killed messages came back
-        def complete() -> bool:
-            return sorted(_metered_rows(stack, window)) == tenant_ids
-
-        done = until(complete, timeout=60, interval=0.25)
+        done = until(
+            lambda: sorted(_metered_rows(stack, window)) == tenant_ids, timeout=60, interval=0.25
+        )
         metered_in = time.monotonic() - sent_at
         time.sleep(2)  # a late duplicate chunk, were there one, would have run by now
         start = window.start.isoformat()
-        fanned = [e for e in log_events(stack, "metering_fanned_out") if e["window_start"] == start]
-        stood_aside = [
-            e for e in log_events(stack, "metering_slot_taken") if e["window_start"] == start
-        ]
-        chunks = [e for e in log_events(stack, "metering_chunk_done") if e["window_start"] == start]
+        fanned, stood_aside, chunks = (
+            _slot_log(stack, event, start)
+            for event in ("metering_fanned_out", "metering_slot_taken", "metering_chunk_done")
+        )
         print(
             f"[meter-kill] killed worker {victim} {delay:.2f} s after the fan-out was sent "
             f"(received by {received_by(stack, fan_out)}), with {len(at_kill)}/{len(tenant_ids)} "
@@ -152,20 +184,9 @@ def test_sigkill_during_a_metering_fan_out_meters_each_window_once(tmp_path: Pat
             f"fan-outs {fanned}, stood aside {stood_aside}; see {stack.data_dir}"
         )
 
-        # And each tenant has exactly one row per metric in that window
-        rows = _metered_rows(stack, window)
-        expected = Counter(dict.fromkeys(metering.AGGREGATIONS, 1))
-        assert {t: rows[t] for t in tenant_ids} == dict.fromkeys(tenant_ids, expected), rows
-        # and no (tenant, metric, window) has two rows in any window
-        doubles = read(
-            stack,
-            lambda s: s.execute(
-                select(UsageRecord.tenant_id, UsageRecord.metric, UsageRecord.window_start)
-                .group_by(UsageRecord.tenant_id, UsageRecord.metric, UsageRecord.window_start)
-                .having(func.count() > 1)
-            ).all(),
-        )
-        assert doubles == []
+        # And each tenant has exactly one row per metric in that window, and no
+        # (tenant, metric, window) has two rows in any window
+        _assert_metered_once(stack, window, tenant_ids)
         # and no tenant's window was written by two chunk runs
         assert sum(e["metered"] for e in chunks) <= len(tenant_ids), chunks
         # and of the fan-outs of the slot exactly one went ahead, the re-sent one stood aside
@@ -228,6 +249,69 @@ def _add_billed_tenants(stack: Stack, count: int, since: dt.datetime) -> list[st
     return ids
 
 
+def _kill_the_close(stack: Stack, workers: dict[str, Any], as_of: dt.datetime, delay: float) -> str:
+    """Send the close of ``as_of`` and SIGKILL the worker that receives it ``delay`` seconds
+    after sending; that worker's name."""
+    close_id = uuid.uuid4().hex
+    stack.client.send_task(CLOSE_TASK, kwargs={"as_of": as_of.isoformat()}, task_id=close_id)
+    sent_at = time.monotonic()
+    assert until(lambda: received_by(stack, close_id) is not None, timeout=30, interval=0.02)
+    victim = received_by(stack, close_id)
+    assert victim is not None
+    time.sleep(max(0.0, delay - (time.monotonic() - sent_at)))
+    stack.kill(workers[victim])
+    return victim
+
+
+def _invoiced(stack: Stack) -> set[tuple[str, dt.datetime]]:
+    """The (tenant, period start) of every invoice."""
+    return set(
+        read(stack, lambda s: s.execute(select(Invoice.tenant_id, Invoice.period_start)).all())
+    )
+
+
+def _wait_webhook_settled(receiver: Receiver, invoices: int) -> None:
+    """Wait until the webhook has heard of ``invoices`` invoices, or stopped hearing
+    anything new (3 s without a delivery)."""
+
+    def settled() -> bool:
+        before = len(receiver.received)
+        time.sleep(3)
+        return len(receiver.received) == before
+
+    until(
+        lambda: len({k for k, _ in receiver.of_type("invoice.finalized")}) >= invoices,
+        timeout=60,
+        interval=0.5,
+    )
+    until(settled, timeout=60, interval=0)
+
+
+def _assert_one_event_per_invoice(
+    stack: Stack, invoices: Sequence[Any], events: list[tuple[str | None, dict[str, Any]]]
+) -> None:
+    """Each invoice (id, tenant, start, total) was finalized as one event: one key per
+    invoice, the key derived from the invoice, every delivery under a key the same event,
+    and every invoice's event delivered."""
+    keys = Counter(key for key, _ in events)
+    by_id = {invoice_id: total for invoice_id, _, _, total in invoices}
+    derived = {str(billing.invoice_event_id(invoice_id)): invoice_id for invoice_id in by_id}
+    assert set(keys) <= set(derived), set(keys) - set(derived)
+    for key, event in events:
+        assert key == event["event_id"]
+        assert event["data"]["invoice_id"] == derived[key]
+        assert event["data"]["total"] == str(pricing.money(by_id[derived[key]]))
+    bodies: dict[str | None, set[str]] = defaultdict(set)
+    for key, event in events:
+        bodies[key].add(json.dumps(event, sort_keys=True))
+    assert all(len(b) == 1 for b in bodies.values())
+    missing = set(derived) - set(keys)
+    assert not missing, (
+        f"{len(missing)} of {len(derived)} invoices never had invoice.finalized "
+        f"delivered; see {stack.data_dir}"
+    )
+
+
 @pytest.mark.timeout(360)
 def test_sigkill_during_a_billing_close_invoices_each_period_once(tmp_path: Path) -> None:
     rng = seeded_random("billing-kill")
@@ -247,19 +331,8 @@ def test_sigkill_during_a_billing_close_invoices_each_period_once(tmp_path: Path
 
             # When the close is sent and the worker running it is SIGKILLed 0-1 s later
             as_of = utcnow()
-            close_id = uuid.uuid4().hex
-            stack.client.send_task(
-                CLOSE_TASK, kwargs={"as_of": as_of.isoformat()}, task_id=close_id
-            )
             delay = rng.uniform(0.0, 1.0)
-            sent_at = time.monotonic()
-            assert until(
-                lambda: received_by(stack, close_id) is not None, timeout=30, interval=0.02
-            )
-            victim = received_by(stack, close_id)
-            assert victim is not None
-            time.sleep(max(0.0, delay - (time.monotonic() - sent_at)))
-            stack.kill(workers[victim])
+            victim = _kill_the_close(stack, workers, as_of, delay)
             at_kill = read(stack, lambda s: s.scalar(select(func.count()).select_from(Invoice)))
             events_at_kill = len(receiver.of_type("invoice.finalized"))
             # and started again
@@ -274,31 +347,11 @@ def test_sigkill_during_a_billing_close_invoices_each_period_once(tmp_path: Path
                 )
             }
             assert len(wanted) >= BILLED_TENANTS * MINUTES  # one more if a minute ended since
-
-            def invoiced() -> set[tuple[str, dt.datetime]]:
-                return set(
-                    read(
-                        stack,
-                        lambda s: s.execute(select(Invoice.tenant_id, Invoice.period_start)).all(),
-                    )
-                )
-
-            assert until(lambda: invoiced() >= wanted, timeout=90, interval=0.5), (
-                f"{len(wanted - invoiced())} periods not invoiced; see {stack.data_dir}"
+            assert until(lambda: _invoiced(stack) >= wanted, timeout=90, interval=0.5), (
+                f"{len(wanted - _invoiced(stack))} periods not invoiced; see {stack.data_dir}"
             )
-
             # and the webhook has heard of every invoice, or stopped hearing anything new
-            def settled() -> bool:
-                before = len(receiver.received)
-                time.sleep(3)
-                return len(receiver.received) == before
-
-            until(
-                lambda: len({k for k, _ in receiver.of_type("invoice.finalized")}) >= len(wanted),
-                timeout=60,
-                interval=0.5,
-            )
-            until(settled, timeout=60, interval=0)
+            _wait_webhook_settled(receiver, len(wanted))
             invoices = read(
                 stack,
                 lambda s: s.execute(
@@ -318,24 +371,5 @@ def test_sigkill_during_a_billing_close_invoices_each_period_once(tmp_path: Path
             per_period = Counter((tenant_id, start) for _, tenant_id, start, _ in invoices)
             assert set(per_period) == wanted
             assert set(per_period.values()) == {1}
-            # And each invoice was finalized as one event: one key per invoice, the key
-            # derived from the invoice, and every delivery under a key the same event
-            by_id = {invoice_id: total for invoice_id, _, _, total in invoices}
-            derived = {
-                str(billing.invoice_event_id(invoice_id)): invoice_id for invoice_id in by_id
-            }
-            assert set(keys) <= set(derived), set(keys) - set(derived)
-            for key, event in events:
-                assert key == event["event_id"]
-                assert event["data"]["invoice_id"] == derived[key]
-                assert event["data"]["total"] == str(pricing.money(by_id[derived[key]]))
-            bodies: dict[str, set[str]] = defaultdict(set)
-            for key, event in events:
-                bodies[key].add(json.dumps(event, sort_keys=True))
-            assert all(len(b) == 1 for b in bodies.values())
-            # And none was lost: every invoice's event reached the webhook
-            missing = set(derived) - set(keys)
-            assert not missing, (
-                f"{len(missing)} of {len(derived)} invoices never had invoice.finalized "
-                f"delivered; see {stack.data_dir}"
-            )
+            # And each invoice was finalized as one event, none lost
+            _assert_one_event_per_invoice(stack, invoices, events)
