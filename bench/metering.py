@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: A Redis URL to use; unset, the bench runs its own Redis server (cul8er's embedded one), so
-#: no other session on the machine can take its messages.
+#: no other process on the machine can take its messages.
 REDIS = os.environ.get("BENCH_REDIS_URL")
 PLUGIN = "benchcounters"
 

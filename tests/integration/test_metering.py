@@ -36,8 +36,8 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def meter_stack(tmp_path: Path) -> Iterator[Callable[[str], Stack]]:
     """``make(kind)``: a stack on its own embedded Redis, over SQLite or PostgreSQL.
 
-    Its own broker, rather than a numbered database of the shared Redis, so no other test
-    session's workers can take (and drop) its metering messages.
+    Its own broker, rather than a numbered database of the shared Redis, so no other test run's
+    workers can take (and drop) its metering messages.
     """
     made: list[Stack] = []
 
