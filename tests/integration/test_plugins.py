@@ -28,6 +28,7 @@ from schemas.manifest import PluginType
 from tests.stack import ROOT, Stack
 from workers.pluginhost.template import write_manifest
 from workers.runtime.embedded import EmbeddedRedis
+from workers.runtime.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -125,12 +126,28 @@ def call(stack: Stack, plugin: str, queue: str | None = None, timeout: float = 3
 
 
 def until(predicate: Callable[[], Any], timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
+    """``predicate``'s first truthy value, or its last (falsy) one after ``timeout`` seconds.
+
+    The caller asserts on the value, with its own message.
+    """
+    last: list[Any] = [None]
+
+    def check() -> Any:
+        last[0] = predicate()
+        return last[0]
+
+    try:
+        return wait_until(check, timeout=timeout, interval=0.2)
+    except TimeoutError:
+        return last[0]
+
+
+def applied(stack: Stack, plugin: str, log: str = "worker-main.log") -> int:
+    """How many times the worker's processes applied a change of ``plugin``'s table row."""
+    text = (stack.data_dir / log).read_text()
+    return sum(
+        1 for line in text.splitlines() if "plugin_state_applied" in line and f'"{plugin}"' in line
+    )
 
 
 @pytest.fixture
@@ -304,7 +321,17 @@ def test_disable_enable_and_reload_reach_a_running_worker(stack: Stack, tmp_path
     assert failed.returncode == 1
     assert "database unreachable" in failed.stdout
     assert json.loads(failed.stdout)["serving"] == "0.2.0"
-    time.sleep(1)
+    # (the refusal is recorded in the table; a worker takes it in at its next call past
+    # the state TTL: call until its log says it applied the refused row)
+    before = applied(stack, "ver")
+    answers: list[str] = []
+
+    def taken_in() -> bool:
+        answers.append(call(stack, "ver")["result"]["detail"])
+        return applied(stack, "ver") > before
+
+    wait_until(taken_in, timeout=20, interval=0.1, message="the worker never read the refusal")
+    assert answers and all(a.startswith("0.2.0") for a in answers), answers
     assert call(stack, "ver")["result"]["detail"].startswith("0.2.0")
     listed = {p["name"]: p for p in json.loads(cli(stack, "plugin", "list", "--json").stdout)}
     assert listed["ver"]["version"] == "0.2.0"
@@ -351,16 +378,27 @@ def test_a_planted_secret_never_leaves_the_plugin(stack: Stack, tmp_path: Path) 
     # When the plugin runs, logging and answering with its resolved config (again until
     # Flower, whose event receiver connects a little after its web server, has seen a call)
     answers = [call(stack, "leaky")]
-    deadline = time.monotonic() + 60
-    while _flower_tasks(port) is None and time.monotonic() < deadline:
-        answers.append(call(stack, "leaky"))
-        time.sleep(1)
+
+    def seen_by_flower() -> dict[str, Any] | None:
+        tasks = _flower_tasks(port)
+        if tasks is None:
+            answers.append(call(stack, "leaky"))
+        return tasks
+
+    wait_until(
+        seen_by_flower, timeout=60, interval=0.5, message="Flower never showed a plugins.leaky task"
+    )
 
     # Then the value was resolved (not the reference) but every result carries only the mask
     assert {a["result"]["detail"] for a in answers} == {"token=**********"}
     # And no log line, no stored result and no Flower view of the task holds the value
-    time.sleep(1)
-    logs = (stack.data_dir / "worker-main.log").read_text()
+    worker_log = stack.data_dir / "worker-main.log"
+    wait_until(
+        lambda: worker_log.read_text().count("about_to_answer") >= len(answers),
+        timeout=20,
+        message=lambda: f"fewer than {len(answers)} about_to_answer lines in {worker_log}",
+    )
+    logs = worker_log.read_text()
     assert "about_to_answer" in logs
     assert planted not in logs
     client = redis.Redis(unix_socket_path=str(EmbeddedRedis(stack.data_dir).socket_path))

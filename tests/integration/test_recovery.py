@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 import uuid
 
@@ -11,6 +10,7 @@ from sqlalchemy import select
 
 from tests.stack import instance_processes
 from workers.runtime.models import StepRun, WorkflowRun
+from workers.runtime.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +35,17 @@ def test_worker_killed_mid_provision_finishes_on_another_worker(stack_factory, k
     )
     assert created["ok"], created
     run_id = created["workflow_id"]
-    deadline = time.monotonic() + 30
-    while _step_status(stack, run_id, "cul8er.tenants.create_instances") != "running":
-        assert time.monotonic() < deadline, "create_instances never started"
-        time.sleep(0.05)
-    time.sleep(0.5)  # the instance process is spawned and booting
+    wait_until(
+        lambda: _step_status(stack, run_id, "cul8er.tenants.create_instances") == "running",
+        timeout=30,
+        message="create_instances never started",
+    )
+    # the instance process is spawned and booting (it listens only after 4 s)
+    wait_until(
+        lambda: instance_processes(stack.data_dir, name),
+        timeout=30,
+        message=f"no process of instance {name} was spawned",
+    )
 
     # When the worker is SIGKILLed in the middle of create_instances
     stack.kill(first)
