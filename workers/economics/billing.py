@@ -48,6 +48,7 @@ from workers.economics.plans import get_plan
 from workers.economics.pricing import (
     Part,
     Priced,
+    Span,
     Usage,
     in_billing_units,
     price_period,
@@ -89,8 +90,6 @@ _INVOICE_NS: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://cul8er.dev/billing/
 _EVENT_NS: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://cul8er.dev/billing/invoice-event")
 #: ``pg_advisory_xact_lock`` key of billing closes ("cul8erb1").
 _PG_LOCK_KEY: Final = 0x6375_6C38_6572_6231
-#: A tenant's plan span: (plan, from, to or ``None`` while it lasts).
-Span = tuple[str, dt.datetime, dt.datetime | None]
 
 
 # -- identities ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ __all__ = [
     "Part",
     "Priced",
     "QUANTITY",
+    "Span",
     "Usage",
     "ZERO",
     "in_billing_units",
@@ -45,6 +46,10 @@ _BYTE_METRICS: Final = {
     "storage_bytes": "storage_gb",
     "memory_bytes": "memory_gb",
 }
+
+
+#: A stretch of a tenant's plan history: (plan, from, to or ``None`` while it lasts).
+Span = tuple[str, dt.datetime, dt.datetime | None]
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class Priced:
 def split_period(
     start: dt.datetime,
     end: dt.datetime,
-    history: Sequence[tuple[str, dt.datetime, dt.datetime | None]],
+    history: Sequence[Span],
     *,
     until: dt.datetime | None = None,
 ) -> list[Part]:
