@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -29,6 +30,16 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
     else:
         for key, value in data.items():
             console.print(line((key, "bold"), f": {value}"))
+
+
+def _composed() -> None:
+    """Put cul8er together (the composition root, :mod:`workers.app`) before an action.
+
+    An action emits ``plugin.state_changed``; only a process whose observer bus is
+    subscribed to the engine's events hands it to the observers. Importing the root starts
+    nothing, so commands that only read skip it and start faster.
+    """
+    importlib.import_module("workers.app")
 
 
 def _refused(exc: Cul8erError, as_json: bool) -> NoReturn:
@@ -137,6 +148,7 @@ def plugin_rehash(package: Path) -> None:
 @plugin_cli.command("install")
 def plugin_install(source: str, as_json: JsonOpt = False) -> None:
     """Install from a folder, .zip or .tar.gz, or with pip (a package name or URL)."""
+    _composed()
     try:
         result = plugin_admin.install(source, settings=get_settings())
     except Cul8erError as exc:
@@ -145,6 +157,7 @@ def plugin_install(source: str, as_json: JsonOpt = False) -> None:
 
 
 def _set(name: str, enabled: bool, as_json: bool) -> None:
+    _composed()
     try:
         result = plugin_admin.set_enabled(name, enabled, settings=get_settings())
     except Cul8erError as exc:
@@ -171,6 +184,7 @@ def plugin_reload(
     as_json: JsonOpt = False,
 ) -> None:
     """Move to the newest version found; a version that fails its checks leaves the old one."""
+    _composed()
     try:
         result = plugin_admin.reload(name, settings=get_settings(), version=version)
     except Cul8erError as exc:
