@@ -348,7 +348,7 @@ def evaluate_slot(slot: dt.datetime, *, now: dt.datetime | None = None) -> Evalu
     return result
 
 
-@app.task(name=EVALUATE, ignore_result=True, acks_late=True)
+@app.task(name=EVALUATE, ignore_result=True)
 def evaluate() -> dict[str, Any]:
     """Evaluate every active tenant's autoscale rules for the current slot."""
     slot = slot_start(get_settings().autoscale_interval)

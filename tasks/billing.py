@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from workers.economics import billing, pricing
 from workers.engine.public import Outcome, public_task, rejection
 from workers.runtime.app import app
-from workers.runtime.errors import NotFoundError, TransientError, ValidationFailedError
+from workers.runtime.errors import NotFoundError, ValidationFailedError
 from workers.runtime.models import Invoice, utcnow
 from workers.runtime.schedule import claim_slot, slot_start
 from workers.runtime.settings import get_settings
+from workers.runtime.task import RetryingTask
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -59,12 +60,7 @@ def _parse_as_of(value: str) -> dt.datetime:
 @app.task(
     name=CLOSE_TASK,
     bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(TransientError,),
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=5,
+    base=RetryingTask,
     # A fleet's close takes longer than a step; each chunk commits, so a kill loses nothing.
     soft_time_limit=1800,
     time_limit=1810,

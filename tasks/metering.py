@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from celery import Task
 
 from workers.economics import metering
 from workers.engine.public import rejection
@@ -27,13 +26,13 @@ from workers.runtime.errors import (
     ConflictError,
     NotFoundError,
     PermanentError,
-    TransientError,
     ValidationFailedError,
 )
 from workers.runtime.models import Tenant
 from workers.runtime.queues import Queue
 from workers.runtime.schedule import claim_slot, claimed_slot
 from workers.runtime.settings import get_settings
+from workers.runtime.task import RetryingTask
 
 if TYPE_CHECKING:
     from schemas.platform import InstanceStats
@@ -58,16 +57,9 @@ METER_TENANTS = "cul8er.metering.meter_tenants"
 METER_TENANT = "cul8er.metering.meter_tenant"
 
 
-class MeteringTask(Task[Any, Any]):
-    """Metering defaults: acks late (a killed worker's chunk runs again), busy database retried."""
+class MeteringTask(RetryingTask):
+    """Metering: a killed worker's chunk runs again (global acks_late), busy database retried."""
 
-    acks_late = True
-    reject_on_worker_lost = True
-    autoretry_for = (TransientError,)
-    dont_autoretry_for = (PermanentError,)
-    retry_backoff = True
-    retry_jitter = True
-    max_retries = 5
     typing = False  # kwargs are checked here, with the field named in the error
 
 

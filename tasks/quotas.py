@@ -213,7 +213,7 @@ def enforce_quotas(
     return result
 
 
-@app.task(name=ENFORCE, ignore_result=False, acks_late=True)
+@app.task(name=ENFORCE, ignore_result=False)
 def enforce(tenant_ids: list[str] | None = None) -> dict[str, Any]:
     """Apply quota policies and expired payment graces to active tenants."""
     result = enforce_quotas(tenant_ids=tenant_ids)

@@ -21,7 +21,7 @@ from workers.runtime.app import app
 from workers.runtime.db import session_scope
 from workers.runtime.errors import PermanentError, TransientError, ValidationFailedError
 from workers.runtime.models import Operation
-from workers.runtime.task import Cul8erTask
+from workers.runtime.task import RetryingTask
 
 __all__ = ["Outcome", "PublicTask", "public_task", "rejection"]
 
@@ -43,12 +43,10 @@ class Outcome:
     dispatch: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
 
-class PublicTask(Cul8erTask):
-    """Public tasks keep their results for the caller and retry transient errors."""
+class PublicTask(RetryingTask):
+    """Public tasks keep their results for the caller; a busy database is retried."""
 
     ignore_result = False
-    # Only our own TransientError is retried (a busy database); bad input never is.
-    autoretry_for = (TransientError,)
     typing = False  # we validate kwargs ourselves, with field names in the error
 
 
