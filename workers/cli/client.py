@@ -18,23 +18,26 @@ from workers.runtime.settings import get_settings
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["call", "celery_app"]
+__all__ = ["ANSWER_TIMEOUT", "call", "celery_app"]
+
+#: How long a command waits for a worker's answer unless told otherwise (seconds).
+ANSWER_TIMEOUT = 30.0
 
 
 def celery_app() -> Celery:
     """cul8er's Celery app, once its broker is known to answer (exit code 2 otherwise)."""
-    from workers.app import app
-
     settings = get_settings()
     if settings.embedded_broker:
         try:
             EmbeddedRedis(settings.data_dir).require_running()
         except ConfigError as exc:
             raise fail(exc.code, str(exc), exit_code=2) from None
+    from workers.app import app
+
     return app
 
 
-def call(task: str, kwargs: dict[str, Any], *, timeout: float) -> Any:
+def call(task: str, kwargs: dict[str, Any], *, timeout: float = ANSWER_TIMEOUT) -> Any:
     """Enqueue the public task ``task`` by name and wait for its answer (exit code 2 if none)."""
     # Imported here: commands that only read the database start without loading Celery.
     from celery.exceptions import TimeoutError as NoAnswerError
