@@ -23,9 +23,9 @@ The server dies with its owner
     nothing in between to fail. Two of its edges are covered here: the signal follows the
     thread that forked the child, so :meth:`EmbeddedRedis.start` refuses to run outside the
     main thread; and an owner that died before the child's ``prctl`` ran is caught by the
-    child checking that its parent is still the owner, exiting otherwise. The server gets a
-    session of its own, so a Ctrl-C in the owner's terminal reaches the owner (which stops
-    its workers first and the broker last) rather than the broker itself.
+    child checking that its parent is still the owner, exiting otherwise. The server runs in
+    a process group of its own, away from the terminal, so a Ctrl-C reaches the owner (which
+    stops its workers first and the broker last) rather than the broker itself.
 
     Where there is no ``prctl`` (not Linux) the server is still the owner's child and is
     stopped by the owner's normal shutdown, but a SIGKILLed owner leaves it running:
