@@ -316,13 +316,8 @@ def broker() -> Iterator[str]:
         return
     from workers.runtime.embedded import EmbeddedRedis
 
-    with tempfile.TemporaryDirectory() as folder:
-        embedded = EmbeddedRedis(Path(folder))
-        embedded.ensure_running()
-        try:
-            yield embedded.url
-        finally:
-            embedded.stop()
+    with tempfile.TemporaryDirectory() as folder, EmbeddedRedis(Path(folder)).start() as server:
+        yield server.url
 
 
 def parse_args() -> argparse.Namespace:

