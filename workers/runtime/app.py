@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, Task, signals
 
 from workers.runtime import signals as _signals  # noqa: F401  (connects the handlers)
 from workers.runtime.config import celery_config
 from workers.runtime.embedded import EmbeddedRedis
 from workers.runtime.errors import ConfigError
 from workers.runtime.settings import get_settings
+from workers.runtime.task import Cul8erTask
 
 __all__ = ["app"]
 
-app = Celery("cul8er")
+# Every task is a Cul8erTask unless it names a subclass (workers.runtime.task says which).
+app: Celery[Task[Any, Any]] = Celery("cul8er", task_cls=Cul8erTask)
 app.config_from_object(celery_config(get_settings()))
 
 
