@@ -25,7 +25,7 @@ from workers.pluginhost.handles import check_platform
 from workers.runtime.errors import NotFoundError, PermanentError
 from workers.runtime.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: Never route loopback requests through an HTTP proxy from the environment.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -48,7 +48,7 @@ from workers.runtime import metrics
 from workers.runtime.errors import PermanentError, TransientError
 from workers.runtime.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def context(tmp_path: Path, name: str, **settings: Any) -> PluginContext:
