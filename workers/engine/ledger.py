@@ -521,28 +521,29 @@ def fail_step(
         run.error = {**(run.error or {}), "compensation_errors": errors}
         _advance(session, run_id=run_id, phase=phase, now=now, grace=grace)
         return []
+    run.error = {"step": name, **error}
+    log.warning("workflow_compensating", workflow_id=run_id, step=name, error=error)
+    return _compensate(session, run, now=now, grace=grace)
+
+
+def _compensate(session: Session, run: WorkflowRun, *, now: dt.datetime, grace: float) -> list[str]:
+    """Turn a failed run to compensating its done steps, in reverse; failed if there are none."""
     done = session.scalars(
         select(StepRun.name).where(
-            StepRun.run_id == run_id,
+            StepRun.run_id == run.id,
             StepRun.phase == Phase.FORWARD,
             StepRun.status == StepStatus.DONE,
         )
     ).all()
     tasks = get_workflow(run.kind).compensations_for(list(done))
-    run.error = {"step": name, **error}
-    log.warning("workflow_compensating", workflow_id=run_id, step=name, error=error)
     if not tasks:
-        run.status, run.finished_at, run.current_step, run.deadline_at = (
-            RunStatus.FAILED,
-            now,
-            None,
-            None,
-        )
-        _finished_event(session, run_id, run.kind, RunStatus.FAILED, now)
+        run.status, run.finished_at = RunStatus.FAILED, now
+        run.current_step, run.deadline_at = None, None
+        _finished_event(session, run.id, run.kind, RunStatus.FAILED, now)
         return []
     session.add_all(
         StepRun(
-            run_id=run_id, phase=Phase.COMPENSATE, position=i, name=task, status=StepStatus.PENDING
+            run_id=run.id, phase=Phase.COMPENSATE, position=i, name=task, status=StepStatus.PENDING
         )
         for i, task in enumerate(tasks)
     )
