@@ -19,7 +19,12 @@ from sqlalchemy.orm import Session
 from workers.engine import ledger
 from workers.runtime.app import app
 from workers.runtime.db import session_scope
-from workers.runtime.errors import PermanentError, TransientError, ValidationFailedError
+from workers.runtime.errors import (
+    ConflictError,
+    PermanentError,
+    TransientError,
+    ValidationFailedError,
+)
 from workers.runtime.models import Operation
 from workers.runtime.task import RetryingTask
 
@@ -147,12 +152,25 @@ def _run_once(
                 send = outcome.dispatch
     except IntegrityError as exc:
         # A concurrent call with the same key won the insert: answer as it did.
-        with session_scope() as session:
-            stored = session.get(Operation, key)
-        if stored is not None:
-            return stored.result
+        stored_result = _stored(key)
+        if stored_result is not None:
+            return stored_result
         raise TransientError(f"conflicting write, will retry: {exc.orig}") from exc
+    except ConflictError:
+        # The same key's first call may have committed after our read of the key, and its
+        # work is what this service now refuses ("exists already"): answer as it did.
+        stored_result = _stored(key)
+        if stored_result is not None:
+            return stored_result
+        raise
     for run_id, phase, tasks in send:
         # After commit: if this send is lost, reconcile finds the run past its deadline.
         ledger.dispatch(task.app, run_id, phase, tasks)
     return result
+
+
+def _stored(key: str) -> dict[str, Any] | None:
+    """The stored result of the idempotency key ``key``, read in a transaction of its own."""
+    with session_scope() as session:
+        stored = session.get(Operation, key)
+        return dict(stored.result) if stored is not None else None

@@ -121,6 +121,25 @@ def busy(session: Session, payload: Reserve) -> Outcome:
     raise TransientError("the database is busy")
 
 
+@public_task("test.public.reserve_once", Reserve)
+def reserve_once(session: Session, payload: Reserve) -> Outcome:
+    """Like ``tenants.create``: refuses a tenant that has a run already ("exists already")."""
+    calls.record(payload.tenant_id)
+    taken = session.scalar(
+        select(func.count())
+        .select_from(WorkflowRun)
+        .where(WorkflowRun.tenant_id == payload.tenant_id)
+    )
+    if taken:
+        raise ConflictError(f"tenant {payload.tenant_id!r} exists already")
+    run = ledger.new_run(session, kind=FLOW.kind, tenant_id=payload.tenant_id, input={}, grace=60)
+    return Outcome(
+        data={"workflow_id": run.id},
+        tenant_id=payload.tenant_id,
+        dispatch=[(run.id, "forward", FLOW.forward_tasks)],
+    )
+
+
 VALID: dict[str, Any] = {"tenant_id": "acme", "resources": {"cpu": 2.0, "memory_gb": 4.0}}
 
 
@@ -275,6 +294,36 @@ def test_two_deliveries_with_one_key_at_once_make_one_operation_and_one_send(
         # not being started yet, sent its chain again (the ledger turns a duplicate away)
         assert calls.seen == ["acme"]
         assert len(chains) == 2
+
+
+def test_a_key_whose_first_call_commits_mid_service_answers_as_that_call(
+    broker: Broker, settings: Settings
+) -> None:
+    if not settings.sqlalchemy_url.startswith("postgresql"):
+        pytest.skip("SQLite's write lock runs the two calls one after the other: no interleaving")
+    # Given two calls under one key: the second has read the key (absent) and is inside its
+    # service when the first runs from start to commit
+    kwargs = {**VALID, "idempotency_key": "interleaved"}
+    ids = [app.send_task("test.public.reserve_once", kwargs=kwargs).id for _ in range(2)]
+    first, second = (broker.take("test.public.reserve_once") for _ in ids)
+
+    def the_first_call_commits() -> None:
+        calls.inside = None
+        runner = threading.Thread(target=broker.deliver, args=(first,))
+        runner.start()
+        runner.join(timeout=30)
+
+    calls.inside = the_first_call_commits
+
+    # When the second's service then finds the first's tenant and refuses ("exists already")
+    broker.deliver(second)
+
+    # Then the second answers as the first did, not with the conflict, and nothing is doubled
+    answers = [broker.result(i) for i in ids]
+    assert answers[0]["ok"] is True and answers[1] == answers[0]
+    assert calls.seen == ["acme", "acme"]
+    assert count(Operation) == 1 and count(WorkflowRun) == 1
+    assert len(broker.sent()) == 1
 
 
 def test_a_redelivered_message_without_a_key_answers_as_its_first_delivery(
