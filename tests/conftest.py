@@ -124,8 +124,10 @@ def process_settings(
     """``configure(database="sqlite"|"postgres", **settings)`` → this process's ``get_settings()``.
 
     Every ``CUL8ER_*`` variable of the environment is cleared first; the data dir is the
-    test's own, the broker and results are in memory (nothing reaches ``./var``), and the
-    database is migrated. Keyword arguments become ``CUL8ER_<NAME>`` variables.
+    test's own, the settings name an in-memory broker and result backend, and the database
+    is migrated. Keyword arguments become ``CUL8ER_<NAME>`` variables. The Celery app keeps
+    the broker it was configured with when first imported: a test that sends through it
+    brings a broker of its own (``tests/unit/engine/harness.py``).
     """
     databases: list[str] = []
 
