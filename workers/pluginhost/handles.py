@@ -8,10 +8,10 @@ when this worker serves the plugin, and as the plugin's task on its own queue ot
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from schemas.manifest import PluginType
-from workers.pluginhost.calls import invoke, registry
 from workers.pluginhost.contracts import check_contract, operations
 from workers.pluginhost.signatures import signature
 from workers.runtime.errors import ConfigError
@@ -59,7 +59,7 @@ class PluginProxy:
         sig = signature(self.plugin_type, op)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return invoke(self.name, op, **sig.bind(*args, **kwargs))
+            return _calls().invoke(self.name, op, **sig.bind(*args, **kwargs))
 
         call.__name__ = op
         return call
@@ -68,8 +68,16 @@ class PluginProxy:
         return f"<plugin {self.name} ({self.plugin_type.value})>"
 
 
+def _calls() -> ModuleType:
+    """The call path, imported on first use: it builds the Celery app, and a plugin that
+    imports the plugin API (which names :func:`get_platform`) must not pay for that."""
+    from workers.pluginhost import calls
+
+    return calls
+
+
 def _handle(name: str, plugin_type: PluginType) -> PluginProxy:
-    served = registry().get(name)
+    served = _calls().registry().get(name)
     if served.loaded.manifest.type is not plugin_type:
         raise ConfigError(
             f"plugin {name!r} is a {served.loaded.manifest.type.value} plugin, "
@@ -84,7 +92,7 @@ def plugin_names(plugin_type: PluginType, *, refresh: bool = True) -> list[str]:
     ``refresh=False`` answers from this process's view, without reading the table: for
     callers inside a transaction of their own (SQLite lets one writer in at a time).
     """
-    reg = registry()
+    reg = _calls().registry()
     if refresh:
         reg.refresh()
     return sorted(
