@@ -17,29 +17,10 @@ is re-exported here under the same name.
 
 from __future__ import annotations
 
-from workers.engine.instances import (
-    SHARED_TENANT_ID,
-    TENANT_ID_PATTERN,
-    check_tenant_id,
-    health_report,
-    instance_name,
-    instance_spec,
-    probe,
-)
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
 from workers.pluginhost.context import PluginContext
-from workers.pluginhost.contracts import (
-    LoadBalancer,
-    Observer,
-    Platform,
-    Secrets,
-    Strategy,
-    TenantProvisioner,
-)
-from workers.pluginhost.handles import get_platform
-from workers.pluginhost.registry import API_VERSION
-from workers.pluginhost.secrets import check_path
-from workers.runtime import metrics
-from workers.runtime.db import get_engine
 from workers.runtime.errors import (
     ConfigError,
     ConflictError,
@@ -50,9 +31,83 @@ from workers.runtime.errors import (
     TransientError,
     ValidationFailedError,
 )
-from workers.runtime.redaction import remember
-from workers.runtime.settings import Settings, get_settings
-from workers.runtime.waiting import wait_until
+
+if TYPE_CHECKING:
+    from workers.engine.instances import (
+        SHARED_TENANT_ID,
+        TENANT_ID_PATTERN,
+        check_tenant_id,
+        health_report,
+        instance_name,
+        instance_spec,
+        probe,
+    )
+    from workers.pluginhost.contracts import (
+        LoadBalancer,
+        Observer,
+        Platform,
+        Secrets,
+        Strategy,
+        TenantProvisioner,
+    )
+    from workers.pluginhost.handles import get_platform
+    from workers.pluginhost.registry import API_VERSION
+    from workers.pluginhost.secrets import check_path
+    from workers.runtime import metrics
+    from workers.runtime.db import get_engine
+    from workers.runtime.redaction import remember
+    from workers.runtime.settings import Settings, get_settings
+    from workers.runtime.waiting import wait_until
+
+#: Names loaded on first use, ``name: (module, attribute or None for the module itself)``: a
+#: plugin pays at import only for what it uses (Prometheus, SQLAlchemy, the registry...).
+_LAZY: Final[dict[str, tuple[str, str | None]]] = {
+    **{
+        name: ("workers.engine.instances", name)
+        for name in (
+            "SHARED_TENANT_ID",
+            "TENANT_ID_PATTERN",
+            "check_tenant_id",
+            "health_report",
+            "instance_name",
+            "instance_spec",
+            "probe",
+        )
+    },
+    **{
+        name: ("workers.pluginhost.contracts", name)
+        for name in (
+            "LoadBalancer",
+            "Observer",
+            "Platform",
+            "Secrets",
+            "Strategy",
+            "TenantProvisioner",
+        )
+    },
+    "get_platform": ("workers.pluginhost.handles", "get_platform"),
+    "API_VERSION": ("workers.pluginhost.registry", "API_VERSION"),
+    "check_path": ("workers.pluginhost.secrets", "check_path"),
+    "metrics": ("workers.runtime.metrics", None),
+    "get_engine": ("workers.runtime.db", "get_engine"),
+    "remember": ("workers.runtime.redaction", "remember"),
+    "Settings": ("workers.runtime.settings", "Settings"),
+    "get_settings": ("workers.runtime.settings", "get_settings"),
+    "wait_until": ("workers.runtime.waiting", "wait_until"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load a name of :data:`_LAZY` on first use and keep it."""
+    try:
+        module_name, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "API_VERSION",
