@@ -14,6 +14,7 @@ __all__ = [
     "FINAL_RUN",
     "FINISHED",
     "PHASE_STATUS",
+    "PaymentStatus",
     "Phase",
     "RunStatus",
     "StepStatus",
@@ -54,6 +55,14 @@ class StepStatus(StrEnum):
     WAITING = "waiting"
     DONE = "done"
     FAILED = "failed"
+
+
+class PaymentStatus(StrEnum):
+    """A tenant's payment record: ok → failed (a grace period runs) → suspended; ok once paid."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SUSPENDED = "suspended"
 
 
 class Phase(StrEnum):

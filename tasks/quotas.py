@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from schemas.states import Phase, TenantStatus
+from schemas.states import PaymentStatus, Phase, TenantStatus
 from tasks import workflows as wf
 from tasks.autoscale import start_tenant_workflow
 from workers.economics.plans import load_catalog
@@ -120,7 +120,10 @@ def _check_payment(session: Session, tenant: Tenant, now: dt.datetime, result: E
     if run_id is None:
         return False  # busy: the next run tries again
     _claim(session, key, tenant.id, {"workflow_id": run_id, "reason": reason})
-    tenant.resources = {**tenant.resources, "payment": {**payment, "status": "suspended"}}
+    tenant.resources = {
+        **tenant.resources,
+        "payment": {**payment, "status": PaymentStatus.SUSPENDED},
+    }
     session.add(
         AuditEvent(
             tenant_id=tenant.id,

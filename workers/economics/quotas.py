@@ -11,6 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from schemas.states import PaymentStatus
 from schemas.tasks import PaymentFailed, PaymentSucceeded
 from workers.economics.periods import PeriodKind, period_bounds
 
@@ -85,14 +86,18 @@ def record_payment_failure(
 ) -> dict[str, Any]:
     """The payment record after a failure: the first unresolved failure starts the grace."""
     current = dict(payment or {})
-    unpaid = list(current.get("unpaid_invoices", [])) if current.get("status") == "failed" else []
+    unpaid = (
+        list(current.get("unpaid_invoices", []))
+        if current.get("status") == PaymentStatus.FAILED
+        else []
+    )
     if invoice_id is not None and invoice_id not in unpaid:
         unpaid.append(invoice_id)
-    if current.get("status") == "failed":
+    if current.get("status") == PaymentStatus.FAILED:
         # A repeated failure never pushes the suspension further out.
         return {**current, "unpaid_invoices": unpaid, "last_failed_at": now.isoformat()}
     return {
-        "status": "failed",
+        "status": PaymentStatus.FAILED,
         "failed_at": now.isoformat(),
         "last_failed_at": now.isoformat(),
         "suspend_after": (now + dt.timedelta(seconds=grace)).isoformat(),
@@ -105,13 +110,13 @@ def clear_payment(
 ) -> dict[str, Any]:
     """The payment record after a success: cleared once no failed invoice is left unpaid."""
     current = dict(payment or {})
-    if current.get("status") not in ("failed", "suspended"):
-        return {**current, "status": "ok", "paid_at": now.isoformat()}
+    if current.get("status") not in (PaymentStatus.FAILED, PaymentStatus.SUSPENDED):
+        return {**current, "status": PaymentStatus.OK, "paid_at": now.isoformat()}
     unpaid = [i for i in current.get("unpaid_invoices", []) if i != invoice_id]
     if invoice_id is not None and unpaid:
         return {**current, "unpaid_invoices": unpaid}
     return {
-        "status": "ok",
+        "status": PaymentStatus.OK,
         "paid_at": now.isoformat(),
         "previous": {k: v for k, v in current.items() if k != "previous"},
     }
@@ -119,7 +124,7 @@ def clear_payment(
 
 def payment_suspension_due(payment: dict[str, Any] | None, now: dt.datetime) -> bool:
     """Whether a failed payment's grace period is over (and no success cleared it)."""
-    if not payment or payment.get("status") != "failed":
+    if not payment or payment.get("status") != PaymentStatus.FAILED:
         return False
     try:
         due = dt.datetime.fromisoformat(str(payment["suspend_after"]))
