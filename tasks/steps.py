@@ -328,16 +328,21 @@ def health_check(ctx: StepContext) -> dict[str, Any]:
     for name, endpoint in rows:
         if not endpoint:
             raise TransientError(f"instance {name} is not healthy: no endpoint")
-        _wait_healthy(name, endpoint, timeout=max(0.0, deadline - time.monotonic()))
+        _wait_healthy(
+            name,
+            endpoint,
+            timeout=max(0.0, deadline - time.monotonic()),
+            probe_timeout=settings.health_timeout,
+        )
     return {"instances": dict.fromkeys((name for name, _ in rows), "healthy")}
 
 
-def _wait_healthy(name: str, endpoint: str, *, timeout: float) -> None:
+def _wait_healthy(name: str, endpoint: str, *, timeout: float, probe_timeout: float) -> None:
     """Probe ``endpoint`` until it answers healthy; ``TransientError`` with the last answer."""
     last = {"detail": ""}
 
     def healthy() -> bool:
-        ok, last["detail"] = probe(endpoint, timeout=get_settings().health_timeout)
+        ok, last["detail"] = probe(endpoint, timeout=probe_timeout)
         return ok
 
     wait_until(

@@ -34,6 +34,8 @@ from workers.runtime.models import AuditEvent, Plugin
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from sqlalchemy.orm import Session
+
     from schemas.manifest import Manifest
     from workers.pluginhost.discovery import Candidate
     from workers.pluginhost.loader import LoadedPlugin
@@ -385,7 +387,7 @@ class PluginRegistry:
             # Another process inserted the row at the same moment: its view is the same.
             return
 
-    def _write_row(self, session: Any, name: str, values: dict[str, Any]) -> None:
+    def _write_row(self, session: Session, name: str, values: dict[str, Any]) -> None:
         """Insert or update the plugin's row; each state it went through is audited."""
         state, version, error = values["state"], values["version"], values["error"]
         current = session.get(Plugin, name, with_for_update=True)
