@@ -117,6 +117,39 @@ BUILTIN_MANIFESTS: Final[tuple[Manifest, ...]] = (
         description="Secrets in a local file, each value encrypted (Fernet) by a settings key.",
     ),
     _builtin(
+        "haproxy",
+        PluginType.LOAD_BALANCER,
+        "plugins.load_balancers.haproxy",
+        "HAProxy.from_plugin",
+        permissions=frozenset({_NET, _FS, _EXEC}),
+        description="A 127.0.0.1 frontend per tenant on HAProxy, driven by its runtime API.",
+    ),
+    *(
+        _builtin(
+            name,
+            PluginType.STRATEGY,
+            f"plugins.strategies.{name}",
+            factory,
+            permissions=frozenset(),
+            description=description,
+        )
+        for name, factory, description in (
+            ("direct", "Direct", "Replace every instance at once, behind a full surge."),
+            (
+                "rolling",
+                "Rolling",
+                "Replace instances batch by batch: max_surge, max_unavailable.",
+            ),
+            ("blue_green", "BlueGreen", "A preview stack, analysis, one switch, a warm old stack."),
+            ("canary", "Canary", "Weight steps with pauses and analysis: 10 %, then +20 % a step."),
+            (
+                "ab_test",
+                "ABTest",
+                "A header or cookie picks the new release; promote on analysis.",
+            ),
+        )
+    ),
+    _builtin(
         "log",
         PluginType.OBSERVER,
         "plugins.observers.log",

@@ -22,6 +22,8 @@ __all__ = [
     "AnalysisInput",
     "Backend",
     "DeploymentSpec",
+    "Entry",
+    "Frontend",
     "HeaderRoute",
     "HealthReport",
     "HealthStatus",
@@ -29,9 +31,12 @@ __all__ = [
     "ProvisionRequest",
     "ProvisionResult",
     "SecretValue",
+    "ServerStats",
     "Stage",
+    "StageAction",
     "StagePlan",
     "TenantResources",
+    "TrafficStats",
     "UsageSample",
     "Verdict",
     "Weights",
@@ -102,38 +107,61 @@ class TenantResources(_Model):
 
 
 class DeploymentSpec(_Model):
-    """A release rolled over a tenant's instances."""
+    """A release rolled over a tenant's instances, as a strategy plans it."""
 
     deployment_id: str
     tenant_id: str
     version: str
-    artifact: str
+    #: The version the tenant runs now (``None``: its first release).
+    previous_version: str | None = None
+    #: The platform's artifact of the new release (``None``: the platform's default).
+    artifact: str | None = None
+    #: The tenant's instances (the stable group), in order.
     instances: list[str] = Field(default_factory=list)
+    #: The deployment's ``strategy_config``, as the caller gave it.
     config: dict[str, Any] = Field(default_factory=dict)
-    environment: str = "staging"
+    environment: str = "development"
+
+
+#: What a stage does; the engine carries each out idempotently (docs/architecture.md §10).
+StageAction = Literal[
+    "create_group", "set_weight", "route", "pause", "analysis", "replace", "promote"
+]
 
 
 class Stage(_Model):
-    """One stage of a deployment: an action, and how long to pause after it."""
+    """One stage of a deployment.
+
+    - ``create_group``: start ``params.count`` instances of the new release (the canary
+      group, ``None``: as many as the stable group), health-checked, at weight 0;
+    - ``set_weight``: send ``weight`` percent of traffic to the canary group;
+    - ``route``: send requests whose ``params.header`` (or ``params.cookie``) equals
+      ``params.value`` to the canary group (A/B tests, blue-green previews);
+    - ``pause``: wait ``pause_seconds``, or until promoted when it is ``None``;
+    - ``analysis``: run the gate ``params`` (an ``AnalysisConfig``) against the canary group;
+    - ``replace``: give the stable instances ``params.instances`` the new release in place,
+      each drained first and health-checked before it takes traffic again, with
+      ``params.surge`` extra instances of the new release carrying traffic meanwhile;
+    - ``promote``: the new release becomes stable: every stable instance runs it, traffic
+      goes back to the stable group, the canary group and routes go.
+    """
 
     name: str
-    action: Literal[
-        "create_green", "shift_weight", "pause", "analyze", "promote", "replace", "cleanup"
-    ]
+    action: StageAction
     weight: int | None = Field(default=None, ge=0, le=100)
-    pause_seconds: float = Field(default=0, ge=0)
-    needs_approval: bool = False
+    #: For ``pause``: seconds, or ``None`` for "until promoted".
+    pause_seconds: float | None = Field(default=0, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
 class StagePlan(_Model):
-    """The ordered stages of a deployment or of its rollback."""
+    """The ordered stages of a deployment."""
 
     stages: list[Stage]
 
 
 class AnalysisInput(_Model):
-    """What a health gate knows when a stage is analysed."""
+    """One measurement of an analysis stage, for the strategy to judge."""
 
     deployment: DeploymentSpec
     stage: Stage
@@ -141,7 +169,7 @@ class AnalysisInput(_Model):
 
 
 class Verdict(_Model):
-    """A gate's decision: go on, wait and look again, or roll back."""
+    """A strategy's judgement of one measurement."""
 
     decision: Literal["pass", "inconclusive", "fail"]
     reason: str = ""
@@ -150,30 +178,73 @@ class Verdict(_Model):
 # -- load balancers ---------------------------------------------------------------------------
 
 
+class Frontend(_Model):
+    """A tenant's entry point: where its traffic comes in (``port`` 0: the balancer picks)."""
+
+    tenant_id: str
+    port: int = Field(default=0, ge=0, le=65535)
+
+
+class Entry(_Model):
+    """A tenant's entry point as the load balancer serves it."""
+
+    tenant_id: str
+    #: ``127.0.0.1:PORT``: the tenant's stable address.
+    address: str
+    #: Whether the balancer had to reload its configuration to serve it.
+    reloaded: bool = False
+
+
 class Backend(_Model):
-    """One server behind a tenant's frontend."""
+    """One server behind a tenant's frontend, in a group (``stable`` or ``canary``)."""
 
     tenant_id: str
     name: str
     address: str
-    weight: int = Field(default=100, ge=0, le=256)
-    group: str = "stable"
+    group: Literal["stable", "canary"] = "stable"
+    #: ``ready`` takes traffic, ``drain`` finishes open requests only, ``maint`` takes none.
+    state: Literal["ready", "drain", "maint"] = "ready"
 
 
 class Weights(_Model):
-    """Traffic split of a tenant's backend groups, in percent."""
+    """Traffic split of a tenant's backend groups, in percent (they add up to 100)."""
 
     tenant_id: str
-    weights: dict[str, int]
+    weights: dict[Literal["stable", "canary"], int]
 
 
 class HeaderRoute(_Model):
-    """Send requests carrying ``header: value`` to ``group`` (A/B tests)."""
+    """Send requests whose header (or cookie) equals ``value`` to ``group``; ``None`` clears."""
 
     tenant_id: str
-    header: str
-    value: str
-    group: str
+    header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    cookie: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    value: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,128}$")
+    group: Literal["canary"] | None = "canary"
+
+
+class ServerStats(_Model):
+    """One backend server's counters, as the load balancer reports them."""
+
+    name: str
+    group: Literal["stable", "canary"]
+    address: str
+    state: str
+    weight: int
+    requests: int = 0
+    responses_2xx: int = 0
+    responses_5xx: int = 0
+    #: Average response time of the last requests, in milliseconds.
+    response_ms: float = 0.0
+
+
+class TrafficStats(_Model):
+    """A tenant's servers with their counters, and the split read back in percent."""
+
+    tenant_id: str
+    servers: list[ServerStats] = Field(default_factory=list)
+    weights: dict[str, int] = Field(default_factory=dict)
+    routes: list[HeaderRoute] = Field(default_factory=list)
 
 
 # -- observers --------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from schemas.plugins import (
     AnalysisInput,
     Backend,
     DeploymentSpec,
+    Entry,
+    Frontend,
     HeaderRoute,
     HealthReport,
     HealthStatus,
@@ -34,6 +36,7 @@ from schemas.plugins import (
     SecretValue,
     StagePlan,
     TenantResources,
+    TrafficStats,
     UsageSample,
     Verdict,
     Weights,
@@ -131,27 +134,41 @@ class TenantProvisioner(Protocol):
 
 @runtime_checkable
 class Strategy(Protocol):
-    """How a release rolls out: the stages, the gate on each, and the way back."""
+    """How a release rolls out: its stages, and how a measurement of a gate is judged.
+
+    The way back is not a strategy's to plan: every rollback is the same (traffic to the
+    stable group in one call, then the new release's instances go), so no strategy can
+    leave instances behind (docs/architecture.md §10).
+    """
 
     def plan(self, deployment: DeploymentSpec) -> StagePlan:
-        """The stages that roll ``deployment`` out."""
+        """The stages that roll ``deployment`` out; ``PermanentError`` for a bad config."""
         ...
 
     def analyze(self, analysis: AnalysisInput) -> Verdict:
-        """Gate one stage on its metrics."""
-        ...
-
-    def rollback(self, deployment: DeploymentSpec) -> StagePlan:
-        """The stages that put the previous release back."""
+        """Judge one measurement of an ``analysis`` stage."""
         ...
 
 
 @runtime_checkable
 class LoadBalancer(Protocol):
-    """Where a tenant's traffic enters, and how it is split between backends."""
+    """Where a tenant's traffic enters, and how it is split between its backend groups.
+
+    A tenant's frontend has two groups: ``stable`` (the instances of the running release)
+    and ``canary`` (instances of a release being rolled out). Every operation is idempotent
+    and, except ``ensure_frontend`` for a new tenant and header routes, needs no reload.
+    """
+
+    def ensure_frontend(self, frontend: Frontend) -> Entry:
+        """Serve the tenant on a stable 127.0.0.1 port (the same port on every call)."""
+        ...
+
+    def remove_frontend(self, tenant_id: str) -> Ack:
+        """Stop serving the tenant; a missing frontend is success."""
+        ...
 
     def add_backend(self, backend: Backend) -> Ack:
-        """Add (or update) a backend; idempotent."""
+        """Add a backend to its group, or update its address and state; idempotent."""
         ...
 
     def remove_backend(self, backend: Backend) -> Ack:
@@ -159,15 +176,19 @@ class LoadBalancer(Protocol):
         ...
 
     def set_weights(self, weights: Weights) -> Ack:
-        """Split the tenant's traffic between backend groups, without a reload."""
+        """Split the tenant's traffic between its groups, without a reload."""
         ...
 
     def route_by_header(self, route: HeaderRoute) -> Ack:
-        """Send requests with a header value to one backend group."""
+        """Send requests with a header or cookie value to one group (``group=None`` clears)."""
+        ...
+
+    def stats(self, tenant_id: str) -> TrafficStats:
+        """Per-server counters, and the split and routes as the balancer has them now."""
         ...
 
     def health(self, tenant_id: str) -> HealthStatus:
-        """Whether the tenant's frontend and backends are up."""
+        """Whether the balancer answers and the tenant's frontend has a server up."""
         ...
 
 

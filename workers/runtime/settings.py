@@ -122,6 +122,26 @@ class Settings(BaseSettings):
     #: How long a local instance may take to start listening (seconds).
     instance_start_timeout: float = 20.0
 
+    #: The load-balancer plugin that gives each tenant a stable entry point (``""``: none;
+    #: tenants are then reached at their instances' own addresses).
+    load_balancer: str = "haproxy"
+    #: HAProxy's folder: config, runtime API sockets, state file (``None``: under ``data_dir``).
+    haproxy_dir: Path | None = None
+    #: The HAProxy binary.
+    haproxy_binary: str = "haproxy"
+    #: The 127.0.0.1 ports tenants' entry points are given from, inclusive.
+    entry_port_min: int = 21000
+    entry_port_max: int = 21999
+    #: The strategy of a deployment that names none.
+    default_strategy: str = "canary"
+    #: Distinct approvals a production deployment needs before it starts.
+    production_approvals: int = 1
+    #: How long an approval (and a deployment waiting for approvals) stays valid (seconds).
+    approval_ttl: float = 24 * 3600.0
+    #: A deployment making no progress for this long is marked degraded (Argo's
+    #: ``progressDeadlineSeconds``); it keeps its place and can be aborted or retried.
+    progress_deadline: float = 600.0
+
     #: Folders holding plugin folders and .zip/.tar.gz plugin packages, ``os.pathsep``-separated.
     plugin_path: str = ""
     #: Refuse plugins without a valid ed25519 signature by one of ``plugin_trusted_keys``.
@@ -215,6 +235,11 @@ class Settings(BaseSettings):
     def installed_plugins_dir(self) -> Path:
         """Where ``cul8er plugin install`` keeps plugins, one folder per name and version."""
         return self.data_dir / "plugins"
+
+    @property
+    def haproxy_folder(self) -> Path:
+        """HAProxy's folder: ``haproxy_dir``, else ``data_dir/haproxy``."""
+        return (self.haproxy_dir or self.data_dir / "haproxy").expanduser().resolve()
 
     @property
     def embedded_broker(self) -> bool:
