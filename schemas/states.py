@@ -11,9 +11,12 @@ from enum import StrEnum
 from typing import Final
 
 __all__ = [
+    "DEPLOYMENT_OPEN",
     "FINAL_RUN",
     "FINISHED",
     "PHASE_STATUS",
+    "DeploymentStatus",
+    "Environment",
     "PaymentStatus",
     "Phase",
     "RunStatus",
@@ -57,6 +60,31 @@ class StepStatus(StrEnum):
     FAILED = "failed"
 
 
+class DeploymentStatus(StrEnum):
+    """A deployment: ``pending → awaiting_approval → progressing ⇄ paused →`` an end."""
+
+    PENDING = "pending"
+    AWAITING_APPROVAL = "awaiting_approval"
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    #: Rolling back: traffic is on the stable release, the new instances are going.
+    ROLLING_BACK = "rolling_back"
+    SUCCEEDED = "succeeded"
+    ABORTED = "aborted"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class Environment(StrEnum):
+    """Where a tenant stands in the release path; production waits for approvals."""
+
+    DEVELOPMENT = "development"
+    QA = "qa"
+    PRODUCTION = "production"
+
+
 class PaymentStatus(StrEnum):
     """A tenant's payment record: ok → failed (a grace period runs) → suspended; ok once paid."""
 
@@ -79,6 +107,15 @@ FINISHED: Final = (StepStatus.DONE, StepStatus.FAILED)
 #: Run states after which a run never changes again.
 FINAL_RUN: Final = (RunStatus.SUCCEEDED, RunStatus.FAILED)
 #: The run status that each phase runs under.
+#: A deployment in one of these holds its tenant: a second one is refused.
+DEPLOYMENT_OPEN: Final = (
+    DeploymentStatus.PENDING,
+    DeploymentStatus.AWAITING_APPROVAL,
+    DeploymentStatus.PROGRESSING,
+    DeploymentStatus.PAUSED,
+    DeploymentStatus.ROLLING_BACK,
+)
+
 PHASE_STATUS: Final[Mapping[str, RunStatus]] = {
     Phase.FORWARD: RunStatus.RUNNING,
     Phase.COMPENSATE: RunStatus.COMPENSATING,

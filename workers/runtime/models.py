@@ -25,9 +25,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from schemas.states import Phase
 
 __all__ = [
+    "Approval",
     "AuditEvent",
     "AutoscaleDecision",
     "Base",
+    "Deployment",
     "Instance",
     "Invoice",
     "MeterReading",
@@ -107,6 +109,11 @@ class Tenant(Base):
     #: The workflow that currently owns the tenant; a second change waits its turn.
     active_workflow_id: Mapped[str | None] = mapped_column(String(32))
     status_reason: Mapped[str | None] = mapped_column(Text)
+    #: ``development``, ``qa`` or ``production`` (production deployments need approvals).
+    environment: Mapped[str] = mapped_column(String(32), default="development")
+    #: The release its stable instances run (``schemas.delivery.Release`` as JSON; empty:
+    #: the platform's default artifact).
+    release: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -137,6 +144,8 @@ class Instance(Base):
     provider_id: Mapped[str | None] = mapped_column(String(200))
     #: ``{"requested": {...}, "applied": {...}}`` as the platform reported them.
     limits: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: The release version it runs (``None``: the platform's default artifact).
+    release: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -358,3 +367,60 @@ class AutoscaleDecision(Base):
     inputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
     workflow_id: Mapped[str | None] = mapped_column(String(32))
     decided_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Deployment(Base):
+    """A release rolled over one tenant's instances by a strategy (docs/architecture.md §10)."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    strategy: Mapped[str] = mapped_column(String(64))
+    strategy_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    environment: Mapped[str] = mapped_column(String(32))
+    #: The release rolled out, and the one it replaces (``schemas.delivery.Release``).
+    release: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    previous_release: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: The strategy's plan: ``[Stage, ...]`` as JSON.
+    stages: Mapped[list[Any]] = mapped_column(default=list)
+    #: The stage under way (``len(stages)``: all done).
+    stage_index: Mapped[int] = mapped_column(Integer, default=0)
+    #: Progress inside the current stage (a pause's due time, an analysis's counts).
+    stage_state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: Every gate measurement: ``{"stage", "at", "metrics", "judgement", "reason"}``.
+    measurements: Mapped[list[Any]] = mapped_column(default=list)
+    #: What happened when: ``{"at", "event", "stage", ...}`` (weights read back, approvals).
+    timeline: Mapped[list[Any]] = mapped_column(default=list)
+    approvals_required: Mapped[int] = mapped_column(Integer, default=0)
+    #: A deployment not approved by then is refused.
+    approval_expires_at: Mapped[dt.datetime | None] = mapped_column()
+    #: The ledger run carrying it now; each retry starts another.
+    workflow_id: Mapped[str | None] = mapped_column(String(32))
+    #: Requests from people, read by the running stage: ``pause``, ``promote``,
+    #: ``promote_full``, ``abort`` (each with its actor).
+    requests: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: Why it ended as it did, or why it is paused: ``{"code", "message", "measurement"}``.
+    reason: Mapped[dict[str, Any] | None] = mapped_column()
+    #: Whose call started it, and whether it is the fast way back to an earlier release.
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    rollback_of: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class Approval(Base):
+    """One person's approval (or rejection) of a production deployment; unique per actor."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (UniqueConstraint("deployment_id", "actor"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id"), index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    decision: Mapped[str] = mapped_column(String(16))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column()
