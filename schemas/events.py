@@ -24,6 +24,16 @@ EventType = Literal[
     "quota.exceeded",
     "autoscale.decided",
     "worker.lost",
+    "deployment.created",
+    "deployment.approved",
+    "deployment.started",
+    "deployment.stage_changed",
+    "deployment.paused",
+    "deployment.resumed",
+    "deployment.promoted",
+    "deployment.aborted",
+    "deployment.rolled_back",
+    "deployment.failed",
 ]
 
 #: Every event type, in the order above.

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr
 
+from schemas.delivery import Release
 from schemas.plans import Plan
 from schemas.platform import InstanceInfo
 
@@ -64,6 +65,8 @@ class ProvisionRequest(_Model):
     plan: Plan
     platform: str = "local"
     instances: int | None = Field(default=None, ge=0)
+    #: The release the tenant's instances run (``None``: the plan's image).
+    release: Release | None = None
 
 
 class ProvisionResult(_Model):

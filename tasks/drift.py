@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 import structlog
 from sqlalchemy import select
 
+from schemas.delivery import Release
 from schemas.states import TenantStatus
 from tasks.steps import record_instance
 from workers.economics.plans import get_plan
@@ -50,6 +51,8 @@ class _TenantView(NamedTuple):
     status: str
     #: The workflow that owns the tenant right now, if any.
     owner: str | None
+    #: The release its instances run (``None``: the plan's image).
+    release: Release | None = None
 
 
 class _Recorded(NamedTuple):
@@ -57,6 +60,8 @@ class _Recorded(NamedTuple):
 
     tenant_id: str
     ordinal: int
+    #: ``app``, or ``canary`` for a deployment's new instances (never recreated here).
+    role: str = "app"
 
 
 @dataclass(frozen=True)
@@ -93,14 +98,26 @@ def _read_database() -> tuple[dict[str, _TenantView], dict[str, dict[str, _Recor
     recorded: dict[str, dict[str, _Recorded]] = {}
     with session_scope() as session:
         tenants = {
-            t.id: _TenantView(t.platform, t.plan, t.status, t.active_workflow_id)
+            t.id: _TenantView(
+                t.platform,
+                t.plan,
+                t.status,
+                t.active_workflow_id,
+                Release.model_validate(t.release) if t.release else None,
+            )
             for t in session.scalars(select(Tenant))
         }
         rows = session.execute(
-            select(Instance.tenant_id, Instance.name, Instance.ordinal, Instance.platform)
+            select(
+                Instance.tenant_id,
+                Instance.name,
+                Instance.ordinal,
+                Instance.platform,
+                Instance.role,
+            )
         ).all()
-    for tenant_id, name, ordinal, platform in rows:
-        recorded.setdefault(platform, {})[name] = _Recorded(tenant_id, ordinal)
+    for tenant_id, name, ordinal, platform, role in rows:
+        recorded.setdefault(platform, {})[name] = _Recorded(tenant_id, ordinal, role)
     return tenants, recorded
 
 
@@ -172,10 +189,12 @@ class _Drift:
         ``"recreated"``, ``"started"``, or ``None`` when it already is as it should be.
         """
         found = on.running.get(name)
+        if found is None and want.role != "app":
+            return None  # a deployment's instance: the deployment keeps or removes it
         if found is None:
             plan = get_plan(view.plan, self.settings.plans_file)
             created = on.engine.create_instance(
-                instance_spec(want.tenant_id, plan, on.name, want.ordinal)
+                instance_spec(want.tenant_id, plan, on.name, want.ordinal, release=view.release)
             )
             if view.status == TenantStatus.SUSPENDED:
                 on.engine.stop_instance(name)

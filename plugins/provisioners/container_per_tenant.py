@@ -186,6 +186,7 @@ class ContainerPerTenant:
                 request.platform,
                 ordinal,
                 port=self.settings.instance_port,
+                release=request.release,
             )
             info = platform.create_instance(spec)
             if info.tenant_id != request.tenant_id:

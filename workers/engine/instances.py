@@ -16,6 +16,7 @@ from workers.runtime.settings import get_settings
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from schemas.delivery import Release
     from schemas.plans import Plan
     from schemas.platform import InstanceInfo
 
@@ -55,21 +56,36 @@ def instance_name(tenant_id: str, role: str, ordinal: int) -> str:
 
 
 def instance_spec(
-    tenant_id: str, plan: Plan, platform: str, ordinal: int, *, port: int | None = None
+    tenant_id: str,
+    plan: Plan,
+    platform: str,
+    ordinal: int,
+    *,
+    port: int | None = None,
+    role: str = "app",
+    release: Release | None = None,
 ) -> InstanceSpec:
     """What instance ``ordinal`` of a tenant on ``plan`` looks like on ``platform``.
 
     ``port`` is the service's port inside the instance; ``None`` reads ``instance_port``
-    from the process-wide settings.
+    from the process-wide settings. ``release`` (``None``: the plan's image) picks the
+    artifact for ``platform`` and the release's settings, as environment variables.
     """
+    labels = {"cul8er.tenant": tenant_id, "cul8er.plan": plan.name}
+    image, env = plan.images.get(platform), {}
+    if release is not None:
+        image = release.artifact(platform) or image
+        env = release.settings.env(release.version)
+        labels["cul8er.release"] = release.version
     return InstanceSpec(
-        name=instance_name(tenant_id, "app", ordinal),
+        name=instance_name(tenant_id, role, ordinal),
         tenant_id=tenant_id,
-        role="app",
+        role=role,
         ordinal=ordinal,
-        image=plan.images.get(platform),
+        image=image,
         limits=plan.instance_limits(),
-        labels={"cul8er.tenant": tenant_id, "cul8er.plan": plan.name},
+        labels=labels,
+        env=env,
         port=get_settings().instance_port if port is None else port,
     )
 

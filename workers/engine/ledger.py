@@ -663,6 +663,29 @@ def due_waits(session: Session, *, limit: int = 500) -> list[tuple[str, str, lis
     return taken
 
 
+def wake(session: Session, run_id: str) -> list[tuple[str, str, list[str]]]:
+    """Take the run's waiting step now, due or not: ``[(run_id, phase, tasks)]`` or ``[]``.
+
+    For a person's command (resume, promote, abort) that must not wait for the tick. The
+    guarded flip makes a wake racing the tick dispatch the step once.
+    """
+    run = session.get(WorkflowRun, run_id)
+    if run is None or run.status not in PHASE_STATUS.values():
+        return []
+    flipped = _rowcount(
+        session,
+        update(StepRun)
+        .where(
+            StepRun.run_id == run_id,
+            StepRun.phase == run.phase,
+            StepRun.status == StepStatus.WAITING,
+        )
+        .values(status=StepStatus.PENDING, due_at=None)
+        .execution_options(synchronize_session=False),
+    )
+    return [(run_id, run.phase, next_pending(session, run))] if flipped else []
+
+
 def stalled_runs(
     session: Session, *, grace: float, idle_grace: float | None = None, limit: int = 200
 ) -> list[tuple[str, str, list[str]]]:

@@ -33,11 +33,26 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["StepFunction", "StepTask", "backoff", "step"]
+__all__ = ["Park", "StepFunction", "StepTask", "backoff", "step"]
 
 log = structlog.get_logger(__name__)
 
 StepFunction = Callable[[StepContext], "dict[str, Any] | None"]
+
+
+class Park(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by a step function to wait ``delay`` seconds in the ledger, then run again.
+
+    Not a failure: nothing is counted against ``step_max_attempts`` and no error is
+    recorded. The tick sends the step again when due (``ledger.due_waits``), and
+    ``ledger.wake`` sends it at once. A step that parks keeps its progress in its own
+    rows and picks up where it stopped.
+    """
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        super().__init__(reason or f"parked for {delay:.1f} s")
+        self.delay = max(0.0, delay)
+        self.reason = reason
 
 
 def backoff(attempt: int, *, base: float, cap: float) -> float:
@@ -111,6 +126,9 @@ class StepTask(Cul8erTask):
     def _run(self, fn: StepFunction, ctx: StepContext, owner: str) -> dict[str, Any] | None:
         try:
             output = fn(ctx) or {}
+        except Park as park:
+            self._park(ctx, park, owner)
+            return None
         except TransientError as exc:
             self._transient(ctx, exc, owner)
             return None
@@ -213,6 +231,27 @@ class StepTask(Cul8erTask):
             self._stop_chain()
             return
         raise self.retry(countdown=delay, max_retries=None, exc=exc)
+
+    def _park(self, ctx: StepContext, park: Park, owner: str) -> None:
+        parked = _ledger_write(
+            lambda session: ledger.wait_step(
+                session,
+                run_id=ctx.run_id,
+                phase=ctx.phase,
+                name=self.name,
+                delay=park.delay,
+                error=None,
+                in_ledger=True,
+                attempt=ctx.attempt,
+                owner=owner,
+                slack=0.0,
+            )
+        )
+        if not parked:
+            self._refused(ctx, owner)
+            return
+        log.info("step_parked", delay=round(park.delay, 2), reason=park.reason)
+        self._stop_chain()
 
     def _fail(self, ctx: StepContext, error: dict[str, Any], owner: str) -> None:
         settings = get_settings()

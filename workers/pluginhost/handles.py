@@ -18,15 +18,17 @@ from workers.runtime.errors import ConfigError
 from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
-    from workers.pluginhost.contracts import Platform, TenantProvisioner
+    from workers.pluginhost.contracts import LoadBalancer, Platform, Strategy, TenantProvisioner
     from workers.runtime.settings import Settings
 
 __all__ = [
     "BUILTIN_PLATFORMS",
     "PluginProxy",
     "check_platform",
+    "get_load_balancer",
     "get_platform",
     "get_provisioner",
+    "get_strategy",
     "plugin_names",
 ]
 
@@ -135,3 +137,13 @@ def get_provisioner(name: str) -> TenantProvisioner:
         PluginError: the plugin is disabled, failed or not installed.
     """
     return cast("TenantProvisioner", _handle(name, PluginType.TENANT_PROVISIONER))
+
+
+def get_strategy(name: str) -> Strategy:
+    """The deployment strategy ``name`` (an active plugin)."""
+    return cast("Strategy", _handle(name, PluginType.STRATEGY))
+
+
+def get_load_balancer(name: str) -> LoadBalancer:
+    """The load balancer ``name`` (an active plugin)."""
+    return cast("LoadBalancer", _handle(name, PluginType.LOAD_BALANCER))
