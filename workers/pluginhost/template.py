@@ -44,8 +44,7 @@ _BODIES: Final[dict[PluginType, tuple[str, str]]] = {
 ''',
     ),
     PluginType.SECRETS: (
-        "from pydantic import SecretStr\n\n"
-        "from schemas.plugins import Ack, SecretValue",
+        "from pydantic import SecretStr\n\nfrom schemas.plugins import Ack, SecretValue",
         '''
     def get(self, path: str) -> SecretValue:
         """The value stored at ``path``."""
@@ -67,41 +66,65 @@ _BODIES: Final[dict[PluginType, tuple[str, str]]] = {
 ''',
     ),
     PluginType.STRATEGY: (
+        "from schemas.delivery import AnalysisConfig\n"
         "from schemas.plugins import AnalysisInput, DeploymentSpec, Stage, StagePlan, Verdict",
         '''
     def plan(self, deployment: DeploymentSpec) -> StagePlan:
-        """Create the new release, shift all traffic, analyse, promote."""
+        """One canary instance, a fifth of the traffic, a pause, an analysis, promote.
+
+        The actions: create_group, set_weight, route, pause, analysis, replace, promote
+        (see ``schemas.plugins.Stage``). Every plan ends with one promote; the way back
+        is cul8er's, the same for every strategy.
+        """
+        gate = AnalysisConfig(count=3, interval_seconds=1.0)
         return StagePlan(
             stages=[
-                Stage(name="create", action="create_green"),
-                Stage(name="shift", action="shift_weight", weight=100),
-                Stage(name="analyze", action="analyze"),
+                Stage(name="create-canary", action="create_group", params={"count": 1}),
+                Stage(name="weight-20", action="set_weight", weight=20),
+                Stage(name="pause-20", action="pause", pause_seconds=5.0),
+                Stage(
+                    name="analysis-20",
+                    action="analysis",
+                    params={**gate.model_dump(mode="json"), "target": "canary"},
+                ),
                 Stage(name="promote", action="promote"),
             ]
         )
 
     def analyze(self, analysis: AnalysisInput) -> Verdict:
-        """Fail when the error rate passes the configured threshold."""
+        """Fail above the configured error rate; inconclusive without traffic."""
+        if analysis.metrics.get("requests", 0) < 1:
+            return Verdict(decision="inconclusive", reason="no requests yet")
         errors = analysis.metrics.get("error_rate", 0.0)
         if errors > self.config.max_error_rate:
             return Verdict(decision="fail", reason=f"error rate {errors:.2%}")
-        return Verdict(decision="pass")
-
-    def rollback(self, deployment: DeploymentSpec) -> StagePlan:
-        """Shift traffic back, then clean up."""
-        return StagePlan(
-            stages=[
-                Stage(name="shift-back", action="shift_weight", weight=0),
-                Stage(name="cleanup", action="cleanup"),
-            ]
-        )
+        return Verdict(decision="pass", reason=f"error rate {errors:.2%}")
 ''',
     ),
     PluginType.LOAD_BALANCER: (
-        "from schemas.plugins import Ack, Backend, HeaderRoute, HealthStatus, Weights",
+        "from schemas.plugins import (\n    Ack,\n    Backend,\n    Entry,\n    Frontend,\n"
+        "    HeaderRoute,\n    HealthStatus,\n    ServerStats,\n    TrafficStats,\n    Weights,\n)",
         '''
+    def ensure_frontend(self, frontend: Frontend) -> Entry:
+        """Give the tenant a port once; later calls answer the same one."""
+        fresh = frontend.tenant_id not in self.frontends
+        if fresh:
+            self.frontends[frontend.tenant_id] = frontend.port or 20000 + len(self.frontends)
+        address = f"127.0.0.1:{self.frontends[frontend.tenant_id]}"
+        return Entry(tenant_id=frontend.tenant_id, address=address, reloaded=fresh)
+
+    def remove_frontend(self, tenant_id: str) -> Ack:
+        """Forget the tenant, its backends, split and routes; an unknown one is fine."""
+        self.frontends.pop(tenant_id, None)
+        self.weights.pop(tenant_id, None)
+        for key in [k for k in self.backends if k[0] == tenant_id]:
+            del self.backends[key]
+        for key in [k for k in self.routes if k[0] == tenant_id]:
+            del self.routes[key]
+        return Ack()
+
     def add_backend(self, backend: Backend) -> Ack:
-        """Add or update a backend."""
+        """Add or update a backend in its group."""
         self.backends[(backend.tenant_id, backend.name)] = backend
         return Ack()
 
@@ -111,19 +134,40 @@ _BODIES: Final[dict[PluginType, tuple[str, str]]] = {
         return Ack()
 
     def set_weights(self, weights: Weights) -> Ack:
-        """Record the tenant's traffic split."""
+        """Record the tenant's traffic split between its groups."""
         self.weights[weights.tenant_id] = dict(weights.weights)
         return Ack()
 
     def route_by_header(self, route: HeaderRoute) -> Ack:
-        """Record a header route."""
-        self.routes[(route.tenant_id, route.header, route.value)] = route.group
+        """Record a header or cookie route; ``group=None`` clears it."""
+        key = (route.tenant_id, route.header, route.cookie, route.value)
+        if route.group is None:
+            self.routes.pop(key, None)
+        else:
+            self.routes[key] = route
         return Ack()
 
+    def stats(self, tenant_id: str) -> TrafficStats:
+        """The tenant's servers (no traffic counted here), split and routes."""
+        split = self.weights.get(tenant_id, {"stable": 100, "canary": 0})
+        servers = [
+            ServerStats(
+                name=b.name, group=b.group, address=b.address, state=b.state,
+                weight=split.get(b.group, 0),
+            )
+            for (tenant, _), b in self.backends.items() if tenant == tenant_id
+        ]
+        routes = [r for (tenant, *_), r in self.routes.items() if tenant == tenant_id]
+        return TrafficStats(tenant_id=tenant_id, servers=servers, weights=split, routes=routes)
+
     def health(self, tenant_id: str) -> HealthStatus:
-        """Healthy when the tenant has a backend."""
-        count = sum(1 for tenant, _ in self.backends if tenant == tenant_id)
-        return HealthStatus(healthy=count > 0, detail=f"{count} backends")
+        """Healthy when the tenant's frontend has a ready backend."""
+        ready = sum(
+            1 for (tenant, _), b in self.backends.items()
+            if tenant == tenant_id and b.state == "ready"
+        )
+        served = tenant_id in self.frontends
+        return HealthStatus(healthy=served and ready > 0, detail=f"{ready} backends ready")
 ''',
     ),
     PluginType.TENANT_PROVISIONER: (
@@ -246,7 +290,8 @@ def _module(name: str, plugin_type: PluginType) -> str:
         "        self.tenants: dict[str, str] = {}\n"
         "        self.backends: dict[Any, Any] = {}\n"
         "        self.weights: dict[str, dict[str, int]] = {}\n"
-        "        self.routes: dict[Any, str] = {}\n"
+        "        self.routes: dict[Any, Any] = {}\n"
+        "        self.frontends: dict[str, int] = {}\n"
         "        self.instances: dict[str, Any] = {}\n\n"
         "    def self_test(self) -> None:\n"
         '        """Run at load and on reload: raise to refuse this version."""\n'
