@@ -48,6 +48,10 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return {
         # Dispatch steps whose wait or retry is due (waits live in the ledger, not the broker).
         "workflows-tick": _every("cul8er.workflows.tick", settings.tick_interval, "lifecycle"),
+        # Refuse production deployments whose approval window passed (audited).
+        "deployments-expire": _every(
+            "cul8er.deployments.expire_approvals", settings.tick_interval * 5, "lifecycle"
+        ),
         # Resume runs that stopped making progress: lost message, killed worker.
         "workflows-reconcile": _every(
             "cul8er.workflows.reconcile", settings.reconcile_interval, "lifecycle"

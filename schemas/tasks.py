@@ -5,26 +5,39 @@ See docs/architecture.md §4.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from schemas.delivery import Release
+from schemas.states import Environment
+
 __all__ = [
     "ChangePlan",
+    "CreateDeployment",
     "CreateTenant",
+    "DeploymentAction",
+    "DeploymentId",
     "DeprovisionTenant",
+    "GetDeployment",
     "GetTenant",
     "InstallPlugin",
     "InvoiceId",
+    "ListDeployments",
     "PUBLIC_TASKS",
     "PaymentFailed",
     "PaymentSucceeded",
     "PluginByName",
+    "PromoteDeployment",
     "ReloadPlugin",
     "ResumeTenant",
+    "SetEnvironment",
     "SuspendTenant",
     "WorkflowStatus",
 ]
+
+#: An environment by name (strict mode takes enum members only from Python, not from JSON).
+EnvironmentName = Annotated[Environment, Field(strict=False)]
 
 #: A tenant id: a DNS-label-like slug, so it fits instance names and schema names.
 TenantId = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$")]
@@ -55,6 +68,8 @@ class CreateTenant(_Idempotent):
     platform: PluginName | None = None
     provisioner: PluginName | None = None
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=50)
+    #: ``development``, ``qa`` or ``production`` (production deployments need approvals).
+    environment: EnvironmentName = Environment.DEVELOPMENT
 
 
 class ChangePlan(_Idempotent):
@@ -133,6 +148,62 @@ class InstallPlugin(_Payload):
     source: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
 
 
+class SetEnvironment(_Idempotent):
+    """``cul8er.tenants.set_environment``: move a tenant to development, qa or production."""
+
+    tenant_id: TenantId
+    environment: EnvironmentName
+
+
+#: A deployment id (32 hex characters).
+DeploymentId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+#: Who asks: a person or a service, recorded in the audit trail.
+Actor = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class CreateDeployment(_Idempotent):
+    """``cul8er.deployments.create``: roll a release over a tenant's instances."""
+
+    tenant_id: TenantId
+    release: Release
+    #: A strategy plugin: direct, rolling, blue_green, canary, ab_test (default: a setting).
+    strategy: PluginName | None = None
+    #: The strategy's own settings (each strategy documents them).
+    strategy_config: dict[str, Any] = Field(default_factory=dict)
+    actor: Actor = "api"
+
+
+class DeploymentAction(_Idempotent):
+    """``cul8er.deployments.approve`` / ``reject`` / ``pause`` / ``resume`` / ``abort`` /
+    ``retry`` / ``rollback``: a person's (or a service's) say on one deployment."""
+
+    deployment_id: DeploymentId
+    actor: Actor
+    reason: Reason = ""
+
+
+class PromoteDeployment(_Idempotent):
+    """``cul8er.deployments.promote``: end the current pause or gate (``full``: all stages)."""
+
+    deployment_id: DeploymentId
+    actor: Actor
+    full: bool = False
+
+
+class GetDeployment(_Payload):
+    """``cul8er.deployments.get``: a deployment's status, stages, timeline and measurements."""
+
+    deployment_id: DeploymentId
+
+
+class ListDeployments(_Payload):
+    """``cul8er.deployments.list``: deployments, newest first."""
+
+    tenant_id: TenantId | None = None
+    status: Annotated[str, StringConstraints(max_length=32)] | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+
+
 #: Public task name → its payload model (``cul8er schema export`` writes one schema each).
 PUBLIC_TASKS: dict[str, type[BaseModel]] = {
     "cul8er.tenants.create": CreateTenant,
@@ -148,4 +219,16 @@ PUBLIC_TASKS: dict[str, type[BaseModel]] = {
     "cul8er.plugins.enable": PluginByName,
     "cul8er.plugins.disable": PluginByName,
     "cul8er.plugins.reload": ReloadPlugin,
+    "cul8er.tenants.set_environment": SetEnvironment,
+    "cul8er.deployments.create": CreateDeployment,
+    "cul8er.deployments.get": GetDeployment,
+    "cul8er.deployments.list": ListDeployments,
+    "cul8er.deployments.approve": DeploymentAction,
+    "cul8er.deployments.reject": DeploymentAction,
+    "cul8er.deployments.promote": PromoteDeployment,
+    "cul8er.deployments.pause": DeploymentAction,
+    "cul8er.deployments.resume": DeploymentAction,
+    "cul8er.deployments.abort": DeploymentAction,
+    "cul8er.deployments.retry": DeploymentAction,
+    "cul8er.deployments.rollback": DeploymentAction,
 }

@@ -16,9 +16,9 @@ from sqlalchemy import select
 
 from schemas.delivery import Release
 from schemas.states import TenantStatus
-from tasks.steps import record_instance
 from workers.economics.plans import get_plan
 from workers.engine.instances import SHARED_TENANT_ID, instance_spec
+from workers.engine.inventory import record_instance
 from workers.pluginhost.handles import get_platform
 from workers.runtime.app import app
 from workers.runtime.db import session_scope
@@ -199,7 +199,10 @@ class _Drift:
             if view.status == TenantStatus.SUSPENDED:
                 on.engine.stop_instance(name)
                 created = created.model_copy(update={"status": "stopped"})
-            record_instance(want.tenant_id, created, role="app", ordinal=want.ordinal)
+            version = view.release.version if view.release is not None else None
+            record_instance(
+                want.tenant_id, created, role="app", ordinal=want.ordinal, release=version
+            )
             return "recreated"
         if found.status != "running" and view.status == TenantStatus.ACTIVE:
             started = on.engine.start_instance(name)

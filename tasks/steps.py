@@ -14,11 +14,13 @@ import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from schemas.platform import InstanceInfo
+from schemas.delivery import Release
 from schemas.plugins import ProvisionRequest, ProvisionResult
+from workers.delivery import traffic
 from workers.economics.plans import get_plan
 from workers.engine.events import emit
 from workers.engine.instances import instance_name, instance_spec, probe
+from workers.engine.inventory import record_instance
 from workers.engine.steps import step
 from workers.pluginhost.handles import get_platform, get_provisioner
 from workers.runtime.db import session_scope
@@ -69,25 +71,6 @@ def _platform_of(ctx: StepContext) -> tuple[Platform, list[str]]:
         )
         platform_name = tenant.platform
     return get_platform(platform_name, get_settings()), names
-
-
-def record_instance(tenant_id: str, info: InstanceInfo, *, role: str, ordinal: int) -> None:
-    """Upsert the database's view of an instance from what the platform reported."""
-    with session_scope() as session:
-        row = session.scalars(
-            select(Instance).where(Instance.tenant_id == tenant_id, Instance.name == info.name)
-        ).first()
-        if row is None:
-            row = Instance(tenant_id=tenant_id, name=info.name, role=role, ordinal=ordinal)
-            session.add(row)
-        row.platform = info.platform
-        row.status = info.status
-        row.endpoint = info.endpoint
-        row.provider_id = info.provider_id
-        row.limits = {
-            "requested": info.limits_requested.model_dump(mode="json"),
-            "applied": info.limits_applied,
-        }
 
 
 def _set_status(
@@ -193,16 +176,20 @@ def _provision(ctx: StepContext, plan_name: str, *, scale: bool) -> dict[str, An
         # An instance count set by autoscale (within the plan's max_instances) wins over the
         # plan's starting count.
         wanted = tenant.resources.get("instances")
+        release = Release.model_validate(tenant.release) if tenant.release else None
     request = ProvisionRequest(
         tenant_id=tenant_id,
         plan=plan,
         platform=platform_name,
         instances=wanted if isinstance(wanted, int) else None,
+        release=release,
     )
     handle = get_provisioner(provisioner)
     result: ProvisionResult = handle.scale(request) if scale else handle.provision(request)
+    version = release.version if release is not None else None
     for info in result.instances:
-        record_instance(tenant_id, info, role="app", ordinal=int(info.name.rsplit("-", 1)[1]))
+        ordinal = int(info.name.rsplit("-", 1)[1])
+        record_instance(tenant_id, info, role="app", ordinal=ordinal, release=version)
     destroyed = list(result.detail.get("destroyed", []))
     placement = {k: v for k, v in result.detail.items() if k not in ("created", "destroyed")}
     with session_scope() as session:
@@ -352,6 +339,21 @@ def _wait_healthy(name: str, endpoint: str, *, timeout: float, probe_timeout: fl
         message=lambda: f"instance {name} is not healthy: {last['detail'][:200]}",
         error=TransientError,
     )
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+@step("cul8er.tenants.sync_entry")
+def sync_entry(ctx: StepContext) -> dict[str, Any]:
+    """The tenant's stable entry point on the load balancer serves its running instances."""
+    return traffic.sync(ctx.tenant_id or "")
+
+
+@step("cul8er.tenants.remove_entry")
+def remove_entry(ctx: StepContext) -> dict[str, Any]:
+    """The tenant's entry point goes from the load balancer."""
+    return traffic.forget(ctx.tenant_id or "")
 
 
 # -- status -----------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from workers.engine.workflow import Step, Workflow, workflows
 
-__all__ = ["CHANGE_PLAN", "DEPROVISION", "PROVISION", "RESUME", "SUSPEND"]
+__all__ = ["CHANGE_PLAN", "DEPLOYMENT", "DEPROVISION", "PROVISION", "RESUME", "SUSPEND"]
 
-#: Sign-up: subnet → instances → limits → data store → health → active.
+#: Sign-up: subnet → instances → limits → data store → health → entry point → active.
 PROVISION = Workflow(
     kind="tenant.provision",
     steps=(
@@ -18,6 +18,7 @@ PROVISION = Workflow(
         Step("cul8er.tenants.apply_limits"),
         Step("cul8er.tenants.create_datastore", compensate="cul8er.tenants.drop_datastore"),
         Step("cul8er.tenants.health_check"),
+        Step("cul8er.tenants.sync_entry", compensate="cul8er.tenants.remove_entry"),
         Step("cul8er.tenants.activate"),
     ),
     on_failure=("cul8er.tenants.mark_failed",),
@@ -29,6 +30,7 @@ CHANGE_PLAN = Workflow(
     steps=(
         Step("cul8er.tenants.apply_limits", compensate="cul8er.tenants.restore_limits"),
         Step("cul8er.tenants.health_check"),
+        Step("cul8er.tenants.sync_entry"),
         Step("cul8er.tenants.commit_plan"),
     ),
     on_failure=("cul8er.tenants.release_tenant",),
@@ -39,6 +41,7 @@ SUSPEND = Workflow(
     kind="tenant.suspend",
     steps=(
         Step("cul8er.tenants.stop_instances", compensate="cul8er.tenants.start_instances"),
+        Step("cul8er.tenants.sync_entry"),
         Step("cul8er.tenants.mark_suspended"),
     ),
     on_failure=("cul8er.tenants.release_tenant",),
@@ -50,6 +53,7 @@ RESUME = Workflow(
     steps=(
         Step("cul8er.tenants.start_instances", compensate="cul8er.tenants.stop_instances"),
         Step("cul8er.tenants.health_check"),
+        Step("cul8er.tenants.sync_entry"),
         Step("cul8er.tenants.mark_active"),
     ),
     on_failure=("cul8er.tenants.release_tenant",),
@@ -59,6 +63,7 @@ RESUME = Workflow(
 DEPROVISION = Workflow(
     kind="tenant.deprovision",
     steps=(
+        Step("cul8er.tenants.remove_entry"),
         Step("cul8er.tenants.destroy_instances"),
         Step("cul8er.tenants.drop_datastore"),
         Step("cul8er.tenants.release_network"),
@@ -67,4 +72,12 @@ DEPROVISION = Workflow(
     on_failure=("cul8er.tenants.mark_failed",),
 )
 
-workflows(PROVISION, CHANGE_PLAN, SUSPEND, RESUME, DEPROVISION)
+#: A release rolled over the tenant's instances by a strategy (docs/architecture.md §10):
+#: one step runs every stage; a failed gate, an abort or a stage that gives up rolls back.
+DEPLOYMENT = Workflow(
+    kind="deployment",
+    steps=(Step("cul8er.deployments.advance"),),
+    on_failure=("cul8er.deployments.roll_back",),
+)
+
+workflows(PROVISION, CHANGE_PLAN, SUSPEND, RESUME, DEPROVISION, DEPLOYMENT)

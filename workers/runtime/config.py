@@ -28,6 +28,7 @@ TASK_MODULES: tuple[str, ...] = (
     "tasks.autoscale",
     "tasks.quotas",
     "tasks.health",
+    "tasks.deployments",
 )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "PluginRefusedError",
     "PoolExhaustedError",
     "TransientError",
+    "UnavailableError",
     "ValidationFailedError",
 ]
 
@@ -90,6 +91,12 @@ class PluginRefusedError(PermanentError):
     """A plugin action (install, reload, enable) was refused; the message says why."""
 
     code = "plugin_refused"
+
+
+class UnavailableError(PermanentError):
+    """What the request needs is not there (a load balancer, an engine); the message names it."""
+
+    code = "unavailable"
 
 
 class ConfigError(Cul8erError):

@@ -1,0 +1,559 @@
+"""Carrying a deployment's stages out, and rolling it back.
+
+See docs/architecture.md §10. One ledger step (``cul8er.deployments.advance``) runs the
+stages in order; the deployment row holds where it is (``stage_index``, ``stage_state``),
+so a delivery after a crash resumes at the stage it stopped in, and every stage is
+idempotent. Waits up to :data:`INLINE_WAIT` are slept in the step, watching for people's
+requests; longer ones, and holds for a person, park the step in the ledger (``Park``), and
+the tick, or a person's command (``ledger.wake``), sends it again.
+
+A failed gate puts all traffic back on the stable group in the same delivery, before
+anything else, then fails the step; the ledger's compensation (``roll_back``) removes the
+new instances and restores any stable instance already replaced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from schemas.delivery import AnalysisConfig, Release
+from schemas.plugins import AnalysisInput, DeploymentSpec, HeaderRoute, Stage
+from schemas.states import DeploymentStatus
+from workers.delivery import analysis, traffic
+from workers.delivery.groups import Target, load_target
+from workers.engine.events import emit
+from workers.engine.steps import Park, backoff
+from workers.pluginhost.handles import get_strategy
+from workers.runtime.db import session_scope
+from workers.runtime.errors import PermanentError, TransientError
+from workers.runtime.models import AuditEvent, Deployment, Tenant, utcnow
+from workers.runtime.settings import get_settings
+
+if TYPE_CHECKING:
+    from schemas.events import EventType
+
+__all__ = [
+    "HOLD",
+    "INLINE_WAIT",
+    "Aborted",
+    "GateFailed",
+    "advance",
+    "roll_back",
+    "spec_of",
+]
+
+log = structlog.get_logger(__name__)
+
+#: Waits up to this long are slept inside the step (seconds); longer ones park in the ledger.
+INLINE_WAIT = 2.0
+#: How long a step held for a person parks; their command wakes it sooner.
+HOLD = 3600.0
+
+
+class Aborted(PermanentError):
+    """A person aborted the deployment: it rolls back."""
+
+    code = "aborted"
+
+
+class GateFailed(PermanentError):
+    """An analysis gate failed: traffic is back on stable, the deployment rolls back."""
+
+    code = "gate_failed"
+
+    def __init__(self, message: str, *, measurement: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.measurement = measurement
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "measurement": self.measurement}
+
+
+@dataclass(frozen=True)
+class _Done:
+    note: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Wait:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Hold:
+    reason: str
+
+
+_Result = _Done | _Wait | _Hold
+
+
+def _now() -> dt.datetime:
+    return utcnow()
+
+
+def _ts(moment: dt.datetime) -> float:
+    return moment.timestamp()
+
+
+# -- the deployment row -----------------------------------------------------------------------
+
+
+def _read(deployment_id: str) -> Deployment:
+    with session_scope() as session:
+        row = session.get(Deployment, deployment_id)
+        if row is None:
+            raise PermanentError(f"deployment {deployment_id!r} does not exist")
+        session.expunge(row)
+        return row
+
+
+def _write(deployment_id: str, *, timeline: dict[str, Any] | None = None, **changes: Any) -> None:
+    """Change the deployment's columns; ``timeline`` appends one entry (with its time)."""
+    with session_scope() as session:
+        row = session.get(Deployment, deployment_id, with_for_update=True)
+        if row is None:
+            return
+        for key, value in changes.items():
+            setattr(row, key, value)
+        if timeline is not None:
+            row.timeline = [*row.timeline, {"at": _now().isoformat(), **timeline}]
+
+
+def _consume(deployment_id: str, key: str) -> dict[str, Any] | None:
+    """Take a person's request ``key`` off the deployment: what it said, or ``None``."""
+    with session_scope() as session:
+        row = session.get(Deployment, deployment_id, with_for_update=True)
+        if row is None or key not in row.requests:
+            return None
+        taken = dict(row.requests[key])
+        row.requests = {k: v for k, v in row.requests.items() if k != key}
+        return taken
+
+
+def _event(row: Deployment, event_type: EventType, **data: Any) -> None:
+    emit(
+        event_type,
+        tenant_id=row.tenant_id,
+        workflow_id=row.workflow_id,
+        subject=row.id,
+        data={"deployment_id": row.id, "version": row.release.get("version"), **data},
+    )
+
+
+def spec_of(row: Deployment, target: Target) -> DeploymentSpec:
+    """The deployment as its strategy sees it."""
+    release = Release.model_validate(row.release)
+    return DeploymentSpec(
+        deployment_id=row.id,
+        tenant_id=row.tenant_id,
+        version=release.version,
+        previous_version=row.previous_release.get("version"),
+        artifact=release.artifact(target.platform_name),
+        instances=target.group("app").names,
+        config=row.strategy_config,
+        environment=row.environment,
+    )
+
+
+# -- advance ----------------------------------------------------------------------------------
+
+
+def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
+    """Run the deployment's stages from where it stands to the end, or until it waits."""
+    row = _read(deployment_id)
+    if row.workflow_id != run_id or row.status not in (
+        DeploymentStatus.PROGRESSING,
+        DeploymentStatus.PAUSED,
+    ):
+        return {"skipped": f"deployment is {row.status} under run {row.workflow_id}"}
+    stages = [Stage.model_validate(s) for s in row.stages]
+    target = load_target(row.tenant_id)
+    needs_traffic = any(s.action in ("set_weight", "route") for s in stages)
+    if needs_traffic and target.lb is None:
+        # The balancer went away mid-deployment: wait for it like any engine outage.
+        _, reason = traffic.availability()
+        return _errored(row, TransientError(reason))
+    while True:
+        row = _read(deployment_id)
+        if "abort" in row.requests:
+            actor = row.requests["abort"].get("actor", "?")
+            raise Aborted(f"aborted by {actor}")
+        index = row.stage_index
+        if index >= len(stages):
+            return _succeed(row, target)
+        stage = stages[index]
+        if "promote_full" in row.requests and stage.action != "promote":
+            last = max(i for i, s in enumerate(stages) if s.action == "promote")
+            taken = _consume(deployment_id, "promote_full") or {}
+            _write(
+                deployment_id,
+                stage_index=last,
+                stage_state={},
+                timeline={
+                    "event": "promoted_full",
+                    "actor": taken.get("actor"),
+                    "from": stage.name,
+                },
+            )
+            continue
+        if "pause" in row.requests:
+            actor = row.requests["pause"].get("actor", "?")
+            _hold(row, f"paused by {actor}", code="paused")
+        if row.status == DeploymentStatus.PAUSED:
+            _write(deployment_id, status=DeploymentStatus.PROGRESSING, reason=None)
+            _event(row, "deployment.resumed", stage=stage.name)
+        try:
+            result = _STAGES[stage.action](row, stage, target)
+        except TransientError as exc:
+            return _errored(row, exc)
+        if row.stage_state.get("errors"):
+            _write(
+                deployment_id,
+                stage_state={k: v for k, v in row.stage_state.items() if k != "errors"},
+            )
+        if isinstance(result, _Done):
+            _write(
+                deployment_id,
+                stage_index=index + 1,
+                stage_state={},
+                timeline={
+                    "event": "stage_done",
+                    "stage": stage.name,
+                    "action": stage.action,
+                    **result.note,
+                },
+            )
+            following = stages[index + 1].name if index + 1 < len(stages) else None
+            _event(row, "deployment.stage_changed", stage=stage.name, next=following)
+        elif isinstance(result, _Wait):
+            if result.seconds > INLINE_WAIT:
+                raise Park(result.seconds, f"{stage.name}: waiting {result.seconds:.1f} s")
+            _sleep_watching(deployment_id, result.seconds)
+        else:
+            _hold(row, result.reason, code="held")
+
+
+def _hold(row: Deployment, reason: str, *, code: str) -> None:
+    """Pause the deployment for a person, and park the step until they act."""
+    if row.status != DeploymentStatus.PAUSED or (row.reason or {}).get("message") != reason:
+        _write(
+            row.id,
+            status=DeploymentStatus.PAUSED,
+            reason={"code": code, "message": reason},
+            timeline={"event": "paused", "reason": reason},
+        )
+        _event(row, "deployment.paused", reason=reason)
+    raise Park(HOLD, reason)
+
+
+def _sleep_watching(deployment_id: str, seconds: float) -> None:
+    """Sleep up to ``seconds``, waking early when a person asks for something."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(0.2, left))
+        if _read(deployment_id).requests:
+            return
+
+
+def _errored(row: Deployment, exc: TransientError) -> dict[str, Any]:
+    """A stage could not reach an engine: try again later; past the limit, roll back."""
+    settings = get_settings()
+    errors = int(row.stage_state.get("errors", 0)) + 1
+    if errors > settings.step_max_attempts:
+        raise PermanentError(f"gave up after {errors} attempts: {exc}")
+    _write(
+        row.id,
+        stage_state={**row.stage_state, "errors": errors},
+        timeline={"event": "stage_error", "error": str(exc)[:300], "attempt": errors},
+    )
+    delay = backoff(errors, base=settings.retry_backoff_base, cap=settings.retry_backoff_max)
+    log.warning("deployment_stage_error", error=str(exc), attempt=errors, delay=round(delay, 2))
+    raise Park(delay, f"stage error: {exc}")
+
+
+def _succeed(row: Deployment, target: Target) -> dict[str, Any]:
+    """Every stage done: the release is the tenant's, the tenant is free again."""
+    with session_scope() as session:
+        dep = session.get(Deployment, row.id, with_for_update=True)
+        tenant = session.get(Tenant, row.tenant_id)
+        assert dep is not None and tenant is not None
+        if dep.status != DeploymentStatus.SUCCEEDED:
+            dep.status = DeploymentStatus.SUCCEEDED
+            dep.finished_at = _now()
+            dep.reason = None
+            dep.timeline = [*dep.timeline, {"at": _now().isoformat(), "event": "succeeded"}]
+            tenant.release = dict(dep.release)
+            if tenant.active_workflow_id == dep.workflow_id:
+                tenant.active_workflow_id = None
+            tenant.generation += 1
+            session.add(
+                AuditEvent(
+                    tenant_id=tenant.id,
+                    kind="deployment.succeeded",
+                    data={"deployment_id": dep.id, "version": dep.release.get("version")},
+                )
+            )
+    _event(row, "deployment.promoted", strategy=row.strategy)
+    return {"deployment_id": row.id, "status": DeploymentStatus.SUCCEEDED}
+
+
+# -- the stages -------------------------------------------------------------------------------
+
+
+def _release(row: Deployment) -> Release:
+    return Release.model_validate(row.release)
+
+
+def _create_group(row: Deployment, stage: Stage, target: Target) -> _Result:
+    count = stage.params.get("count") or len(target.group("app").names) or 1
+    names = target.start_canaries(_release(row), int(count))
+    if target.lb is not None:
+        traffic.set_canary_weight(target.lb, row.tenant_id, 0)
+    return _Done({"instances": names})
+
+
+def _set_weight(row: Deployment, stage: Stage, target: Target) -> _Result:
+    assert target.lb is not None and stage.weight is not None
+    stats = traffic.set_canary_weight(target.lb, row.tenant_id, stage.weight)
+    log.info("deployment_weight", weight=stage.weight, read_back=stats.weights)
+    return _Done({"weight": stage.weight, "read_back": stats.weights})
+
+
+def _route(row: Deployment, stage: Stage, target: Target) -> _Result:
+    assert target.lb is not None
+    route = HeaderRoute(
+        tenant_id=row.tenant_id,
+        header=stage.params.get("header"),
+        cookie=stage.params.get("cookie"),
+        value=str(stage.params.get("value", "")),
+        group="canary",
+    )
+    target.lb.route_by_header(route)
+    return _Done({"route": route.model_dump(exclude={"tenant_id"}, exclude_none=True)})
+
+
+def _pause(row: Deployment, stage: Stage, target: Target) -> _Result:
+    promoted = _consume(row.id, "promote")
+    if promoted is not None:
+        return _Done({"promoted_by": promoted.get("actor")})
+    if stage.pause_seconds is None:
+        return _Hold(f"{stage.name}: waiting for promotion")
+    due = row.stage_state.get("due")
+    if due is None:
+        due = _ts(_now()) + stage.pause_seconds
+        _write(row.id, stage_state={**row.stage_state, "due": due})
+    left = due - _ts(_now())
+    return _Done({"paused_seconds": stage.pause_seconds}) if left <= 0 else _Wait(left)
+
+
+def _analysis(row: Deployment, stage: Stage, target: Target) -> _Result:
+    config = AnalysisConfig.model_validate({k: v for k, v in stage.params.items() if k != "target"})
+    state = dict(row.stage_state)
+    promoted = _consume(row.id, "promote")
+    if promoted is not None:
+        return _Done({"skipped_by": promoted.get("actor")})
+    if state.get("held"):
+        if _consume(row.id, "resume") is None:
+            return _Hold(state["held"])
+        state = {}
+    now = _ts(_now())
+    if "next_at" not in state:
+        state = {
+            "next_at": now + config.initial_delay_seconds + config.interval_seconds,
+            "before": analysis.counters(target.lb, row.tenant_id),
+            "tally": {},
+        }
+        _write(row.id, stage_state=state)
+        return _Wait(state["next_at"] - now)
+    if now < state["next_at"]:
+        return _Wait(state["next_at"] - now)
+    tally = analysis.Tally.load(state)
+    canaries = target.group("canary")
+    endpoints = [endpoint for _, _, _, endpoint, _ in canaries.rows if endpoint]
+    taken_at = _now()
+    measurement: dict[str, Any]
+    metrics: dict[str, float] = {}
+    try:
+        metrics, after = analysis.measure(
+            target.lb,
+            row.tenant_id,
+            endpoints,
+            state["before"],
+            probes=config.probes,
+            timeout=get_settings().health_timeout,
+        )
+    except TransientError as exc:
+        tally.error()
+        measurement = {"error": str(exc)[:300]}
+        after = state["before"]
+    else:
+        verdict = get_strategy(row.strategy).analyze(
+            AnalysisInput(deployment=spec_of(row, target), stage=stage, metrics=metrics)
+        )
+        tally.add(verdict.decision)
+        measurement = {"metrics": metrics, "judgement": verdict.decision, "reason": verdict.reason}
+    measurement = {"stage": stage.name, "at": taken_at.isoformat(), "n": tally.taken, **measurement}
+    if config.dry_run:
+        measurement["dry_run"] = True
+    outcome = tally.outcome(config)
+    state.update(before=after, tally=tally.dump(), next_at=_ts(_now()) + config.interval_seconds)
+    if outcome == "inconclusive":
+        state["held"] = f"{stage.name}: analysis inconclusive ({measurement.get('reason', '')})"
+    with session_scope() as session:
+        dep = session.get(Deployment, row.id, with_for_update=True)
+        assert dep is not None
+        dep.measurements = [*dep.measurements, measurement]
+        dep.stage_state = state
+    log.info("deployment_measured", stage=stage.name, outcome=outcome, **metrics)
+    if outcome == "failed":
+        _restore_traffic(row, target, measurement)
+        why = measurement.get("reason") or measurement.get("error")
+        raise GateFailed(f"{stage.name}: analysis failed ({why})", measurement=measurement)
+    if outcome == "successful":
+        return _Done({"analysis": tally.dump()})
+    if outcome == "inconclusive":
+        return _Hold(state["held"])
+    return _Wait(max(0.0, state["next_at"] - _ts(_now())))
+
+
+def _restore_traffic(row: Deployment, target: Target, measurement: dict[str, Any]) -> None:
+    """All traffic back on the stable group, first thing after a failed measurement."""
+    if target.lb is None:
+        return
+    stats = traffic.restore_stable(target.lb, row.tenant_id)
+    taken = dt.datetime.fromisoformat(measurement["at"])
+    elapsed = (_now() - taken).total_seconds()
+    _write(
+        row.id,
+        timeline={
+            "event": "traffic_restored",
+            "read_back": stats.weights,
+            "seconds_after_measurement": round(elapsed, 3),
+        },
+    )
+    log.warning("deployment_traffic_restored", seconds=round(elapsed, 3))
+
+
+def _replace(row: Deployment, stage: Stage, target: Target) -> _Result:
+    release = _release(row)
+    names = [str(n) for n in stage.params.get("instances", [])]
+    surge = int(stage.params.get("surge", 0))
+    stable = target.group("app")
+    if surge > 0:
+        target.start_canaries(release, surge)
+    if target.lb is not None and surge > 0:
+        pending = [n for n in names if stable.release_of(n) != release.version]
+        ready_after = len(stable.names) - len(pending)
+        share = 100 if ready_after == 0 else round(100 * surge / (surge + ready_after))
+        traffic.set_canary_weight(target.lb, row.tenant_id, share)
+    replaced = target.replace(names, release)
+    if target.lb is not None and surge > 0:
+        share = round(100 * surge / (surge + len(stable.names)))
+        traffic.set_canary_weight(target.lb, row.tenant_id, share)
+    return _Done({"batch": names, "batch_size": len(names), "replaced": replaced, "surge": surge})
+
+
+def _promote(row: Deployment, stage: Stage, target: Target) -> _Result:
+    release = _release(row)
+    stable = target.group("app")
+    canaries = target.group("canary")
+    pending = [n for n in stable.names if stable.release_of(n) != release.version]
+    if pending and target.lb is not None and canaries.names:
+        # The canary group carries all traffic while the stable instances take the release.
+        traffic.set_canary_weight(target.lb, row.tenant_id, 100)
+    replaced = target.replace(pending, release)
+    read_back: dict[str, int] = {}
+    if target.lb is not None:
+        read_back = traffic.restore_stable(target.lb, row.tenant_id).weights
+    removed = target.remove_canaries()
+    return _Done({"replaced": replaced, "removed": removed, "read_back": read_back})
+
+
+_STAGES = {
+    "create_group": _create_group,
+    "set_weight": _set_weight,
+    "route": _route,
+    "pause": _pause,
+    "analysis": _analysis,
+    "replace": _replace,
+    "promote": _promote,
+}
+
+
+# -- rollback ---------------------------------------------------------------------------------
+
+
+def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> dict[str, Any]:
+    """Traffic to stable, stable instances back on the previous release, new ones gone.
+
+    Idempotent: each part finds its work done on a second delivery. The deployment ends
+    ``aborted`` (a person's abort) or ``rolled_back`` (a failed gate or stage), with the
+    error (and a failing measurement) as its reason.
+    """
+    row = _read(deployment_id)
+    if row.workflow_id != run_id:
+        return {"skipped": f"deployment is under run {row.workflow_id}"}
+    target = load_target(row.tenant_id)
+    if row.status not in (DeploymentStatus.ROLLING_BACK, *_FINAL):
+        _write(deployment_id, status=DeploymentStatus.ROLLING_BACK)
+    read_back: dict[str, int] = {}
+    if target.lb is not None and target.group("app").names:
+        read_back = traffic.restore_stable(target.lb, row.tenant_id).weights
+    previous = Release.model_validate(row.previous_release) if row.previous_release else None
+    version = previous.version if previous is not None else None
+    stable = target.group("app")
+    restored = target.replace(
+        [n for n in stable.names if stable.release_of(n) != version], previous
+    )
+    removed = target.remove_canaries()
+    code = (error or {}).get("code")
+    status = DeploymentStatus.ABORTED if code == Aborted.code else DeploymentStatus.ROLLED_BACK
+    with session_scope() as session:
+        dep = session.get(Deployment, deployment_id, with_for_update=True)
+        tenant = session.get(Tenant, row.tenant_id)
+        assert dep is not None and tenant is not None
+        if dep.status not in _FINAL:
+            dep.status = status
+            dep.finished_at = _now()
+            dep.reason = error
+            dep.requests = {}
+            dep.timeline = [
+                *dep.timeline,
+                {
+                    "at": _now().isoformat(),
+                    "event": status.value,
+                    "read_back": read_back,
+                    "restored": restored,
+                    "removed": removed,
+                },
+            ]
+            session.add(
+                AuditEvent(
+                    tenant_id=tenant.id,
+                    kind=f"deployment.{status.value}",
+                    data={"deployment_id": dep.id, "error": error},
+                )
+            )
+        if tenant.active_workflow_id == run_id:
+            tenant.active_workflow_id = None
+    _event(
+        row,
+        "deployment.aborted" if status == DeploymentStatus.ABORTED else "deployment.rolled_back",
+        reason=(error or {}).get("message"),
+    )
+    return {"status": status, "restored": restored, "removed": removed}
+
+
+_FINAL = (
+    DeploymentStatus.SUCCEEDED,
+    DeploymentStatus.ABORTED,
+    DeploymentStatus.ROLLED_BACK,
+    DeploymentStatus.FAILED,
+    DeploymentStatus.REJECTED,
+    DeploymentStatus.EXPIRED,
+)
