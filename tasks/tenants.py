@@ -130,6 +130,8 @@ def create(session: Session, payload: CreateTenant) -> Outcome:
         placement=payload.provisioner or settings.default_provisioner,
         resources={},
         meta=dict(payload.metadata),
+        environment=payload.environment,
+        release={},
         billing_anchor=now.date(),
         generation=1,
         created_at=now,
@@ -205,6 +207,10 @@ def describe_tenant(session: Session, tenant: Tenant) -> dict[str, Any]:
         "status_reason": tenant.status_reason,
         "platform": tenant.platform,
         "placement": tenant.placement,
+        "environment": tenant.environment,
+        "release": tenant.release or None,
+        #: The stable address of its load-balancer frontend (``None``: reach its instances).
+        "entry": tenant.resources.get("entry"),
         "subnet": subnet,
         "generation": tenant.generation,
         "active_workflow_id": tenant.active_workflow_id,
@@ -220,6 +226,7 @@ def describe_tenant(session: Session, tenant: Tenant) -> dict[str, Any]:
                 "status": i.status,
                 "endpoint": i.endpoint,
                 "platform": i.platform,
+                "release": i.release,
                 "limits": i.limits,
             }
             for i in instances

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from workers.cli.client import call
 from workers.cli.console import JsonOpt, add_row, complain, console, emit, line
+from workers.cli.deploy import deploy_cli
 from workers.cli.economics import autoscale_cli, beat_cli, invoice_cli, usage_cli
 from workers.cli.plugins import plugin_cli
 from workers.cli.runs import workflow_cli
@@ -36,6 +37,7 @@ schema_cli = typer.Typer(help="JSON Schemas of the public tasks.", no_args_is_he
 platform_cli = typer.Typer(help="Compare platforms with the database.", no_args_is_help=True)
 cli.add_typer(stack_cli)  # adds `up` and `down` themselves
 cli.add_typer(tenant_cli, name="tenant")
+cli.add_typer(deploy_cli, name="deploy")
 cli.add_typer(workflow_cli, name="workflow")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(schema_cli, name="schema")

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from schemas.states import TenantStatus
+from schemas.states import Environment, TenantStatus
 from workers.cli.client import call
 from workers.cli.console import JsonOpt, add_row, console, emit, fail, line
 from workers.cli.lookups import find_tenant
@@ -76,13 +76,16 @@ def tenant_create(
         str | None, typer.Option(help="Tenant id (default: from the name).")
     ] = None,
     platform: Annotated[str | None, typer.Option(help="Platform (default from settings).")] = None,
+    environment: Annotated[
+        Environment, typer.Option(help="development, qa or production (needs approvals).")
+    ] = Environment.DEVELOPMENT,
     idempotency_key: str | None = None,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
     timeout: TimeoutOpt = 300.0,
 ) -> None:
     """Sign a tenant up on a plan."""
-    kwargs: dict[str, Any] = {"name": name, "plan": plan}
+    kwargs: dict[str, Any] = {"name": name, "plan": plan, "environment": environment.value}
     for key, value in (
         ("tenant_id", tenant_id),
         ("platform", platform),
@@ -130,6 +133,20 @@ def tenant_resume(
     """Start a suspended tenant again."""
     kwargs = {"tenant_id": tenant_id, "reason": reason}
     _mutate("cul8er.tenants.resume", kwargs, wait=wait, as_json=as_json, timeout=timeout)
+
+
+@tenant_cli.command("set-env")
+def tenant_set_env(tenant_id: str, environment: Environment, as_json: JsonOpt = False) -> None:
+    """Move a tenant to development, qa or production (production deployments need approvals)."""
+    result = call(
+        "cul8er.tenants.set_environment",
+        {"tenant_id": tenant_id, "environment": environment.value},
+    )
+    _fail_on_error(result, as_json)
+    if as_json:
+        emit(result)
+        return
+    console.print(line((tenant_id, "bold"), f": {result['previous']} → {result['environment']}"))
 
 
 @tenant_cli.command("delete")
@@ -193,20 +210,26 @@ def tenant_show(tenant_id: str, as_json: JsonOpt = False) -> None:
     if as_json:
         emit(view)
         return
+    release = (view["release"] or {}).get("version", "-")
     console.print(
         line(
             (view["tenant_id"], "bold"),
             f" ({view['name']}): {view['status']} on {view['plan']}, {view['platform']}, "
-            f"subnet {view['subnet'] or '-'}",
+            f"{view['environment']}, release {release}, subnet {view['subnet'] or '-'}",
         )
+    )
+    console.print(
+        line("entry point: ", (view["entry"] or "none (instances' own addresses)", "bold"))
     )
     if view["status_reason"]:
         console.print(line(f"reason: {view['status_reason']}"))
-    table = Table("instance", "status", "endpoint", "limits applied")
+    table = Table("instance", "role", "release", "status", "endpoint", "limits applied")
     for i in view["instances"]:
         add_row(
             table,
             i["name"],
+            i["role"],
+            i["release"] or "-",
             i["status"],
             i["endpoint"] or "-",
             json.dumps(i["limits"].get("applied", {})),
