@@ -9,14 +9,16 @@
 #
 #   Docker   docker.io from Debian, dockerd started in the background
 #            (log /var/log/cul8er-dockerd.log, pid /run/cul8er-dockerd.pid),
-#            image cul8er/instance:latest
+#            image cul8er/instance:latest, release images cul8er/instance:v1 and :v2
 #   Incus    incus-base + incus-client from bookworm-backports, incusd started in the
 #            background (log /var/log/incus/incus.log, pid /run/cul8er-incusd.pid),
 #            dir pool "default", bridge incusbr0 10.78.0.1/24 with NAT,
-#            image alias cul8er-instance
+#            image alias cul8er-instance, release aliases cul8er-instance-v1 and -v2
 #
-# Both images run `busybox httpd -f -p 8080 -h /www`, which serves /health ("ok") and
-# /index.html, so health checks have a real target.
+# All images run `busybox httpd -f -p 8080 -h /www`, which serves /health ("ok") and
+# /index.html, so health checks have a real target. The release images (one per version in
+# CUL8ER_RELEASE_VERSIONS) are the base image plus /www/version holding the version, with
+# /index.html naming it, so a deployment test can tell which release answered.
 #
 # Safe to run again and again: each step is skipped when it is already done, so a second
 # run takes about a second. Progress goes to stderr (lines start with "platforms:"); stdout
@@ -27,11 +29,15 @@
 #
 # Options:
 #   --smoke    also start a throwaway container on each engine, publish its port 8080 on
-#              127.0.0.1 and check that /health answers "ok"; both are removed afterwards
+#              127.0.0.1 and check that /health answers "ok" (and, for each release image,
+#              that /version names its version); all are removed afterwards
 #
 # Environment knobs:
 #   CUL8ER_DOCKER_IMAGE    Docker image tag to build (default: cul8er/instance:latest)
 #   CUL8ER_INCUS_IMAGE     Incus image alias to build (default: cul8er-instance)
+#   CUL8ER_RELEASE_VERSIONS release images to build besides, space-separated (default: "v1 v2");
+#                          Docker tags REPO:VERSION (REPO from CUL8ER_DOCKER_IMAGE), Incus
+#                          aliases CUL8ER_INCUS_IMAGE-VERSION
 #   INCUS_BRIDGE_CIDR      address of incusbr0 when it is first created (default: 10.78.0.1/24)
 #   PLATFORMS_WAIT_SECONDS how long to wait for a daemon to answer (default: 60)
 #
@@ -63,7 +69,7 @@ done
 
 if [[ ${EUID:-$(id -u)} -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1; then
-        exec sudo --preserve-env=CUL8ER_DOCKER_IMAGE,CUL8ER_INCUS_IMAGE,INCUS_BRIDGE_CIDR,PLATFORMS_WAIT_SECONDS \
+        exec sudo --preserve-env=CUL8ER_DOCKER_IMAGE,CUL8ER_INCUS_IMAGE,CUL8ER_RELEASE_VERSIONS,INCUS_BRIDGE_CIDR,PLATFORMS_WAIT_SECONDS \
             bash "$SCRIPT" "$@"
     fi
     echo "platforms: error: needs root (and sudo is not available)" >&2
@@ -78,6 +84,18 @@ INCUS_SOCKET="/var/lib/incus/unix.socket"
 
 DOCKER_IMAGE="${CUL8ER_DOCKER_IMAGE:-cul8er/instance:latest}"
 INCUS_IMAGE="${CUL8ER_INCUS_IMAGE:-cul8er-instance}"
+read -r -a RELEASE_VERSIONS <<<"${CUL8ER_RELEASE_VERSIONS-v1 v2}"
+# A release's Docker tag replaces the base tag (cul8er/instance:latest -> cul8er/instance:v1);
+# only a colon in the last path part is a tag, not a registry's port.
+DOCKER_REPO="$DOCKER_IMAGE"
+[[ "${DOCKER_IMAGE##*/}" == *:* ]] && DOCKER_REPO="${DOCKER_IMAGE%:*}"
+for v in "${RELEASE_VERSIONS[@]}"; do
+    # Both a Docker tag and an Incus alias suffix, and written into the served pages.
+    [[ "$v" =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] || {
+        echo "platforms: error: bad release version in CUL8ER_RELEASE_VERSIONS: '$v'" >&2
+        exit 2
+    }
+done
 INCUS_CIDR="${INCUS_BRIDGE_CIDR:-10.78.0.1/24}"
 WAIT_SECONDS="${PLATFORMS_WAIT_SECONDS:-60}"
 DOCKERD_LOG=/var/log/cul8er-dockerd.log
@@ -217,8 +235,8 @@ probe_health() {
 
 # free_port: a TCP port nothing listens on at 127.0.0.1.
 free_port() {
-    local p i
-    for i in $(seq 1 50); do
+    local p
+    for _ in $(seq 1 50); do
         p=$((20000 + RANDOM % 30000))
         if ! timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$p" 2>/dev/null; then
             echo "$p"
@@ -228,38 +246,48 @@ free_port() {
     return 1
 }
 
-# write_www ROOTFS: the pages busybox httpd serves.
+# write_www ROOTFS [VERSION]: the pages busybox httpd serves. With VERSION (a release
+# image), /version holds it and /index.html names it; without, the base image's pages.
 write_www() {
-    local r="$1"
+    local r="$1" version="${2:-}"
     mkdir -p "$r/www"
     echo ok >"$r/www/health"
-    cat >"$r/www/index.html" <<'EOF'
+    if [[ -z "$version" ]]; then
+        cat >"$r/www/index.html" <<'EOF'
 <!doctype html>
 <html><head><title>cul8er instance</title></head>
 <body><h1>cul8er instance</h1><p>busybox httpd on port 8080; health check at /health.</p></body></html>
 EOF
+        return
+    fi
+    echo "$version" >"$r/www/version"
+    cat >"$r/www/index.html" <<EOF
+<!doctype html>
+<html><head><title>cul8er instance version $version</title></head>
+<body><h1>cul8er instance version $version</h1><p>busybox httpd on port 8080; health check at /health, version at /version.</p></body></html>
+EOF
 }
 
-# busybox_rootfs ROOTFS: a minimal busybox userland with root user and /tmp.
+# busybox_rootfs ROOTFS [VERSION]: a minimal busybox userland with root user and /tmp.
 busybox_rootfs() {
-    local r="$1"
+    local r="$1" version="${2:-}"
     mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,proc,sys,dev,root,run,var/run}
     chmod 1777 "$r/tmp"
     cp /bin/busybox "$r/bin/busybox"
     chroot "$r" /bin/busybox --install -s
     echo 'root:x:0:0:root:/root:/bin/sh' >"$r/etc/passwd"
     echo 'root:x:0:' >"$r/etc/group"
-    write_www "$r"
+    write_www "$r" "$version"
 }
 
-# build_incus_image OUT.tar.gz: a unified Incus/LXD image (metadata.yaml + rootfs/) whose
-# busybox init brings up lo, gets eth0 by DHCP and keeps httpd running on port 8080.
+# build_incus_image OUT.tar.gz [VERSION]: a unified Incus/LXD image (metadata.yaml + rootfs/)
+# whose busybox init brings up lo, gets eth0 by DHCP and keeps httpd running on port 8080.
 build_incus_image() {
-    local out="$1" b r
+    local out="$1" version="${2:-}" b r
     b="$(mktemp -d /tmp/cul8er-incus-img.XXXXXX)"
     TMP_DIRS+=("$b")
     r="$b/rootfs"
-    busybox_rootfs "$r" # /sbin/init -> busybox init
+    busybox_rootfs "$r" "$version" # /sbin/init -> busybox init
     mkdir -p "$r/etc/init.d" "$r/etc/udhcpc"
     echo cul8er-instance >"$r/etc/hostname"
     # Debian's busybox runs the udhcpc hook /etc/udhcpc/default.script (not
@@ -314,7 +342,7 @@ EOF
 architecture: $(uname -m)
 creation_date: $(date +%s)
 properties:
-  description: cul8er instance (busybox httpd on 8080, /health) local test image
+  description: cul8er instance${version:+ version $version} (busybox httpd on 8080, /health) local test image
   os: busybox
   release: "$(/bin/busybox 2>&1 | sed -n '1s/^BusyBox v\([0-9.]*\).*/\1/p')"
 EOF
@@ -365,35 +393,41 @@ docker_start() {
     log "docker: engine up in $(step_time "$t") ($(docker version --format '{{.Server.Version}}' 2>/dev/null || echo '?'))"
 }
 
+# docker_image TAG [VERSION]: build TAG from a fresh busybox rootfs unless it exists.
 docker_image() {
-    local t=$SECONDS r
-    if docker image inspect "$DOCKER_IMAGE" >/dev/null 2>&1; then
-        log "docker: image $DOCKER_IMAGE already present"
+    local tag="$1" version="${2:-}" t=$SECONDS r
+    if docker image inspect "$tag" >/dev/null 2>&1; then
+        log "docker: image $tag already present"
         return
     fi
-    log "docker: building image $DOCKER_IMAGE"
+    log "docker: building image $tag"
     r="$(mktemp -d /tmp/cul8er-docker-root.XXXXXX)"
     TMP_DIRS+=("$r")
-    busybox_rootfs "$r"
+    busybox_rootfs "$r" "$version"
     tar -C "$r" -c . |
         docker import -c "CMD [\"/bin/busybox\",\"httpd\",\"-f\",\"-p\",\"$INSTANCE_PORT\",\"-h\",\"/www\"]" \
-            - "$DOCKER_IMAGE" >/dev/null
-    log "docker: image $DOCKER_IMAGE built in $(step_time "$t")"
+            - "$tag" >/dev/null
+    log "docker: image $tag built in $(step_time "$t")"
 }
 
+# docker_smoke TAG [VERSION]: /health answers ok, and /version answers VERSION when given.
 docker_smoke() {
-    local t=$SECONDS port body
+    local tag="$1" version="${2:-}" t=$SECONDS port body
     DOCKER_SMOKE="cul8er-smoke-$$"
-    log "docker: smoke test (container $DOCKER_SMOKE)"
-    docker run -d --rm --name "$DOCKER_SMOKE" -p "127.0.0.1::$INSTANCE_PORT" "$DOCKER_IMAGE" >/dev/null
+    log "docker: smoke test of $tag (container $DOCKER_SMOKE)"
+    docker run -d --rm --name "$DOCKER_SMOKE" -p "127.0.0.1::$INSTANCE_PORT" "$tag" >/dev/null
     port="$(docker port "$DOCKER_SMOKE" "$INSTANCE_PORT/tcp" | sed -n 's/^127\.0\.0\.1:\([0-9]*\)$/\1/p' | head -n 1)"
     [[ -n "$port" ]] || die "docker smoke: no port published on 127.0.0.1"
     probe_health "$port" || die "docker smoke: http://127.0.0.1:$port/health did not answer ok"
     body="$(http_get "$port" /index.html)" || die "docker smoke: /index.html failed"
     [[ "$body" == *"cul8er instance"* ]] || die "docker smoke: unexpected /index.html"
+    if [[ -n "$version" ]]; then
+        body="$(http_get "$port" /version)" || die "docker smoke: /version failed"
+        [[ "$body" == "$version" ]] || die "docker smoke: /version of $tag answered '$body'"
+    fi
     docker rm -f "$DOCKER_SMOKE" >/dev/null
     DOCKER_SMOKE=""
-    log "docker: smoke ok (127.0.0.1:$port/health -> ok) in $(step_time "$t")"
+    log "docker: smoke ok ($tag: 127.0.0.1:$port/health -> ok${version:+, /version -> $version}) in $(step_time "$t")"
 }
 
 # ---------------------------------------------------------------------------
@@ -479,33 +513,39 @@ EOF
     fi
 }
 
+# incus_image ALIAS [VERSION]: build and import ALIAS unless it exists.
 incus_image() {
-    local t=$SECONDS d
-    if incus image info "$INCUS_IMAGE" >/dev/null 2>&1; then
-        log "incus: image $INCUS_IMAGE already present"
+    local alias="$1" version="${2:-}" t=$SECONDS d
+    if incus image info "$alias" >/dev/null 2>&1; then
+        log "incus: image $alias already present"
         return
     fi
-    log "incus: building image $INCUS_IMAGE"
+    log "incus: building image $alias"
     d="$(mktemp -d /tmp/cul8er-incus-out.XXXXXX)"
     TMP_DIRS+=("$d")
-    build_incus_image "$d/cul8er-instance.tar.gz"
-    incus image import "$d/cul8er-instance.tar.gz" --alias "$INCUS_IMAGE" >/dev/null
-    log "incus: image $INCUS_IMAGE imported in $(step_time "$t")"
+    build_incus_image "$d/cul8er-instance.tar.gz" "$version"
+    incus image import "$d/cul8er-instance.tar.gz" --alias "$alias" >/dev/null
+    log "incus: image $alias imported in $(step_time "$t")"
 }
 
+# incus_smoke ALIAS [VERSION]: /health answers ok, and /version answers VERSION when given.
 incus_smoke() {
-    local t=$SECONDS port
+    local alias="$1" version="${2:-}" t=$SECONDS port body
     INCUS_SMOKE="cul8er-smoke-$$"
     port="$(free_port)" || die "incus smoke: no free port on 127.0.0.1"
-    log "incus: smoke test (container $INCUS_SMOKE)"
-    incus init "$INCUS_IMAGE" "$INCUS_SMOKE" -c limits.memory=64MiB -q >/dev/null
+    log "incus: smoke test of $alias (container $INCUS_SMOKE)"
+    incus init "$alias" "$INCUS_SMOKE" -c limits.memory=64MiB -q >/dev/null
     incus config device add "$INCUS_SMOKE" web proxy \
         "listen=tcp:127.0.0.1:$port" "connect=tcp:127.0.0.1:$INSTANCE_PORT" >/dev/null
     incus start "$INCUS_SMOKE"
     probe_health "$port" || die "incus smoke: http://127.0.0.1:$port/health did not answer ok"
+    if [[ -n "$version" ]]; then
+        body="$(http_get "$port" /version)" || die "incus smoke: /version failed"
+        [[ "$body" == "$version" ]] || die "incus smoke: /version of $alias answered '$body'"
+    fi
     incus delete -f "$INCUS_SMOKE" >/dev/null
     INCUS_SMOKE=""
-    log "incus: smoke ok (127.0.0.1:$port/health -> ok) in $(step_time "$t")"
+    log "incus: smoke ok ($alias: 127.0.0.1:$port/health -> ok${version:+, /version -> $version}) in $(step_time "$t")"
 }
 
 # ---------------------------------------------------------------------------
@@ -513,15 +553,27 @@ incus_smoke() {
 # Docker first: the Incus step adds its DOCKER-USER rules only when Docker's chain exists.
 docker_install
 docker_start
-docker_image
+docker_image "$DOCKER_IMAGE"
+for v in "${RELEASE_VERSIONS[@]}"; do
+    docker_image "$DOCKER_REPO:$v" "$v"
+done
 incus_install
 incus_start
 incus_init
-incus_image
+incus_image "$INCUS_IMAGE"
+for v in "${RELEASE_VERSIONS[@]}"; do
+    incus_image "$INCUS_IMAGE-$v" "$v"
+done
 
 if [[ $SMOKE -eq 1 ]]; then
-    docker_smoke
-    incus_smoke
+    docker_smoke "$DOCKER_IMAGE"
+    for v in "${RELEASE_VERSIONS[@]}"; do
+        docker_smoke "$DOCKER_REPO:$v" "$v"
+    done
+    incus_smoke "$INCUS_IMAGE"
+    for v in "${RELEASE_VERSIONS[@]}"; do
+        incus_smoke "$INCUS_IMAGE-$v" "$v"
+    done
 fi
 
 log "ready in $(step_time "$T_START")"
