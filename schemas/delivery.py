@@ -18,10 +18,10 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 __all__ = [
-    "METRICS",
     "AnalysisConfig",
     "Condition",
     "Judgement",
+    "METRICS",
     "Release",
     "ReleaseSettings",
 ]

@@ -12,11 +12,11 @@ from typing import Final
 
 __all__ = [
     "DEPLOYMENT_OPEN",
+    "DeploymentStatus",
+    "Environment",
     "FINAL_RUN",
     "FINISHED",
     "PHASE_STATUS",
-    "DeploymentStatus",
-    "Environment",
     "PaymentStatus",
     "Phase",
     "RunStatus",

@@ -5,3 +5,5 @@
 judges gate measurements; ``stages`` carries a deployment's stages out and rolls it back;
 ``commands`` is what people and services ask of a deployment.
 """
+
+__all__: list[str] = []

@@ -38,10 +38,10 @@ if TYPE_CHECKING:
     from schemas.events import EventType
 
 __all__ = [
-    "HOLD",
-    "INLINE_WAIT",
     "Aborted",
     "GateFailed",
+    "HOLD",
+    "INLINE_WAIT",
     "advance",
     "roll_back",
     "spec_of",
