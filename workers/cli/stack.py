@@ -8,6 +8,7 @@ however ``up`` ends. The worker, beat, sandbox and Flower it runs die with it th
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from workers.runtime.settings import get_settings
 if TYPE_CHECKING:
     from workers.runtime.settings import Settings
 
-__all__ = ["down", "stack_cli", "up", "worker_commands"]
+__all__ = ["down", "haproxy_command", "stack_cli", "up", "worker_commands"]
 
 #: Holds ``up`` and ``down``; ``cul8er`` adds them without a group name.
 stack_cli = typer.Typer()
@@ -46,7 +47,12 @@ def worker_commands(
     def worker(queues: str, processes: int, node: str) -> list[str]:
         return [*celery, "worker", "-Q", queues, "-c", str(processes), "-n", node, *level]
 
-    commands = {
+    commands = {}
+    balancer = haproxy_command(settings)
+    if balancer is not None:
+        # Tenants' entry points: before the worker, which configures it as tenants come.
+        commands["haproxy"] = balancer
+    commands |= {
         "worker": worker(WORKER_QUEUES, concurrency, "cul8er@%h"),
         "beat": [*celery, "beat", *level],
     }
@@ -56,6 +62,22 @@ def worker_commands(
     if flower_port is not None:
         commands["flower"] = [*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"]
     return commands
+
+
+def haproxy_command(settings: Settings) -> list[str] | None:
+    """HAProxy for tenants' entry points, when it is the load balancer and is installed."""
+    if settings.load_balancer != "haproxy" or shutil.which(settings.haproxy_binary) is None:
+        return None
+    return [
+        sys.executable,
+        "-m",
+        "plugins.load_balancers.haproxy",
+        "serve",
+        "--dir",
+        str(settings.haproxy_folder),
+        "--binary",
+        settings.haproxy_binary,
+    ]
 
 
 @contextlib.contextmanager
@@ -140,6 +162,12 @@ def up(
             )
             if flower:
                 complain(f"Flower: http://127.0.0.1:{flower_port}")
+            if "haproxy" not in children and settings.load_balancer == "haproxy":
+                complain(
+                    (f"{settings.haproxy_binary} not found", "yellow"),
+                    ": tenants are reached at their instances' own addresses and deployments "
+                    "that shift traffic are refused (scripts/setup.sh services installs HAProxy)",
+                )
             code = _supervise(children)
         finally:
             _stop_children(children)
