@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -193,6 +194,42 @@ class Stack:
         if wait:
             self.wait_for_worker(unique.split("@")[0])
         return process
+
+    def start_haproxy(self) -> Path:
+        """HAProxy for this stack's tenants, as ``cul8er up`` runs it; its folder.
+
+        The folder is short (unix socket paths are limited) and set for every process of
+        the stack started afterwards (``CUL8ER_HAPROXY_DIR``).
+        """
+        folder = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
+        self.extra_env["CUL8ER_HAPROXY_DIR"] = str(folder)
+        log = open(self.data_dir / "haproxy.log", "ab")  # noqa: SIM115 - the child owns it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "plugins.load_balancers.haproxy", "serve", "--dir", str(folder)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+
+        def answers() -> bool:
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(1)
+                sock.connect(str(folder / "admin.sock"))
+                sock.sendall(b"show info\n")
+                return b"Pid" in sock.recv(4096)
+            return False
+
+        wait_until(
+            answers,
+            timeout=20,
+            interval=0.1,
+            message=f"HAProxy did not start; see {self.data_dir / 'haproxy.log'}",
+            error=AssertionError,
+        )
+        return folder
 
     def start_beat(self) -> subprocess.Popen[bytes]:
         """A real ``celery beat`` with this stack's fast clocks."""
