@@ -41,6 +41,46 @@ CASES = [
     ("cul8er.tenants.get", {"tenant_id": None}, {"tenant_id"}),
     ("cul8er.workflows.status", {"workflow_id": "not-a-run"}, {"workflow_id"}),
     ("cul8er.workflows.status", {"workflow_id": "0" * 32, "verbose": 1}, {"verbose"}),
+    (
+        "cul8er.tenants.set_environment",
+        {"tenant_id": "acme", "environment": "prod"},
+        {"environment"},
+    ),
+    ("cul8er.deployments.create", {"tenant_id": "acme"}, {"release"}),
+    (
+        "cul8er.deployments.create",
+        {"tenant_id": "acme", "release": {"version": "bad version!"}},
+        {"release.version"},
+    ),
+    (
+        "cul8er.deployments.create",
+        {"tenant_id": "acme", "release": {"version": "2", "settings": {"error_rate": 2}}},
+        {"release.settings.error_rate"},
+    ),
+    (
+        "cul8er.deployments.create",
+        {"tenant_id": "acme", "release": {"version": "2"}, "strategy": "Big Bang"},
+        {"strategy"},
+    ),
+    (
+        "cul8er.deployments.create",
+        {"tenant_id": "acme", "release": {"version": "2"}, "strategy_config": []},
+        {"strategy_config"},
+    ),
+    ("cul8er.deployments.get", {"deployment_id": "nope"}, {"deployment_id"}),
+    ("cul8er.deployments.list", {"limit": 0}, {"limit"}),
+    ("cul8er.deployments.approve", {"deployment_id": "0" * 32}, {"actor"}),
+    ("cul8er.deployments.reject", {"deployment_id": "0" * 32, "actor": ""}, {"actor"}),
+    (
+        "cul8er.deployments.promote",
+        {"deployment_id": "0" * 32, "actor": "a", "full": "yes"},
+        {"full"},
+    ),
+    ("cul8er.deployments.pause", {"deployment_id": 5, "actor": "a"}, {"deployment_id"}),
+    ("cul8er.deployments.resume", {"actor": "a"}, {"deployment_id"}),
+    ("cul8er.deployments.abort", {"deployment_id": "0" * 32, "actor": "a", "x": 1}, {"x"}),
+    ("cul8er.deployments.retry", {"deployment_id": "0" * 32, "actor": HUGE}, {"actor"}),
+    ("cul8er.deployments.rollback", {"deployment_id": "0" * 33, "actor": "a"}, {"deployment_id"}),
 ]
 
 

@@ -67,7 +67,9 @@ def delivery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def make_tenant(stack: Stack, tenant_id: str, *, plan: str = "duo", env: str = "development") -> str:
+def make_tenant(
+    stack: Stack, tenant_id: str, *, plan: str = "duo", env: str = "development"
+) -> str:
     """An active tenant with its entry point; the entry's address."""
     result = stack.call(
         "cul8er.tenants.create", name=tenant_id, tenant_id=tenant_id, plan=plan, environment=env
@@ -264,9 +266,7 @@ def test_blue_green_serves_a_preview_then_switches_with_zero_failures(delivery: 
         # It waits for a person after the pre-promotion analysis; the preview answers as 2
         held = wait_status(delivery, result["deployment_id"], "paused")
         assert "promotion" in (held.reason or {}).get("message", "")
-        preview = LoadGenerator(
-            f"http://{entry}/", rate=10, headers={"X-Cul8er-Preview": "true"}
-        )
+        preview = LoadGenerator(f"http://{entry}/", rate=10, headers={"X-Cul8er-Preview": "true"})
         with preview:
             time.sleep(1)
         assert set(preview.by_version()) == {"2"}, preview.by_version()
@@ -470,3 +470,22 @@ def test_a_second_deployment_is_refused_with_the_id_of_the_first(delivery: Stack
     assert first["deployment_id"] in second["error"]["message"]
     delivery.call("cul8er.deployments.abort", deployment_id=first["deployment_id"], actor="ci")
     wait_status(delivery, first["deployment_id"], "aborted")
+
+
+def test_a_bad_strategy_config_names_the_field_and_starts_nothing(delivery: Stack) -> None:
+    make_tenant(delivery, "bad-config")
+    result = delivery.call(
+        "cul8er.deployments.create",
+        tenant_id="bad-config",
+        release={"version": "2"},
+        strategy="canary",
+        strategy_config={"step_weight": -5},
+    )
+    assert result["ok"] is False
+    assert result["error"]["code"] == "validation_error"
+    assert "strategy_config.step_weight" in {e["field"] for e in result["error"]["errors"]}
+    with delivery.session() as session:
+        assert (
+            session.scalars(select(Deployment).where(Deployment.tenant_id == "bad-config")).all()
+            == []
+        )
