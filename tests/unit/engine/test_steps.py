@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 
 from tests.unit.engine.harness import Broker, Sent
 from workers.engine import ledger, takeover
-from workers.engine.steps import step
+from workers.engine.steps import Park, step
 from workers.engine.workflow import Step, StepContext, Workflow, workflows
 from workers.runtime import liveness
 from workers.runtime.app import app
@@ -454,3 +454,55 @@ def test_a_permanent_error_stops_the_chain_and_dispatches_the_compensations(
     assert script.ran[-1].error == {"step": CHARGE, **error}
     assert run_of(run_id).status == "failed"
     assert broker.sent() == []
+
+
+# -- parking --------------------------------------------------------------------------------------
+
+
+def park_once(seconds: float) -> Body:
+    def body(ctx: StepContext) -> dict[str, Any] | None:
+        if sum(1 for c in script.ran if c.step == ctx.step) == 1:
+            raise Park(seconds, "waiting on purpose")
+        return {"parked": False}
+
+    return body
+
+
+def test_a_parked_step_waits_in_the_ledger_without_an_error_or_a_spent_attempt(
+    configure: Callable[..., Settings], broker: Broker
+) -> None:
+    configure(step_max_attempts="2")
+    run_id = start(broker)
+    script.bodies[RESERVE] = park_once(3600)
+
+    assert broker.run_next(RESERVE) is None
+
+    # Then the step waits for its due time, with no error, and no message holds it
+    waiting = row(run_id, RESERVE)
+    assert waiting.status == "waiting" and waiting.error is None
+    assert waiting.due_at is not None and waiting.due_at > utcnow() + dt.timedelta(minutes=59)
+    assert broker.sent() == []
+    # A wake sends it now, once, from that step on; a second wake finds nothing to send
+    with session_scope() as session:
+        assert ledger.wake(session, run_id) == [(run_id, "forward", FLOW.forward_tasks)]
+    with session_scope() as session:
+        assert ledger.wake(session, run_id) == []
+        assert ledger.due_waits(session) == []
+    ledger.dispatch(app, run_id, "forward", FLOW.forward_tasks)
+    # and the step runs again and the run goes on, parking having cost no attempt of the limit
+    assert broker.run_next(RESERVE) == {"parked": False}
+    assert row(run_id, RESERVE).status == "done"
+    assert broker.run_next(CHARGE) is not None
+    assert broker.run_next(NOTIFY) is not None
+    assert run_of(run_id).status == "succeeded"
+
+
+def test_wake_leaves_a_run_without_a_waiting_step_alone(
+    configure: Callable[..., Settings], broker: Broker
+) -> None:
+    configure()
+    run_id = start(broker)
+    with session_scope() as session:
+        assert ledger.wake(session, run_id) == []
+        assert ledger.wake(session, "0" * 32) == []
+    assert row(run_id, RESERVE).status == "pending"
