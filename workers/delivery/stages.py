@@ -207,6 +207,8 @@ def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
         if row.status == DeploymentStatus.PAUSED:
             _write(deployment_id, status=DeploymentStatus.PROGRESSING, reason=None)
             _event(row, "deployment.resumed", stage=stage.name)
+        if "resume" in row.requests and not row.stage_state.get("held"):
+            _consume(deployment_id, "resume")  # only a held gate looks at it
         try:
             result = _STAGES[stage.action](row, stage, target)
         except TransientError as exc:
@@ -251,12 +253,16 @@ def _hold(row: Deployment, reason: str, *, code: str) -> None:
     raise Park(HOLD, reason)
 
 
+#: Requests that cut an inline wait short.
+_URGENT = frozenset({"abort", "pause", "promote", "promote_full"})
+
+
 def _sleep_watching(deployment_id: str, seconds: float) -> None:
     """Sleep up to ``seconds``, waking early when a person asks for something."""
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(0.2, left))
-        if _read(deployment_id).requests:
+        if _URGENT & _read(deployment_id).requests.keys():
             return
 
 
@@ -501,18 +507,40 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
     target = load_target(row.tenant_id)
     if row.status not in (DeploymentStatus.ROLLING_BACK, *_FINAL):
         _write(deployment_id, status=DeploymentStatus.ROLLING_BACK)
+    problems: list[str] = []
     read_back: dict[str, int] = {}
-    if target.lb is not None and target.group("app").names:
-        read_back = traffic.restore_stable(target.lb, row.tenant_id).weights
+    restored: list[str] = []
+    removed: list[str] = []
     previous = Release.model_validate(row.previous_release) if row.previous_release else None
     version = previous.version if previous is not None else None
-    stable = target.group("app")
-    restored = target.replace(
-        [n for n in stable.names if stable.release_of(n) != version], previous
-    )
-    removed = target.remove_canaries()
+
+    def restore_traffic() -> None:
+        nonlocal read_back
+        if target.lb is not None and target.group("app").names:
+            read_back = traffic.restore_stable(target.lb, row.tenant_id).weights
+
+    def restore_stable() -> None:
+        stable = target.group("app")
+        restored.extend(
+            target.replace([n for n in stable.names if stable.release_of(n) != version], previous)
+        )
+
+    def remove_new() -> None:
+        removed.extend(target.remove_canaries())
+
+    # Each part goes on whatever the one before did: traffic first, the new instances always
+    # go. An engine that is away (TransientError) makes the ledger deliver this step again.
+    for part in (restore_traffic, restore_stable, remove_new):
+        try:
+            part()
+        except PermanentError as exc:
+            log.error("rollback_part_failed", part=part.__name__, error=str(exc))
+            problems.append(f"{part.__name__}: {exc}")
     code = (error or {}).get("code")
     status = DeploymentStatus.ABORTED if code == Aborted.code else DeploymentStatus.ROLLED_BACK
+    if problems:
+        status = DeploymentStatus.FAILED
+        error = {**(error or {}), "rollback_errors": problems}
     with session_scope() as session:
         dep = session.get(Deployment, deployment_id, with_for_update=True)
         tenant = session.get(Tenant, row.tenant_id)
@@ -541,11 +569,12 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
             )
         if tenant.active_workflow_id == run_id:
             tenant.active_workflow_id = None
-    _event(
-        row,
-        "deployment.aborted" if status == DeploymentStatus.ABORTED else "deployment.rolled_back",
-        reason=(error or {}).get("message"),
-    )
+    ended: dict[str, EventType] = {
+        DeploymentStatus.ABORTED: "deployment.aborted",
+        DeploymentStatus.ROLLED_BACK: "deployment.rolled_back",
+        DeploymentStatus.FAILED: "deployment.failed",
+    }
+    _event(row, ended[status], reason=(error or {}).get("message"))
     return {"status": status, "restored": restored, "removed": removed}
 
 
