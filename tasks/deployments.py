@@ -37,10 +37,10 @@ __all__: list[str] = []
 # -- public tasks -----------------------------------------------------------------------------
 
 
-@public_task("cul8er.deployments.create", CreateDeployment)
-def create(session: Session, payload: CreateDeployment) -> Outcome:
+@public_task("cul8er.deployments.create", CreateDeployment, prepare=commands.plan)
+def create(session: Session, planned: commands.Planned) -> Outcome:
     """Roll a release over a tenant's instances with a strategy."""
-    return commands.create(session, payload)
+    return commands.create(session, planned)
 
 
 @public_task("cul8er.deployments.approve", DeploymentAction)
@@ -85,10 +85,10 @@ def retry(session: Session, payload: DeploymentAction) -> Outcome:
     return commands.retry(session, payload)
 
 
-@public_task("cul8er.deployments.rollback", DeploymentAction)
-def rollback(session: Session, payload: DeploymentAction) -> Outcome:
+@public_task("cul8er.deployments.rollback", DeploymentAction, prepare=commands.plan_rollback)
+def rollback(session: Session, planned: commands.Planned) -> Outcome:
     """Put the previous release back after a completed promotion."""
-    return commands.rollback(session, payload)
+    return commands.rollback(session, planned)
 
 
 @public_task("cul8er.deployments.get", GetDeployment, idempotent=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
@@ -25,6 +26,7 @@ from workers.engine import ledger
 from workers.engine.events import emit
 from workers.engine.public import Outcome
 from workers.pluginhost.handles import get_strategy, plugin_names
+from workers.runtime.db import session_scope
 from workers.runtime.errors import (
     ConflictError,
     NotFoundError,
@@ -36,6 +38,7 @@ from workers.runtime.settings import get_settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from schemas.plugins import Stage
     from schemas.tasks import (
         DeploymentAction,
         ListDeployments,
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FINAL",
+    "Planned",
     "WORKFLOW",
     "abort",
     "approve",
@@ -53,6 +57,8 @@ __all__ = [
     "expire_approvals",
     "list_deployments",
     "pause",
+    "plan",
+    "plan_rollback",
     "promote",
     "reject",
     "resume",
@@ -165,11 +171,65 @@ def summary(row: Deployment) -> dict[str, Any]:
 # -- create -----------------------------------------------------------------------------------
 
 
-def create(
-    session: Session, payload: CreateDeployment, *, rollback_of: str | None = None
-) -> Outcome:
-    """Plan a deployment with its strategy; start it, or wait for approvals in production."""
+@dataclass(frozen=True)
+class Planned:
+    """A deployment planned by its strategy before the transaction that records it."""
+
+    payload: CreateDeployment
+    deployment_id: str
+    strategy: str
+    stages: list[Stage]
+    rollback_of: str | None = None
+    #: The action that asked for it (a fast rollback's actor and reason).
+    action: DeploymentAction | None = None
+
+
+def plan(payload: CreateDeployment, *, rollback_of: str | None = None) -> Planned:
+    """Plan a deployment with its strategy (outside any transaction: it calls plugins).
+
+    Raises a validation error naming ``strategy`` or ``strategy_config.<field>``, and
+    ``UnavailableError`` when the plan shifts traffic and no load balancer serves.
+    """
     settings = get_settings()
+    strategy = payload.strategy or settings.default_strategy
+    strategies = plugin_names(PluginType.STRATEGY, refresh=False)
+    if strategy not in strategies:
+        raise _field_error(
+            "strategy", f"unknown strategy {strategy!r}; active: {', '.join(strategies)}"
+        )
+    with session_scope() as session:
+        tenant = session.get(Tenant, payload.tenant_id)
+        if tenant is None:
+            raise NotFoundError(f"tenant {payload.tenant_id!r} does not exist")
+        instances = list(
+            session.scalars(
+                select(Instance.name)
+                .where(Instance.tenant_id == tenant.id, Instance.role == "app")
+                .order_by(Instance.ordinal)
+            )
+        )
+        platform, current, environment = tenant.platform, tenant.release, tenant.environment
+    deployment_id = uuid.uuid4().hex
+    spec = DeploymentSpec(
+        deployment_id=deployment_id,
+        tenant_id=payload.tenant_id,
+        version=payload.release.version,
+        previous_version=current.get("version"),
+        artifact=payload.release.artifact(platform),
+        instances=instances,
+        config=payload.strategy_config,
+        environment=environment,
+    )
+    stages = get_strategy(strategy).plan(spec).stages
+    if any(stage.action in ("set_weight", "route") for stage in stages):
+        traffic.require(f"strategy {strategy!r}")
+    return Planned(payload, deployment_id, strategy, list(stages), rollback_of)
+
+
+def create(session: Session, planned: Planned) -> Outcome:
+    """Record a planned deployment; start it, or wait for approvals in production."""
+    settings = get_settings()
+    payload, strategy, rollback_of = planned.payload, planned.strategy, planned.rollback_of
     tenant = session.get(Tenant, payload.tenant_id, with_for_update=True)
     if tenant is None:
         raise NotFoundError(f"tenant {payload.tenant_id!r} does not exist")
@@ -188,33 +248,8 @@ def create(
             f"tenant {tenant.id!r} has deployment {open_one.id} in progress ({open_one.status}); "
             "one deployment at a time"
         )
-    strategy = payload.strategy or settings.default_strategy
-    strategies = plugin_names(PluginType.STRATEGY, refresh=False)
-    if strategy not in strategies:
-        raise _field_error(
-            "strategy", f"unknown strategy {strategy!r}; active: {', '.join(strategies)}"
-        )
-    deployment_id = uuid.uuid4().hex
-    instances = list(
-        session.scalars(
-            select(Instance.name)
-            .where(Instance.tenant_id == tenant.id, Instance.role == "app")
-            .order_by(Instance.ordinal)
-        )
-    )
-    spec = DeploymentSpec(
-        deployment_id=deployment_id,
-        tenant_id=tenant.id,
-        version=payload.release.version,
-        previous_version=tenant.release.get("version"),
-        artifact=payload.release.artifact(tenant.platform),
-        instances=instances,
-        config=payload.strategy_config,
-        environment=tenant.environment,
-    )
-    plan = get_strategy(strategy).plan(spec)
-    if any(stage.action in ("set_weight", "route") for stage in plan.stages):
-        traffic.require(f"strategy {strategy!r}")
+    deployment_id = planned.deployment_id
+    plan_stages = planned.stages
     production = tenant.environment == Environment.PRODUCTION and rollback_of is None
     now = utcnow()
     row = Deployment(
@@ -226,7 +261,7 @@ def create(
         environment=tenant.environment,
         release=payload.release.model_dump(mode="json"),
         previous_release=dict(tenant.release),
-        stages=[stage.model_dump(mode="json") for stage in plan.stages],
+        stages=[stage.model_dump(mode="json") for stage in plan_stages],
         stage_index=0,
         stage_state={},
         measurements=[],
@@ -472,10 +507,34 @@ def retry(session: Session, payload: DeploymentAction) -> Outcome:
     return _start(session, row, tenant)
 
 
-def rollback(session: Session, payload: DeploymentAction) -> Outcome:
+def plan_rollback(payload: DeploymentAction) -> Planned:
+    """Plan the fast way back from a succeeded deployment: its previous release, direct."""
+    with session_scope() as session:
+        row = session.get(Deployment, payload.deployment_id)
+        if row is None:
+            raise NotFoundError(f"deployment {payload.deployment_id!r} does not exist")
+        tenant_id, previous = row.tenant_id, dict(row.previous_release)
+    if not previous:
+        raise ConflictError(
+            f"deployment {payload.deployment_id} was the tenant's first release: "
+            "nothing to go back to"
+        )
+    request = CreateDeployment(
+        tenant_id=tenant_id,
+        release=Release.model_validate(previous),
+        strategy="direct" if traffic.availability()[0] is not None else "rolling",
+        actor=payload.actor,
+    )
+    planned = plan(request, rollback_of=payload.deployment_id)
+    return replace(planned, action=payload)
+
+
+def rollback(session: Session, planned: Planned) -> Outcome:
     """After a completed promotion: put the previous release back at once (a new, direct
     deployment that needs no approval, recorded as the rollback of this one)."""
-    row = _get(session, payload.deployment_id)
+    action = planned.action
+    assert action is not None
+    row = _get(session, action.deployment_id)
     if row.status != DeploymentStatus.SUCCEEDED:
         raise ConflictError(
             f"deployment {row.id} is {row.status}: only a succeeded one is rolled back this "
@@ -488,18 +547,8 @@ def rollback(session: Session, payload: DeploymentAction) -> Outcome:
             f"tenant {tenant.id!r} runs {tenant.release.get('version')!r} now, not this "
             f"deployment's {row.release.get('version')!r}"
         )
-    if not row.previous_release:
-        raise ConflictError(
-            f"deployment {row.id} was the tenant's first release: nothing to go back to"
-        )
-    _audit(session, row, "rollback_requested", payload.actor, reason=payload.reason)
-    request = CreateDeployment(
-        tenant_id=row.tenant_id,
-        release=Release.model_validate(row.previous_release),
-        strategy="direct" if traffic.availability()[0] is not None else "rolling",
-        actor=payload.actor,
-    )
-    outcome = create(session, request, rollback_of=row.id)
+    _audit(session, row, "rollback_requested", action.actor, reason=action.reason)
+    outcome = create(session, planned)
     outcome.data["rollback_of"] = row.id
     return outcome
 

@@ -90,15 +90,23 @@ def _validation_error(task_name: str, data: Any, exc: ValidationError) -> Valida
 
 
 def public_task(
-    name: str, model: type[P], *, idempotent: bool = True
-) -> Callable[[Callable[[Session, P], Outcome]], PublicTask]:
+    name: str,
+    model: type[P],
+    *,
+    idempotent: bool = True,
+    prepare: Callable[[P], Any] | None = None,
+) -> Callable[[Callable[[Session, Any], Outcome]], PublicTask]:
     """Register a service function as the public task ``name``.
 
     ``idempotent``: the result is stored under the idempotency key (or, without
     one, the message's task id, so a redelivered message does nothing new).
+    ``prepare``: work done before the transaction (calls to plugins, reads of other
+    rows), whose answer the service gets instead of the payload. On SQLite the service's
+    transaction holds the write lock from its start, so nothing inside it may open a
+    second connection (a plugin registry refresh would wait for it, and it for that).
     """
 
-    def register(service: Callable[[Session, P], Outcome]) -> PublicTask:
+    def register(service: Callable[[Session, Any], Outcome]) -> PublicTask:
         def body(self: PublicTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
             try:
                 if args:
@@ -113,10 +121,11 @@ def public_task(
                 tenant_id = getattr(payload, "tenant_id", None)
                 if tenant_id:
                     structlog.contextvars.bind_contextvars(tenant_id=tenant_id)
+                given: Any = payload if prepare is None else prepare(payload)
                 if not idempotent:
                     with session_scope() as session:
-                        return {"ok": True, **service(session, payload).data}
-                return _run_once(self, name, service, payload)
+                        return {"ok": True, **service(session, given).data}
+                return _run_once(self, name, service, payload, given)
             except PermanentError as exc:
                 fields = [e["field"] for e in getattr(exc, "errors", [])]
                 log.warning("task_rejected", task=name, code=exc.code, fields=fields)
@@ -131,9 +140,13 @@ def public_task(
 
 
 def _run_once(
-    task: PublicTask, name: str, service: Callable[[Session, P], Outcome], payload: P
+    task: PublicTask,
+    name: str,
+    service: Callable[[Session, Any], Outcome],
+    payload: BaseModel,
+    given: Any,
 ) -> dict[str, Any]:
-    """Run ``service`` unless its idempotency key has a stored result."""
+    """Run ``service`` on ``given`` unless the payload's idempotency key has a stored result."""
     client_key = getattr(payload, "idempotency_key", None)
     key = f"{name}:{client_key}" if client_key else f"{name}:task:{task.request.id}"
     try:
@@ -144,7 +157,7 @@ def _run_once(
                 result = stored.result
                 send = ledger.unstarted(session, result.get("workflow_id"))
             else:
-                outcome = service(session, payload)
+                outcome = service(session, given)
                 result = {"ok": True, **outcome.data}
                 session.add(
                     Operation(key=key, task_name=name, tenant_id=outcome.tenant_id, result=result)
