@@ -3,7 +3,7 @@
 #
 #   scripts/setup.sh python     .venv in the repo root with cul8er installed editable, plus test tools
 #   scripts/setup.sh services   PostgreSQL, Redis and RabbitMQ answering on loopback,
-#                               and the PostgreSQL database cul8er_test
+#                               the PostgreSQL database cul8er_test, and HAProxy installed
 #   scripts/setup.sh platforms  Docker and Incus with their local test images, only in CI or
 #                               with CUL8ER_PLATFORMS=1 (scripts/platforms-up.sh, needs root)
 #   scripts/setup.sh all        all three (the default)
@@ -223,10 +223,20 @@ ensure_rabbitmq() {
     log "services: RabbitMQ is up on 127.0.0.1:5672"
 }
 
+# HAProxy is only installed here: the load balancer plugin's serve entry runs it
+# (python -m plugins.load_balancers.haproxy serve --dir DIR), and its tests start their own.
+ensure_haproxy() {
+    apt_install haproxy haproxy || true
+    local binary
+    binary="$(command -v haproxy || echo /usr/sbin/haproxy)"
+    log "services: HAProxy is installed ($("$binary" -v | head -n 1))"
+}
+
 services() {
     ensure_postgres
     ensure_redis
     ensure_rabbitmq
+    ensure_haproxy
 }
 
 # ---------------------------------------------------------------------------
