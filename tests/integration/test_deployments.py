@@ -489,3 +489,45 @@ def test_a_bad_strategy_config_names_the_field_and_starts_nothing(delivery: Stac
             session.scalars(select(Deployment).where(Deployment.tenant_id == "bad-config")).all()
             == []
         )
+
+
+# -- deliveries twice -------------------------------------------------------------------------
+
+
+def test_each_deploy_step_delivered_twice_concurrently_has_one_side_effect(
+    delivery: Stack,
+) -> None:
+    make_tenant(delivery, "twice")
+    result = deploy(delivery, "twice", "2", "canary", {"interval_seconds": None, "analysis": None})
+    deployment_id = result["deployment_id"]
+    wait_status(delivery, deployment_id, "paused")
+    run_id = row(delivery, deployment_id).workflow_id
+    # The advance step, woken by a promote and delivered twice more at the same moment
+    kwargs = {"run_id": run_id, "phase": "forward"}
+    for _ in "ab":
+        delivery.client.send_task("cul8er.deployments.advance", kwargs=kwargs)
+    delivery.call("cul8er.deployments.promote", deployment_id=deployment_id, actor="ops", full=True)
+    dep = wait_status(delivery, deployment_id, "succeeded", "rolled_back")
+    assert dep.status == "succeeded", dep.reason
+    done = [e["stage"] for e in dep.timeline if e["event"] == "stage_done"]
+    assert len(done) == len(set(done)), done
+    assert [(r.role, r.release) for r in instances(delivery, "twice")] == [("app", "2")] * 2
+    assert len(running_names(delivery, "twice")) == 2
+    # The rollback step, delivered twice at once after an abort, rolls back once
+    second = deploy(delivery, "twice", "3", "canary", {"interval_seconds": None, "analysis": None})
+    wait_status(delivery, second["deployment_id"], "paused")
+    run_id = row(delivery, second["deployment_id"]).workflow_id
+    delivery.call("cul8er.deployments.abort", deployment_id=second["deployment_id"], actor="ops")
+    for _ in "ab":
+        delivery.client.send_task(
+            "cul8er.deployments.roll_back", kwargs={"run_id": run_id, "phase": "compensate"}
+        )
+    dep = wait_status(delivery, second["deployment_id"], "aborted")
+    time.sleep(1)
+    aborted = [e for e in events(delivery, "twice") if e.kind == "deployment.aborted"]
+    assert len(aborted) == 1
+    assert [e["event"] for e in row(delivery, second["deployment_id"]).timeline].count(
+        "aborted"
+    ) == 1
+    assert [(r.role, r.release) for r in instances(delivery, "twice")] == [("app", "2")] * 2
+    assert len(running_names(delivery, "twice")) == 2
