@@ -178,8 +178,13 @@ def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
         # The balancer went away mid-deployment: wait for it like any engine outage.
         _, reason = traffic.availability()
         return _errored(row, TransientError(reason))
+    # One delivery runs stages for at most half the step's time limit; then it parks and
+    # the tick hands the deployment to a fresh delivery (a canary may take hours).
+    budget = time.monotonic() + get_settings().step_time_limit / 2
     while True:
         row = _read(deployment_id)
+        if time.monotonic() > budget:
+            raise Park(0.0, "time budget of this delivery spent")
         if "abort" in row.requests:
             actor = row.requests["abort"].get("actor", "?")
             raise Aborted(f"aborted by {actor}")
@@ -233,7 +238,7 @@ def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
             following = stages[index + 1].name if index + 1 < len(stages) else None
             _event(row, "deployment.stage_changed", stage=stage.name, next=following)
         elif isinstance(result, _Wait):
-            if result.seconds > INLINE_WAIT:
+            if result.seconds > INLINE_WAIT or time.monotonic() + result.seconds > budget:
                 raise Park(result.seconds, f"{stage.name}: waiting {result.seconds:.1f} s")
             _sleep_watching(deployment_id, result.seconds)
         else:
