@@ -271,6 +271,10 @@ def render_config(state: _State, folder: Path) -> str:
         "    timeout connect 2s",
         "    timeout client 30s",
         "    timeout server 30s",
+        # A new loopback connection per request is cheap; a reused one waits out a delayed
+        # ACK per response from servers that write headers and body apart (30 ms measured
+        # with Python's http.server, under 1 ms with this option).
+        "    option http-server-close",
         "    option redispatch",
         "    retries 3",
         # Never on 5xx: analysis gates must see a bad release's errors.

@@ -544,5 +544,23 @@ def test_no_request_fails_during_reloads_and_weight_changes(lb: HAProxy, two_gro
         thread.join()
     # Then no request failed
     failed = [r for r in results if r != "ok"]
-    assert len(results) > 50
+    assert len(results) > 100
     assert failed == []
+
+
+def test_a_dead_backend_costs_no_failed_request_and_its_check_takes_it_out(
+    lb: HAProxy, two_groups: str
+) -> None:
+    # Given a stable backend whose port nothing listens on, next to a live one
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    lb.add_backend(backend("dead", dead))
+    # When requests come in at once: retried on the live server (conn-failure, redispatch)
+    assert tally(two_groups, 20) == {"s1": 20}
+    # Then the health check marks it DOWN within a few seconds (inter 1s, fall 3)
+    deadline = time.monotonic() + 10
+    while {s.name: s.state for s in lb.stats(TENANT).servers}["dead"] != "DOWN":
+        assert time.monotonic() < deadline, lb.stats(TENANT)
+        time.sleep(0.2)
+    assert lb.health(TENANT).detail.startswith("2 of 3 servers up")
