@@ -14,6 +14,11 @@ The folder (``settings.haproxy_folder``) holds:
 Per tenant ``T``: ``frontend fe_T`` on ``127.0.0.1:PORT``; ``backend be_T`` with
 :data:`SLOTS` server-template slots per group (``st1``.. stable, ``cn1``.. canary), weighted
 to the split; ``backend be_T_canary`` mirroring the canary slots, for header/cookie routes.
+Each ready server of a group weighs ``round(pct * 256 / 100 / ready)``, at least 1 while the
+group has traffic (:func:`group_weight`); drained and maintained ones weigh 0. Servers have
+a light check (``GET /health`` every second, out after 3 failures): a slot leaves maintenance
+UP, so a new backend serves at once; the check only takes a dead one out, and retries on
+connection failures (never on 5xx) cover the seconds before it does.
 
 The plugin never starts HAProxy: ``python -m plugins.load_balancers.haproxy serve --dir DIR``
 does, under whatever supervises it. Counters in :meth:`HAProxy.stats` reset on every reload
