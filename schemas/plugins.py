@@ -248,6 +248,9 @@ class TrafficStats(_Model):
     servers: list[ServerStats] = Field(default_factory=list)
     weights: dict[str, int] = Field(default_factory=dict)
     routes: list[HeaderRoute] = Field(default_factory=list)
+    #: HTTP requests the tenant's frontend received since the balancer last (re)started its
+    #: counters: what metering bills as requests.
+    frontend_requests: int = 0
 
 
 # -- observers --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from workers.delivery import traffic
 from workers.economics import metering
 from workers.engine.public import rejection
 from workers.pluginhost.handles import get_platform, get_provisioner
@@ -26,6 +27,7 @@ from workers.runtime.errors import (
     ConflictError,
     NotFoundError,
     PermanentError,
+    TransientError,
     ValidationFailedError,
 )
 from workers.runtime.models import Tenant
@@ -36,7 +38,7 @@ from workers.runtime.task import RetryingTask
 
 if TYPE_CHECKING:
     from schemas.platform import InstanceStats
-    from workers.pluginhost.contracts import Platform
+    from workers.pluginhost.contracts import LoadBalancer, Platform
     from workers.runtime.settings import Settings
 
 __all__ = [
@@ -67,12 +69,14 @@ class PluginSources:
     """Metering's :class:`~workers.economics.metering.SourceReader` over the plugins.
 
     Instances are read through their platform's ``stats`` (each platform looked up once per
-    reader), pool shares and datastores through their provisioner's ``meter_usage``.
+    reader), pool shares and datastores through their provisioner's ``meter_usage``, entry
+    points through the load balancer's ``stats``.
     """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._platforms: dict[str, Platform] = {}
+        self._balancer: LoadBalancer | None = None
 
     def instance_stats(self, platform: str, instance: str) -> InstanceStats:
         """The counters and gauges of ``instance`` as its ``platform`` reads them now."""
@@ -83,6 +87,14 @@ class PluginSources:
     def provisioner_usage(self, provisioner: str, tenant_id: str) -> dict[str, float]:
         """The counters ``provisioner`` keeps for the tenant, now."""
         return get_provisioner(provisioner).meter_usage(tenant_id).metrics
+
+    def entry_requests(self, tenant_id: str) -> float:
+        """The requests the tenant's frontend received, as the load balancer counts them."""
+        if self._balancer is None:
+            self._balancer = traffic.balancer()
+        if self._balancer is None:
+            raise TransientError("no load balancer is configured")
+        return float(self._balancer.stats(tenant_id).frontend_requests)
 
 
 def _meter(tenant_ids: list[str], window: metering.Window) -> metering.ChunkResult:

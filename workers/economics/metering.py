@@ -11,7 +11,9 @@ makes a second run of the same window write nothing:
 metric                    aggregation  value of one window
 ========================  ===========  ===================================================
 ``cpu_seconds``           sum          CPU seconds used (counter delta)
-``requests``              sum          requests served (counter delta)
+``requests``              sum          requests served (counter delta): through the tenant's
+                                       entry point on the load balancer when it has one (what
+                                       its users sent), else as its instances count them
 ``bandwidth_bytes``       sum          bytes received plus sent (counter deltas)
 ``storage_bytes``         max          the peak of the tenant's total at the readings
                                        that bound the window (instances' disk, datastore)
@@ -112,6 +114,8 @@ METRICS_TIMEOUT: Final = 1.0
 DATASTORE_SOURCE: Final = "datastore"
 #: The source name of a tenant's share of a shared pool.
 PLACEMENT_SOURCE: Final = "placement"
+#: The source name of a tenant's entry point on the load balancer (its requests).
+ENTRY_SOURCE: Final = "entry"
 
 #: An opener that never sends loopback requests through an HTTP proxy.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -171,6 +175,9 @@ class TenantSources:
     #: The shared-pool provisioner the tenant is placed with (``None``: own instances).
     placement: str | None = None
     has_datastore: bool = False
+    #: Whether it has an entry point on the load balancer: its requests are counted there
+    #: (what its users sent), not on its instances.
+    entry: bool = False
 
 
 class SourceReader(Protocol):
@@ -182,6 +189,10 @@ class SourceReader(Protocol):
 
     def provisioner_usage(self, provisioner: str, tenant_id: str) -> Mapping[str, float]:
         """The counters ``provisioner`` keeps for the tenant (a pool share, a datastore), now."""
+        ...
+
+    def entry_requests(self, tenant_id: str) -> float:
+        """The requests the tenant's entry point received (a counter, reset on a reload)."""
         ...
 
 
@@ -361,6 +372,7 @@ def load_sources(session: Session, tenant_ids: Sequence[str]) -> dict[str, Tenan
             instances=tuple(instances.get(tenant_id, ())),
             placement=placement,
             has_datastore=bool((resources or {}).get("datastore")),
+            entry=bool((resources or {}).get("entry")),
         )
         for tenant_id, platform, placement, resources in rows
     }
@@ -399,9 +411,16 @@ def _guarded(tenant_id: str, source: str, read: Callable[[], Sample | None]) -> 
 
 
 def _instance_sample(
-    reader: SourceReader, tenant_id: str, name: str, platform: str, endpoint: str | None
+    reader: SourceReader,
+    tenant_id: str,
+    name: str,
+    platform: str,
+    endpoint: str | None,
+    *,
+    requests_here: bool = True,
 ) -> Sample:
-    """An instance's counters from its platform, and its requests from its ``/metrics``."""
+    """An instance's counters from its platform, and its requests from its ``/metrics``
+    (unless ``requests_here`` is false: they are counted at the entry point)."""
     stats = reader.instance_stats(platform, name)
     values = {
         "cpu_seconds": float(stats.cpu_seconds),
@@ -410,10 +429,15 @@ def _instance_sample(
         "rx_bytes": float(stats.rx_bytes),
         "tx_bytes": float(stats.tx_bytes),
     }
-    requests = read_requests(endpoint)
+    requests = read_requests(endpoint) if requests_here else None
     if requests is not None:
         values["requests"] = requests
     return Sample(tenant_id, name, utcnow(), values)
+
+
+def _entry_sample(reader: SourceReader, tenant_id: str) -> Sample:
+    """The requests through the tenant's entry point on the load balancer."""
+    return Sample(tenant_id, ENTRY_SOURCE, utcnow(), {"requests": reader.entry_requests(tenant_id)})
 
 
 def _pool_share_sample(reader: SourceReader, tenant_id: str, provisioner: str) -> Sample:
@@ -445,10 +469,24 @@ def _source_reads(
     if tenant.placement:
         reads.append((PLACEMENT_SOURCE, partial(_pool_share_sample, reader, tid, tenant.placement)))
     else:
+        here = not tenant.entry
         reads.extend(
-            (name, partial(_instance_sample, reader, tid, name, platform_name, endpoint))
+            (
+                name,
+                partial(
+                    _instance_sample,
+                    reader,
+                    tid,
+                    name,
+                    platform_name,
+                    endpoint,
+                    requests_here=here,
+                ),
+            )
             for name, platform_name, endpoint in tenant.instances
         )
+        if tenant.entry:
+            reads.append((ENTRY_SOURCE, partial(_entry_sample, reader, tid)))
     if tenant.has_datastore:
         reads.append((DATASTORE_SOURCE, partial(_datastore_sample, reader, tid, data_provisioner)))
     return reads
