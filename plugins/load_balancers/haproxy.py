@@ -555,8 +555,13 @@ class HAProxy:
             HeaderRoute(tenant_id=tenant, header=r["header"], cookie=r["cookie"], value=r["value"])
             for r in entry["routes"]
         ]
+        frontend = rows.get((f"fe_{tenant}", "FRONTEND"), {})
         return TrafficStats(
-            tenant_id=tenant, servers=servers, weights=_percentages(sums), routes=routes
+            tenant_id=tenant,
+            servers=servers,
+            weights=_percentages(sums),
+            routes=routes,
+            frontend_requests=int(frontend.get("req_tot") or 0),
         )
 
     def health(self, tenant_id: str) -> HealthStatus:

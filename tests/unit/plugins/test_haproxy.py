@@ -471,6 +471,7 @@ def test_stats_count_requests_and_5xx_per_server(
     lb.remove_backend(backend("c1", "127.0.0.1:1"))
     lb.add_backend(backend("bad", failing, group="canary"))
     lb.set_weights(split(50, 50))
+    before = lb.stats(TENANT).frontend_requests
     # When 20 requests come in
     seen = tally(two_groups, 20)
     # Then the clients saw the 500s (no retry on 5xx), and the counters say the same
@@ -480,6 +481,8 @@ def test_stats_count_requests_and_5xx_per_server(
     assert (servers["bad"].requests, servers["bad"].responses_5xx) == (10, 10)
     assert servers["bad"].group == "canary" and servers["bad"].address == failing
     assert servers["s1"].response_ms >= 0
+    # and the frontend counted every request its users sent (what metering bills)
+    assert lb.stats(TENANT).frontend_requests - before == 20
 
 
 # -- availability -----------------------------------------------------------------------------
