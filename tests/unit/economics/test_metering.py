@@ -405,3 +405,31 @@ def test_a_real_instance_is_metered_window_after_window(
     assert rows[(windows[1].start, "bandwidth_bytes")] > 0
     assert rows[(windows[2].start, "memory_bytes")] > 0
     assert rows[(windows[2].start, "storage_bytes")] >= 0
+
+
+class _Sources:
+    """Counters a test hands metering as its source reader."""
+
+    def instance_stats(self, platform: str, instance: str):  # noqa: ANN201
+        from schemas.platform import InstanceStats
+
+        return InstanceStats(cpu_seconds=1.0, memory_bytes=10, disk_bytes=0)
+
+    def provisioner_usage(self, provisioner: str, tenant_id: str) -> dict[str, float]:
+        return {}
+
+    def entry_requests(self, tenant_id: str) -> float:
+        return 42.0
+
+
+def test_a_tenant_with_an_entry_point_is_billed_the_requests_its_users_sent_there(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    behind = metering.TenantSources("acme", "local", (("t-acme-app-0", "local", None),), entry=True)
+    samples = metering.read_samples([behind], settings, _Sources())
+    by_source = {s.source: s.values for s in samples}
+    # Requests come from the entry point, never also from the instances behind it
+    assert by_source["entry"] == {"requests": 42.0}
+    assert "requests" not in by_source["t-acme-app-0"]
+    assert by_source["t-acme-app-0"]["cpu_seconds"] == 1.0
