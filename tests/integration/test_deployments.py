@@ -9,6 +9,7 @@ name; it reads the database, HAProxy's own counters and the load generator's rec
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -198,6 +199,9 @@ def test_a_healthy_canary_walks_every_weight_and_promotes_with_zero_failed_reque
     rows = instances(delivery, "canary-ok")
     assert [(r.role, r.release) for r in rows] == [("app", "2"), ("app", "2")]
     assert running_names(delivery, "canary-ok") == {r.name for r in rows}
+    # Observers heard the deployment's events (the log observer writes each one)
+    observed = _observed(delivery, result["deployment_id"])
+    assert {"deployment.started", "deployment.stage_changed", "deployment.promoted"} <= observed
     described = delivery.call("cul8er.tenants.get", tenant_id="canary-ok")
     assert described["release"]["version"] == "2"
     assert {i["release"] for i in described["instances"]} == {"2"}
@@ -237,6 +241,16 @@ def test_a_bad_canary_rolls_back_on_its_own_leaving_stable_alone(delivery: Stack
     # and after the rollback every request is served by release 1 without failing
     after = [r for r in load.results if r.sent_at > rolled_back_at]
     assert after and all(r.ok and r.version == "1" for r in after)
+
+
+def _observed(stack: Stack, deployment_id: str) -> set[str]:
+    """Event types the log observer wrote for the deployment, from the workers' logs."""
+    seen = set()
+    for path in stack.data_dir.glob("worker-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"event_observed"' in line and deployment_id in line:
+                seen.add(json.loads(line)["event_type"])
+    return seen
 
 
 def _last(stack: Stack, tenant_id: str) -> str:
@@ -531,3 +545,33 @@ def test_each_deploy_step_delivered_twice_concurrently_has_one_side_effect(
     ) == 1
     assert [(r.role, r.release) for r in instances(delivery, "twice")] == [("app", "2")] * 2
     assert len(running_names(delivery, "twice")) == 2
+
+
+# -- the entry point through the tenant's life ------------------------------------------------
+
+
+def test_the_entry_point_stays_put_through_plan_change_suspend_and_resume(
+    delivery: Stack,
+) -> None:
+    entry = make_tenant(delivery, "steady", plan="starter")
+
+    def serves() -> bool:
+        with LoadGenerator(f"http://{entry}/", rate=10) as probe:
+            time.sleep(0.5)
+        return probe.count > 0 and not probe.failures
+
+    assert serves()
+    for task, kwargs in (
+        ("cul8er.tenants.change_plan", {"plan": "pro"}),
+        ("cul8er.tenants.suspend", {"reason": "test"}),
+        ("cul8er.tenants.resume", {}),
+    ):
+        result = delivery.call(task, tenant_id="steady", **kwargs)
+        assert result["ok"], result
+        assert delivery.wait_run(result["workflow_id"])["status"] == "succeeded"
+        with delivery.session() as session:
+            tenant = session.get(Tenant, "steady")
+            assert tenant is not None
+            assert tenant.resources.get("entry") == entry, (task, tenant.resources)
+    # After the resume the instances listen on new ports; the same address reaches them
+    assert serves()

@@ -138,9 +138,6 @@ class Settings(BaseSettings):
     production_approvals: int = 1
     #: How long an approval (and a deployment waiting for approvals) stays valid (seconds).
     approval_ttl: float = 24 * 3600.0
-    #: A deployment making no progress for this long is marked degraded (Argo's
-    #: ``progressDeadlineSeconds``); it keeps its place and can be aborted or retried.
-    progress_deadline: float = 600.0
 
     #: Folders holding plugin folders and .zip/.tar.gz plugin packages, ``os.pathsep``-separated.
     plugin_path: str = ""
