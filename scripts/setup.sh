@@ -4,6 +4,7 @@
 #   scripts/setup.sh python     .venv in the repo root with cul8er installed editable, plus test tools
 #   scripts/setup.sh services   PostgreSQL, Redis and RabbitMQ answering on loopback,
 #                               the PostgreSQL database cul8er_test, and HAProxy installed
+#   scripts/setup.sh haproxy    HAProxy (Debian package) for tenants' entry points, if missing
 #   scripts/setup.sh platforms  Docker and Incus with their local test images, only in CI or
 #                               with CUL8ER_PLATFORMS=1 (scripts/platforms-up.sh, needs root)
 #   scripts/setup.sh all        all three (the default)
@@ -34,11 +35,12 @@ die() {
 
 usage() {
     cat <<'EOF'
-usage: scripts/setup.sh [python|services|platforms|all]
+usage: scripts/setup.sh [python|services|haproxy|platforms|all]
 
   python     create .venv (if absent) and pip install -e '.[test]'
-  services   make PostgreSQL, Redis and RabbitMQ answer on 127.0.0.1
-             and create the database cul8er_test
+  services   make PostgreSQL, Redis and RabbitMQ answer on 127.0.0.1,
+             create the database cul8er_test, and install HAProxy
+  haproxy    install HAProxy when it is missing (cul8er up starts it)
   platforms  when CI is set or CUL8ER_PLATFORMS=1: install and start Docker and
              Incus and build their local test images (scripts/platforms-up.sh);
              otherwise skipped, and the Docker/Incus tests skip
@@ -262,6 +264,7 @@ main() {
     case "$command" in
     python) python_env ;;
     services) services ;;
+    haproxy) ensure_haproxy ;;
     platforms) platforms ;;
     all)
         python_env

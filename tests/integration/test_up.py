@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from celery import Celery
 from schemas.states import RunStatus
 from tests.stack import ROOT, instance_processes
 from workers.runtime.embedded import EmbeddedRedis
+from workers.runtime.settings import Settings
 from workers.runtime.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -104,6 +106,12 @@ def test_up_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path) -> None:
             created, timeout=90, interval=1, message=lambda: tries[-1].stderr, error=AssertionError
         )
         assert json.loads(tries[-1].stdout)["status"] == RunStatus.SUCCEEDED
+        # and, HAProxy being installed, `up` runs it: the tenant has a stable entry point
+        shown = json.loads(cli("tenant", "show", "upco", "--json").stdout)
+        if shutil.which("haproxy"):
+            assert shown["entry"] and shown["entry"].startswith("127.0.0.1:"), shown
+            with urllib.request.urlopen(f"http://{shown['entry']}/health", timeout=10) as answer:
+                assert answer.status == 200
         # and plain celery inspect and Flower see the worker
         pong = subprocess.run(
             [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping"],
@@ -131,6 +139,12 @@ def test_up_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path) -> None:
     ]
     assert leftovers == []
     assert instance_processes((tmp_path / "var").resolve()) == []
+    haproxy_folder = str(Settings(data_dir=tmp_path / "var").haproxy_folder)
+    assert [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if haproxy_folder in " ".join(p.info["cmdline"] or [])
+    ] == []
 
 
 def test_a_sigkilled_up_leaves_no_broker_and_no_worker_behind(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -235,8 +237,19 @@ class Settings(BaseSettings):
 
     @property
     def haproxy_folder(self) -> Path:
-        """HAProxy's folder: ``haproxy_dir``, else ``data_dir/haproxy``."""
-        return (self.haproxy_dir or self.data_dir / "haproxy").expanduser().resolve()
+        """HAProxy's folder: ``haproxy_dir``, else ``data_dir/haproxy``.
+
+        A unix socket path is limited to about 100 bytes: when ``data_dir`` is too deep
+        for ``haproxy/admin.sock`` under it, the folder is a short one in the temporary
+        directory named after ``data_dir``, the same for every process of this data dir.
+        """
+        if self.haproxy_dir is not None:
+            return self.haproxy_dir.expanduser().resolve()
+        folder = self.data_dir / "haproxy"
+        if len(str(folder / "admin.sock").encode()) <= 100:
+            return folder
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"cul8er-haproxy-{digest}"
 
     @property
     def embedded_broker(self) -> bool:
