@@ -54,8 +54,8 @@ class Group:
         return [name for name, *_ in self.rows]
 
     def release_of(self, name: str) -> str | None:
-        """The version the instance runs, as recorded."""
-        return next(release for n, _, release, _, _ in self.rows if n == name)
+        """The version the instance runs, as recorded (``None`` also for a name not here)."""
+        return next((release for n, _, release, _, _ in self.rows if n == name), None)
 
 
 @dataclass(frozen=True)
