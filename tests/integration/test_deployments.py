@@ -575,3 +575,43 @@ def test_the_entry_point_stays_put_through_plan_change_suspend_and_resume(
             assert tenant.resources.get("entry") == entry, (task, tenant.resources)
     # After the resume the instances listen on new ports; the same address reaches them
     assert serves()
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def test_the_cli_deploys_shows_lists_and_rolls_back(delivery: Stack) -> None:
+    from tests.integration.test_external_and_cli import cli
+
+    make_tenant(delivery, "by-cli")
+    created = cli(
+        delivery,
+        *("deploy", "create", "by-cli", "--version", "7", "--strategy", "canary"),
+        *("--config", json.dumps(FAST_CANARY), "--actor", "ops", "--wait", "--json"),
+    )
+    assert created.returncode == 0, created.stderr
+    view = json.loads(created.stdout)
+    assert view["status"] == "succeeded" and view["version"] == "7"
+    assert [
+        e["read_back"]["canary"] for e in view["timeline"] if e.get("action") == "set_weight"
+    ] == [
+        10,
+        30,
+        50,
+        70,
+        90,
+        100,
+    ]
+    shown = cli(delivery, "deploy", "show", view["deployment_id"][:8])
+    assert shown.returncode == 0 and "weight-100" in shown.stdout and "succeeded" in shown.stdout
+    listed = json.loads(cli(delivery, "deploy", "list", "--tenant", "by-cli", "--json").stdout)
+    assert [d["deployment_id"] for d in listed] == [view["deployment_id"]]
+    # A bad strategy config is refused with the field named, exit code 1
+    bad = cli(
+        delivery,
+        *("deploy", "create", "by-cli", "--version", "8", "--config", '{"step_weight": 0}'),
+    )
+    assert bad.returncode == 1 and "strategy_config.step_weight" in bad.stderr + bad.stdout
+    # Rolling back the first release a tenant got is refused: there is nothing before it
+    back = cli(delivery, "deploy", "rollback", view["deployment_id"], "--json")
+    assert back.returncode == 1 and "nothing to go back to" in back.stdout
