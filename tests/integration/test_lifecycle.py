@@ -64,6 +64,7 @@ def test_tenant_lifecycle_end_to_end(running_stack: Stack) -> None:
         "apply_limits",
         "create_datastore",
         "health_check",
+        "sync_entry",
         "activate",
     ]
     # and the tenant is active with a /24 of the pool and a data store
