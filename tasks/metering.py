@@ -138,15 +138,21 @@ def meter_all(self: MeteringTask) -> dict[str, Any]:
     chunks = list(metering.chunked(tenant_ids, settings.meter_chunk_size))
     result = {"tenants": len(tenant_ids)}
     if not claim_slot(METER_ALL, window.end, result=result, task_id=task_id):
-        log.info("metering_slot_taken", window_start=window.start.isoformat())
-        return {"ok": True, "skipped": "slot already claimed", **window.to_json()}
-    with app.producer_or_acquire() as producer:
-        for chunk in chunks:
-            meter_tenants.apply_async(
-                kwargs={"tenant_ids": chunk, **window.to_json()},
-                queue=Queue.METERING.value,
-                producer=producer,
-            )
+        # Another fan-out of this slot went ahead. A chunk message it sent can be lost (a
+        # worker killed as Redis hands it over); what is still unmetered is sent again,
+        # and a chunk still on its way finds its tenants metered and writes nothing.
+        with session_scope() as session:
+            done = metering.metered_tenants(session, tenant_ids, window)
+        missing = [t for t in tenant_ids if t not in done]
+        _send_chunks(list(metering.chunked(missing, settings.meter_chunk_size)), window)
+        log.info("metering_slot_taken", window_start=window.start.isoformat(), resent=len(missing))
+        return {
+            "ok": True,
+            "skipped": "slot already claimed",
+            "resent": len(missing),
+            **window.to_json(),
+        }
+    _send_chunks(chunks, window)
     log.info(
         "metering_fanned_out",
         window_start=window.start.isoformat(),
@@ -154,6 +160,16 @@ def meter_all(self: MeteringTask) -> dict[str, Any]:
         chunks=len(chunks),
     )
     return {"ok": True, "tenants": len(tenant_ids), "chunks": len(chunks), **window.to_json()}
+
+
+def _send_chunks(chunks: list[list[str]], window: metering.Window) -> None:
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks:
+            meter_tenants.apply_async(
+                kwargs={"tenant_ids": chunk, **window.to_json()},
+                queue=Queue.METERING.value,
+                producer=producer,
+            )
 
 
 @app.task(name=METER_TENANTS, base=MeteringTask, ignore_result=True)

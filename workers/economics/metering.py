@@ -77,6 +77,7 @@ __all__ = [
     "counter_delta",
     "load_sources",
     "meter_chunk",
+    "metered_tenants",
     "read_requests",
     "read_samples",
     "record",
@@ -378,6 +379,19 @@ def load_sources(session: Session, tenant_ids: Sequence[str]) -> dict[str, Tenan
     }
 
 
+def metered_tenants(session: Session, tenant_ids: Iterable[str], window: Window) -> set[str]:
+    """Which of ``tenant_ids`` have ``window`` metered already (its claim row is written)."""
+    return set(
+        session.scalars(
+            select(UsageRecord.tenant_id).where(
+                UsageRecord.tenant_id.in_(list(tenant_ids)),
+                UsageRecord.metric == CLAIM_METRIC,
+                UsageRecord.window_start == window.start,
+            )
+        )
+    )
+
+
 def read_requests(endpoint: str | None) -> float | None:
     """The requests an instance's service reports on ``/metrics``; ``None``: no answer.
 
@@ -647,15 +661,7 @@ def meter_chunk(
     with session_scope(url) as session:
         _by_key(session)
         sources = load_sources(session, ids)
-        done = set(
-            session.scalars(
-                select(UsageRecord.tenant_id).where(
-                    UsageRecord.tenant_id.in_(ids),
-                    UsageRecord.metric == CLAIM_METRIC,
-                    UsageRecord.window_start == window.start,
-                )
-            )
-        )
+        done = metered_tenants(session, ids, window)
     result.already = sorted(done)
     result.skipped = sorted(set(ids) - set(sources) - done)
     todo = [sources[t] for t in ids if t in sources and t not in done]
