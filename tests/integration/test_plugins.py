@@ -162,7 +162,11 @@ def stack(stack_factory: Callable[..., Stack], tmp_path: Path) -> Stack:
 
 def test_init_package_pip_installed_runs_on_a_worker(stack: Stack, tmp_path: Path) -> None:
     # Given a plugin package written by `cul8er plugin init`, installed by pip
-    cli(stack, "plugin", "init", "hello", "--trusted", "--directory", str(tmp_path))
+    # (named the way people type names: "acme-observer" becomes the plugin acme_observer)
+    cli(stack, "plugin", "init", "acme-observer", "--trusted", "--directory", str(tmp_path))
+    validated = cli(stack, "plugin", "validate", str(tmp_path / "cul8er-acme-observer"))
+    assert validated.returncode == 0, validated.stderr
+    assert "plugins_table_missing" not in validated.stdout + validated.stderr
     site = tmp_path / "site"
     subprocess.run(
         [
@@ -174,7 +178,7 @@ def test_init_package_pip_installed_runs_on_a_worker(stack: Stack, tmp_path: Pat
             "--no-deps",
             "--target",
             str(site),
-            str(tmp_path / "cul8er-hello"),
+            str(tmp_path / "cul8er-acme-observer"),
         ],
         check=True,
         timeout=300,
@@ -186,11 +190,11 @@ def test_init_package_pip_installed_runs_on_a_worker(stack: Stack, tmp_path: Pat
 
     # Then the plugin was discovered through its entry point, validated and is active
     listed = {p["name"]: p for p in json.loads(cli(stack, "plugin", "list", "--json").stdout)}
-    assert listed["hello"]["state"] == "active"
-    assert listed["hello"]["source"] == "entry-point:hello"
-    assert listed["hello"]["queue"] == "plugins.hello"
+    assert listed["acme_observer"]["state"] == "active"
+    assert listed["acme_observer"]["source"] == "entry-point:acme_observer"
+    assert listed["acme_observer"]["queue"] == "plugins.acme_observer"
     # And its task runs on the worker, on its own queue
-    answer = call(stack, "hello", queue="plugins.hello")
+    answer = call(stack, "acme_observer", queue="plugins.acme_observer")
     assert answer == {"ok": True, "result": {"ok": True, "detail": "seen: workflow.started"}}
 
 

@@ -107,7 +107,8 @@ def plugin_info(name: str, as_json: JsonOpt = False) -> None:
 
 @plugin_cli.command("validate")
 def plugin_validate(path: Path, as_json: JsonOpt = False) -> None:
-    """Run every check on a plugin folder, .zip or .tar.gz, installing nothing."""
+    """Run every check on a plugin folder (or the package root `init` wrote), .zip or .tar.gz,
+    installing nothing."""
     try:
         result = plugin_admin.validate_path(path, settings=get_settings())
     except Cul8erError as exc:
@@ -129,8 +130,13 @@ def plugin_init(
     """Write a working plugin package: manifest, config model, a passing test, a README."""
     from workers.pluginhost.template import write_plugin
 
-    project = write_plugin(directory, name=name, plugin_type=plugin_type, trusted=trusted)
-    console.print(line(f"wrote {project} (pip install {project})"))
+    try:
+        project = write_plugin(directory, name=name, plugin_type=plugin_type, trusted=trusted)
+    except Cul8erError as exc:
+        _refused(exc, False)
+    console.print(
+        line(f"wrote {project} (pip install {project}; cul8er plugin validate {project})")
+    )
 
 
 @plugin_cli.command("rehash")

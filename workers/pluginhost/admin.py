@@ -101,9 +101,17 @@ def _unpack(path: Path, into: Path) -> Path:
     from workers.pluginhost.discovery import _archive_root, _extract
 
     if path.is_dir():
-        if not (path / MANIFEST_FILE).is_file():
-            raise PluginError(f"{path} has no {MANIFEST_FILE}", plugin_name=path.name)
-        return path
+        if (path / MANIFEST_FILE).is_file():
+            return path
+        # A package root (what `cul8er plugin init` writes): the manifest sits in its module.
+        inside = [d for d in sorted(path.iterdir()) if (d / MANIFEST_FILE).is_file()]
+        if len(inside) == 1:
+            return inside[0]
+        raise PluginError(
+            f"{path} has no {MANIFEST_FILE}, nor one package folder holding it"
+            + (f" (found {len(inside)})" if inside else ""),
+            plugin_name=path.name,
+        )
     if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
         root = _archive_root(_extract(path, into))
         if root is None:
@@ -112,12 +120,12 @@ def _unpack(path: Path, into: Path) -> Path:
     raise PluginError(f"{path} is not a plugin folder, .zip or .tar.gz", plugin_name=path.name)
 
 
-def _check_order(manifest: Manifest, settings: Settings) -> None:
+def _check_order(manifest: Manifest, settings: Settings, *, database: bool = True) -> None:
     """``manifest`` among every other plugin present: API, dependencies, conflicts, cycles.
 
     Other plugins' own problems are theirs: only a refusal that involves ``manifest`` counts.
     """
-    registry = PluginRegistry(settings).boot()
+    registry = PluginRegistry(settings, database=database).boot()
     others = {n: s.loaded.manifest for n, s in registry.served.items() if n != manifest.name}
     for name, versions in registry.candidates.items():
         if name != manifest.name and name not in others and name in registry.refused:
@@ -138,12 +146,14 @@ def _check_order(manifest: Manifest, settings: Settings) -> None:
             present.pop(exc.plugin_name, None)
 
 
-def _check(candidate: Candidate, settings: Settings, config: dict[str, Any]) -> LoadedPlugin:
+def _check(
+    candidate: Candidate, settings: Settings, config: dict[str, Any], *, database: bool = True
+) -> LoadedPlugin:
     """Everything a plugin must pass to serve: trust, API and dependencies, contract, self-test."""
-    _check_order(candidate.manifest, settings)
+    _check_order(candidate.manifest, settings, database=database)
     loaded = load_candidate(candidate, settings)
     model = validate_config(loaded, config)
-    registry = PluginRegistry(settings)
+    registry = PluginRegistry(settings, database=database)
     build_instance(loaded, model, registry.context(loaded))
     return loaded
 
@@ -158,7 +168,8 @@ def validate_path(path: Path, *, settings: Settings) -> dict[str, Any]:
         root = _unpack(path.resolve(), Path(scratch))
         candidate = read_candidate(f"path:{root}", root)
         config = settings.plugin_config.get(candidate.manifest.name, {})
-        loaded = _check(candidate, settings, config)
+        # It installs nothing, so it reads and writes no plugin state.
+        loaded = _check(candidate, settings, config, database=False)
         return _describe(loaded)
 
 

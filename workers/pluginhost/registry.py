@@ -119,7 +119,9 @@ class _Refusal:
 class PluginRegistry:
     """Discovery, validation, state and calls of every plugin, for one process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, database: bool = True) -> None:
+        """``database=False``: keep no state in the ``plugins`` table, read none (a check
+        that installs nothing, such as ``cul8er plugin validate``, needs no database)."""
         self.settings = settings
         self.served: dict[str, Served] = {}
         self.refused: dict[str, _Refusal] = {}
@@ -128,7 +130,7 @@ class PluginRegistry:
         self.candidates: dict[str, dict[str, Candidate]] = {}
         self._booted = False
         self._checked_at = 0.0
-        self._db = True
+        self._db = database
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Served], None]] = []
 

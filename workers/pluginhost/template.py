@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from typing import TYPE_CHECKING, Final
 
 from schemas.manifest import PluginType
 from workers.pluginhost.registry import API_VERSION
 from workers.pluginhost.trust import MANIFEST_FILE, file_digests
+from workers.runtime.errors import ValidationFailedError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["write_manifest", "write_plugin"]
+__all__ = ["NAME_RULE", "plugin_name", "write_manifest", "write_plugin"]
+
+#: What a plugin name must be once normalised (the manifest's own pattern).
+NAME_RULE: Final = r"^[a-z][a-z0-9_]{0,63}$"
 
 _IMPORTS: Final = "from schemas.plugins import Ack, HealthStatus"
 
@@ -350,10 +355,32 @@ def write_manifest(
     return path
 
 
+def plugin_name(typed: str) -> str:
+    """The plugin name for what an author typed, normalised as packaging normalises project
+    names: ``Acme-Observer`` and ``acme.observer`` become ``acme_observer``.
+
+    Raises:
+        ValidationFailedError: what is left still breaks :data:`NAME_RULE` (quoted whole).
+    """
+    name = re.sub(r"[-_.\s]+", "_", typed.strip().lower()).strip("_")
+    if not re.fullmatch(NAME_RULE, name):
+        message = (
+            f"plugin name {typed!r} (as {name!r}) must match {NAME_RULE}: a letter, then "
+            "letters, digits and '_' ('-', '.' and spaces count as '_'), at most 64"
+        )
+        raise ValidationFailedError(message, errors=[{"field": "name", "message": message}])
+    return name
+
+
 def write_plugin(
     directory: Path, *, name: str, plugin_type: PluginType, trusted: bool = False
 ) -> Path:
-    """Write ``directory/cul8er-<name>/``: a pip-installable plugin package; returns it."""
+    """Write ``directory/cul8er-<name>/``: a pip-installable plugin package; returns it.
+
+    ``name`` is normalised first (:func:`plugin_name`), so the module, the manifest and the
+    entry point all use a name Python can import and the manifest accepts.
+    """
+    name = plugin_name(name)
     package = f"cul8er_{name}"
     project = directory / f"cul8er-{name.replace('_', '-')}"
     source = project / package

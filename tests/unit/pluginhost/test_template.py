@@ -114,3 +114,51 @@ def test_load_balancer_template_keeps_frontends_groups_and_routes(tmp_path: Path
     assert balancer.remove_frontend("acme").ok  # twice: still success
     # Then nothing of the tenant is left
     assert balancer.stats("acme").servers == [] and not balancer.health("acme").healthy
+
+
+# -- an author's first steps --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("typed", "name"),
+    [
+        ("acme-observer", "acme_observer"),
+        ("Acme.Observer", "acme_observer"),
+        ("acme  observer", "acme_observer"),
+        ("hello", "hello"),
+    ],
+)
+def test_a_typed_name_is_normalised_as_packaging_does(typed: str, name: str) -> None:
+    from workers.pluginhost.template import plugin_name
+
+    assert plugin_name(typed) == name
+
+
+@pytest.mark.parametrize("typed", ["9lives", "", "-", "é"])
+def test_a_name_that_cannot_be_normalised_is_refused_quoting_the_rule(typed: str) -> None:
+    from workers.pluginhost.template import NAME_RULE, plugin_name
+    from workers.runtime.errors import ValidationFailedError
+
+    with pytest.raises(ValidationFailedError) as refused:
+        plugin_name(typed)
+    assert NAME_RULE in str(refused.value)
+    assert refused.value.errors[0]["field"] == "name"
+
+
+def test_init_with_a_dashed_name_writes_an_importable_package_that_validates_from_its_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from workers.pluginhost import admin
+    from workers.pluginhost.template import write_plugin
+
+    project = write_plugin(tmp_path, name="acme-observer", plugin_type=PluginType.OBSERVER)
+    assert project.name == "cul8er-acme-observer"
+    assert (project / "cul8er_acme_observer" / "__init__.py").is_file()
+    assert 'acme_observer = "cul8er_acme_observer"' in (project / "pyproject.toml").read_text()
+    # `validate` takes the folder `init` printed (the manifest sits one level down), and,
+    # installing nothing, says nothing about a database it does not use
+    settings = Settings(data_dir=tmp_path / "no-database-here")
+    result = admin.validate_path(project, settings=settings)
+    assert (result["name"], result["valid"]) == ("acme_observer", True)
+    printed = capsys.readouterr()
+    assert "plugins_table_missing" not in printed.out + printed.err
