@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def teardown_stack(stack: Stack) -> None:
     """Stop processes, remove instances, drop the database, stop the embedded broker."""
     stack.stop()
     _cleanup_instances(stack.data_dir)
+    haproxy = stack.extra_env.get("CUL8ER_HAPROXY_DIR")
+    if haproxy:
+        # Its folder lives outside the data dir (socket paths must be short): remove it too.
+        shutil.rmtree(haproxy, ignore_errors=True)
     if stack.database_url.startswith("postgresql"):
         drop_pg_database(stack.database_url)
     stack.stop_broker()
