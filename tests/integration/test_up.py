@@ -54,9 +54,13 @@ def start_up(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[byt
 
 
 def processes_of(data_dir: Path) -> list[psutil.Process]:
-    """Live processes of a data dir: named in their command line or set in their environment."""
+    """Live processes of a data dir: named in their command line or set in their environment.
+
+    What each one was is read once, here (``process.info``): a process may exit a moment later, and
+    asking it again then raises ``NoSuchProcess``.
+    """
     found = []
-    for process in psutil.process_iter(["cmdline", "environ", "status"]):
+    for process in psutil.process_iter(["name", "cmdline", "environ", "status"]):
         info = process.info
         if info["status"] == psutil.STATUS_ZOMBIE:
             continue
@@ -69,7 +73,7 @@ def processes_of(data_dir: Path) -> list[psutil.Process]:
 
 def redis_servers(data_dir: Path) -> list[psutil.Process]:
     """Live redis-server processes of a data dir."""
-    return [p for p in processes_of(data_dir) if "redis-server" in p.name()]
+    return [p for p in processes_of(data_dir) if "redis-server" in p.info["name"]]
 
 
 def test_up_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path) -> None:
@@ -186,6 +190,6 @@ def test_a_sigkilled_up_leaves_no_broker_and_no_worker_behind(tmp_path: Path) ->
         lambda: not processes_of(data_dir),
         timeout=60,
         interval=0.5,
-        message=lambda: f"still running: {[p.cmdline() for p in processes_of(data_dir)]}",
+        message=lambda: f"still running: {[p.info['cmdline'] for p in processes_of(data_dir)]}",
         error=AssertionError,
     )
