@@ -13,7 +13,7 @@ inconclusive, and the run ends on its limits.
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -30,7 +30,7 @@ __all__ = [
 Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")]
 
 #: What a measurement holds, and so what a condition may name.
-METRICS: Final[tuple[str, ...]] = (
+MetricName = Literal[
     "requests",
     "errors",
     "success_rate",
@@ -40,7 +40,8 @@ METRICS: Final[tuple[str, ...]] = (
     "probe_latency_ms_p50",
     "probe_latency_ms_p95",
     "probe_latency_ms_p99",
-)
+]
+METRICS: Final[tuple[str, ...]] = get_args(MetricName)
 
 _OPS: Final = {
     "<": operator.lt,
@@ -91,17 +92,7 @@ class Release(_Model):
 class Condition(_Model):
     """``metric op value``, for example ``error_rate <= 0.05``."""
 
-    metric: Literal[
-        "requests",
-        "errors",
-        "success_rate",
-        "error_rate",
-        "latency_ms_avg",
-        "probe_success_rate",
-        "probe_latency_ms_p50",
-        "probe_latency_ms_p95",
-        "probe_latency_ms_p99",
-    ]
+    metric: MetricName
     op: Literal["<", "<=", ">", ">="]
     value: float
 

@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Final
 
 __all__ = [
+    "DEPLOYMENT_FINAL",
     "DEPLOYMENT_OPEN",
     "DeploymentStatus",
     "Environment",
@@ -114,6 +115,16 @@ DEPLOYMENT_OPEN: Final = (
     DeploymentStatus.PROGRESSING,
     DeploymentStatus.PAUSED,
     DeploymentStatus.ROLLING_BACK,
+)
+
+#: Statuses a deployment does not leave (``retry`` starts it again from some of them).
+DEPLOYMENT_FINAL: Final = (
+    DeploymentStatus.SUCCEEDED,
+    DeploymentStatus.ABORTED,
+    DeploymentStatus.ROLLED_BACK,
+    DeploymentStatus.FAILED,
+    DeploymentStatus.REJECTED,
+    DeploymentStatus.EXPIRED,
 )
 
 PHASE_STATUS: Final[Mapping[str, RunStatus]] = {

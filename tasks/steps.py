@@ -19,7 +19,7 @@ from schemas.plugins import ProvisionRequest, ProvisionResult
 from workers.delivery import traffic
 from workers.economics.plans import get_plan
 from workers.engine.events import emit
-from workers.engine.instances import instance_name, instance_spec, probe
+from workers.engine.instances import instance_name, instance_spec, wait_healthy
 from workers.engine.inventory import record_instance
 from workers.engine.steps import step
 from workers.pluginhost.handles import get_platform, get_provisioner
@@ -34,7 +34,6 @@ from workers.runtime.models import (
     utcnow,
 )
 from workers.runtime.settings import get_settings
-from workers.runtime.waiting import wait_until
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -43,7 +42,13 @@ if TYPE_CHECKING:
     from workers.pluginhost.contracts import Platform
 from schemas.states import TenantStatus
 
-__all__ = ["instance_name", "instance_spec", "probe", "record_instance", "record_plan_period"]
+__all__ = [
+    "instance_name",
+    "instance_spec",
+    "record_instance",
+    "record_plan_period",
+    "wait_healthy",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -315,30 +320,13 @@ def health_check(ctx: StepContext) -> dict[str, Any]:
     for name, endpoint in rows:
         if not endpoint:
             raise TransientError(f"instance {name} is not healthy: no endpoint")
-        _wait_healthy(
+        wait_healthy(
             name,
             endpoint,
             timeout=max(0.0, deadline - time.monotonic()),
             probe_timeout=settings.health_timeout,
         )
     return {"instances": dict.fromkeys((name for name, _ in rows), "healthy")}
-
-
-def _wait_healthy(name: str, endpoint: str, *, timeout: float, probe_timeout: float) -> None:
-    """Probe ``endpoint`` until it answers healthy; ``TransientError`` with the last answer."""
-    last = {"detail": ""}
-
-    def healthy() -> bool:
-        ok, last["detail"] = probe(endpoint, timeout=probe_timeout)
-        return ok
-
-    wait_until(
-        healthy,
-        timeout=timeout,
-        interval=0.2,
-        message=lambda: f"instance {name} is not healthy: {last['detail'][:200]}",
-        error=TransientError,
-    )
 
 
 # -- entry point ------------------------------------------------------------------------------

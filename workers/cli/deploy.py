@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from schemas.states import DeploymentStatus
+from schemas.states import DEPLOYMENT_FINAL, DeploymentStatus
 from workers.cli.client import call
 from workers.cli.console import JsonOpt, add_row, console, emit, fail, line
 from workers.runtime.db import session_scope
@@ -39,16 +39,7 @@ WaitOpt = Annotated[
 TimeoutOpt = Annotated[float, typer.Option(help="Seconds --wait follows it.")]
 
 #: Where ``--wait`` stops: the end, or a person's turn.
-_STOPS = (
-    DeploymentStatus.SUCCEEDED,
-    DeploymentStatus.ABORTED,
-    DeploymentStatus.ROLLED_BACK,
-    DeploymentStatus.FAILED,
-    DeploymentStatus.REJECTED,
-    DeploymentStatus.EXPIRED,
-    DeploymentStatus.AWAITING_APPROVAL,
-    DeploymentStatus.PAUSED,
-)
+_STOPS = (*DEPLOYMENT_FINAL, DeploymentStatus.AWAITING_APPROVAL, DeploymentStatus.PAUSED)
 
 
 def _actor(actor: str | None) -> str:
@@ -101,7 +92,7 @@ def _print(view: dict[str, Any]) -> None:
         console.print(line("reason: ", str(view["reason"].get("message", view["reason"]))))
     stages = Table("#", "stage", "action", "detail")
     for i, stage in enumerate(view["stages"]):
-        mark = "→" if i == view["stage_index"] and view["status"] not in _STOPS[:6] else ""
+        mark = "→" if i == view["stage_index"] and view["status"] not in DEPLOYMENT_FINAL else ""
         detail = stage.get("weight")
         if stage["action"] == "pause":
             seconds = stage.get("pause_seconds")

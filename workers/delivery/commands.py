@@ -19,7 +19,13 @@ from sqlalchemy import func, select
 from schemas.delivery import Release
 from schemas.manifest import PluginType
 from schemas.plugins import DeploymentSpec
-from schemas.states import DEPLOYMENT_OPEN, DeploymentStatus, Environment, Phase, TenantStatus
+from schemas.states import (
+    DEPLOYMENT_OPEN,
+    DeploymentStatus,
+    Environment,
+    Phase,
+    TenantStatus,
+)
 from schemas.tasks import CreateDeployment
 from workers.delivery import traffic
 from workers.engine import ledger
@@ -46,7 +52,6 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "FINAL",
     "Planned",
     "WORKFLOW",
     "abort",
@@ -69,15 +74,6 @@ __all__ = [
 
 #: The ledger workflow that carries a deployment (declared in ``tasks/workflows.py``).
 WORKFLOW = "deployment"
-#: Statuses a deployment does not leave (``retry`` starts it again from some of them).
-FINAL = (
-    DeploymentStatus.SUCCEEDED,
-    DeploymentStatus.ABORTED,
-    DeploymentStatus.ROLLED_BACK,
-    DeploymentStatus.FAILED,
-    DeploymentStatus.REJECTED,
-    DeploymentStatus.EXPIRED,
-)
 _RETRYABLE = (DeploymentStatus.ABORTED, DeploymentStatus.ROLLED_BACK, DeploymentStatus.FAILED)
 
 

@@ -19,14 +19,13 @@ from schemas.delivery import Release
 from schemas.plugins import Backend
 from workers.delivery import traffic
 from workers.economics.plans import get_plan
-from workers.engine.instances import instance_spec, probe
+from workers.engine.instances import instance_spec, wait_healthy
 from workers.engine.inventory import record_instance
 from workers.pluginhost.handles import get_platform
 from workers.runtime.db import session_scope
 from workers.runtime.errors import NotFoundError, TransientError
 from workers.runtime.models import Instance, Tenant
 from workers.runtime.settings import get_settings
-from workers.runtime.waiting import wait_until
 
 if TYPE_CHECKING:
     from schemas.plans import Plan
@@ -188,22 +187,15 @@ class Target:
 
     def _wait_healthy(self, info: InstanceInfo) -> None:
         """One healthy answer from the instance within the health window."""
-        settings = get_settings()
         if not info.endpoint:
             raise TransientError(f"instance {info.name} has no endpoint ({info.status})")
-        endpoint = info.endpoint
-        last = {"detail": ""}
-
-        def healthy() -> bool:
-            ok, last["detail"] = probe(endpoint, timeout=settings.health_timeout)
-            return ok
-
-        wait_until(
-            healthy,
+        settings = get_settings()
+        wait_healthy(
+            info.name,
+            info.endpoint,
             timeout=settings.health_window,
+            probe_timeout=settings.health_timeout,
             interval=0.1,
-            message=lambda: f"instance {info.name} is not healthy: {last['detail'][:200]}",
-            error=TransientError,
         )
 
 

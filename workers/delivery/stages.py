@@ -23,7 +23,7 @@ import structlog
 
 from schemas.delivery import AnalysisConfig, Release
 from schemas.plugins import AnalysisInput, DeploymentSpec, HeaderRoute, Stage
-from schemas.states import DeploymentStatus
+from schemas.states import DEPLOYMENT_FINAL, DeploymentStatus
 from workers.delivery import analysis, traffic
 from workers.delivery.groups import Target, load_target
 from workers.engine.events import emit
@@ -510,7 +510,7 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
     if row.workflow_id != run_id:
         return {"skipped": f"deployment is under run {row.workflow_id}"}
     target = load_target(row.tenant_id)
-    if row.status not in (DeploymentStatus.ROLLING_BACK, *_FINAL):
+    if row.status not in (DeploymentStatus.ROLLING_BACK, *DEPLOYMENT_FINAL):
         _write(deployment_id, status=DeploymentStatus.ROLLING_BACK)
     problems: list[str] = []
     read_back: dict[str, int] = {}
@@ -550,7 +550,7 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
         dep = session.get(Deployment, deployment_id, with_for_update=True)
         tenant = session.get(Tenant, row.tenant_id)
         assert dep is not None and tenant is not None
-        if dep.status not in _FINAL:
+        if dep.status not in DEPLOYMENT_FINAL:
             dep.status = status
             dep.finished_at = _now()
             dep.reason = error
@@ -581,13 +581,3 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
     }
     _event(row, ended[status], reason=(error or {}).get("message"))
     return {"status": status, "restored": restored, "removed": removed}
-
-
-_FINAL = (
-    DeploymentStatus.SUCCEEDED,
-    DeploymentStatus.ABORTED,
-    DeploymentStatus.ROLLED_BACK,
-    DeploymentStatus.FAILED,
-    DeploymentStatus.REJECTED,
-    DeploymentStatus.EXPIRED,
-)

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Final
 
 from schemas.platform import InstanceSpec
 from schemas.plugins import HealthReport
-from workers.runtime.errors import PermanentError
+from workers.runtime.errors import PermanentError, TransientError
 from workers.runtime.settings import get_settings
+from workers.runtime.waiting import wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -108,6 +109,25 @@ def probe(endpoint: str, *, timeout: float) -> tuple[bool, str]:
         return False, f"HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         return False, str(exc)
+
+
+def wait_healthy(
+    name: str, endpoint: str, *, timeout: float, probe_timeout: float, interval: float = 0.2
+) -> None:
+    """Probe ``endpoint`` until it answers healthy; ``TransientError`` with the last answer."""
+    last = {"detail": ""}
+
+    def healthy() -> bool:
+        ok, last["detail"] = probe(endpoint, timeout=probe_timeout)
+        return ok
+
+    wait_until(
+        healthy,
+        timeout=timeout,
+        interval=interval,
+        message=lambda: f"instance {name} is not healthy: {last['detail'][:200]}",
+        error=TransientError,
+    )
 
 
 def health_report(

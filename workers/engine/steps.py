@@ -209,22 +209,14 @@ class StepTask(Cul8erTask):
             ctx.attempt, base=settings.retry_backoff_base, cap=settings.retry_backoff_max
         )
         in_ledger = delay > settings.max_broker_countdown
-        parked = _ledger_write(
-            lambda session: ledger.wait_step(
-                session,
-                run_id=ctx.run_id,
-                phase=ctx.phase,
-                name=self.name,
-                delay=delay,
-                error=exc.to_dict(),
-                in_ledger=in_ledger,
-                attempt=ctx.attempt,
-                owner=owner,
-                slack=settings.owner_timeout,
-            )
-        )
-        if not parked:
-            self._refused(ctx, owner)
+        if not self._wait(
+            ctx,
+            owner,
+            delay=delay,
+            error=exc.to_dict(),
+            in_ledger=in_ledger,
+            slack=settings.owner_timeout,
+        ):
             return
         log.warning("step_retrying", attempt=ctx.attempt, delay=round(delay, 2), error=str(exc))
         if in_ledger:
@@ -232,23 +224,37 @@ class StepTask(Cul8erTask):
             return
         raise self.retry(countdown=delay, max_retries=None, exc=exc)
 
-    def _park(self, ctx: StepContext, park: Park, owner: str) -> None:
+    def _wait(
+        self,
+        ctx: StepContext,
+        owner: str,
+        *,
+        delay: float,
+        error: dict[str, Any] | None,
+        in_ledger: bool,
+        slack: float,
+    ) -> bool:
+        """Record that the step waits ``delay`` s; False (and refused) if another owns it now."""
         parked = _ledger_write(
             lambda session: ledger.wait_step(
                 session,
                 run_id=ctx.run_id,
                 phase=ctx.phase,
                 name=self.name,
-                delay=park.delay,
-                error=None,
-                in_ledger=True,
+                delay=delay,
+                error=error,
+                in_ledger=in_ledger,
                 attempt=ctx.attempt,
                 owner=owner,
-                slack=0.0,
+                slack=slack,
             )
         )
         if not parked:
             self._refused(ctx, owner)
+        return bool(parked)
+
+    def _park(self, ctx: StepContext, park: Park, owner: str) -> None:
+        if not self._wait(ctx, owner, delay=park.delay, error=None, in_ledger=True, slack=0.0):
             return
         log.info("step_parked", delay=round(park.delay, 2), reason=park.reason)
         self._stop_chain()
