@@ -1,4 +1,5 @@
-"""``cul8er plugin …``: list, inspect, validate, scaffold, install, enable, disable, reload."""
+"""``cul8er plugin …``: list, inspect, validate, scaffold, install, search, update, enable,
+disable, reload."""
 
 from __future__ import annotations
 
@@ -152,14 +153,81 @@ def plugin_rehash(package: Path) -> None:
 
 
 @plugin_cli.command("install")
-def plugin_install(source: str, as_json: JsonOpt = False) -> None:
-    """Install from a folder, .zip or .tar.gz, or with pip (a package name or URL)."""
+def plugin_install(
+    source: str,
+    sha256: Annotated[
+        str | None,
+        typer.Option(
+            help="The archive's sha256 (of a folder: its manifest file's), checked first."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Install from a folder, .zip or .tar.gz, git+URL@REF, or NAME[==V] from the registries
+    (CUL8ER_PLUGIN_REGISTRIES; with none, NAME goes to pip)."""
     _composed()
     try:
-        result = plugin_admin.install(source, settings=get_settings())
+        result = plugin_admin.install(source, settings=get_settings(), sha256=sha256)
     except Cul8erError as exc:
         _refused(exc, as_json)
     _print(result, as_json)
+    if result.get("ok") is False or result.get("state") == "failed":
+        raise typer.Exit(1)
+
+
+@plugin_cli.command("search")
+def plugin_search(query: str, as_json: JsonOpt = False) -> None:
+    """Plugins on the registries whose name, description or keywords hold QUERY."""
+    import base64
+
+    from workers.pluginhost.sources import search
+
+    settings = get_settings()
+    if not settings.plugin_registries:
+        raise fail("config_error", "no plugin registry is configured (CUL8ER_PLUGIN_REGISTRIES)")
+    keys = [base64.b64decode(key) for key in settings.plugin_trusted_keys]
+    try:
+        found = search(plugin_admin.registries(settings), query, trusted_keys=keys)
+    except Cul8erError as exc:
+        _refused(exc, as_json)
+    if as_json:
+        emit(found)
+        return
+    table = Table("name", "version", "type", "signed", "description")
+    for item in found:
+        signed = "yes" if item["signed"] else "no"
+        add_row(table, item["name"], item["version"], item["type"], signed, item["description"])
+    console.print(table)
+
+
+@plugin_cli.command("update")
+def plugin_update(
+    name: str,
+    deploy: Annotated[
+        str | None,
+        typer.Option(help="Then roll the fleet onto it with this deployment strategy."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Install the newest fitting registry version beside the serving one (which keeps
+    serving); with --deploy, start a deployment of it."""
+    _composed()
+    try:
+        result = plugin_admin.update(name, settings=get_settings())
+    except Cul8erError as exc:
+        _refused(exc, as_json)
+    if result.get("ok") and deploy and result.get("switched") is False:
+        from workers.cli.client import call
+
+        kwargs = {"plugin": name, "version": result["version"], "strategy": deploy}
+        answer = call("cul8er.deployments.create", kwargs)
+        result["deployment"] = answer
+        if not answer.get("ok"):
+            result["ok"] = False
+            result["error"] = answer.get("error")
+    _print(result, as_json)
+    if not result.get("ok"):
+        raise typer.Exit(1)
 
 
 def _set(name: str, enabled: bool, as_json: bool) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
 
@@ -147,6 +148,23 @@ class Settings(BaseSettings):
     require_signed_plugins: bool = False
     #: Base64 ed25519 public keys whose signatures are trusted.
     plugin_trusted_keys: list[str] = Field(default_factory=list)
+    #: Package indexes (PEP 503/691 "simple" URLs such as ``http://127.0.0.1:8080/simple/``)
+    #: that ``cul8er plugin install NAME``, ``search`` and ``update`` use, tried in order; a
+    #: JSON list or comma-separated. A password goes in as a reference,
+    #: ``https://user:${secret:registry/password}@host/simple/``, resolved per request and
+    #: never logged or stored. Empty: ``plugin install NAME`` runs pip, as before.
+    plugin_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("plugin_registries", mode="before")
+    @classmethod
+    def _registries(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
     #: Plugin name → its config (JSON); values may be ``${secret:path}`` references.
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Plugin name → the queue its tasks go to, overriding ``plugins.<name>``.
