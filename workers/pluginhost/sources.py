@@ -173,6 +173,8 @@ def _parse_git(text: str) -> GitSource:
         if PurePosixPath(subdirectory).is_absolute() or ".." in parts:
             raise _invalid(text, f"subdirectory {subdirectory!r} leaves the repository")
     scheme, sep, rest = location.partition("://")
+    if not sep and "::" in location:
+        raise _invalid(text, "git remote helpers (TRANSPORT::ADDRESS) are not allowed")
     if sep and scheme.lower() not in _GIT_SCHEMES:
         raise _invalid(text, f"git transport {scheme!r} is not one of {', '.join(_GIT_SCHEMES)}")
     # The ref follows the last '@' of the path: an '@' in the host part is a user name.
