@@ -113,8 +113,11 @@ class DeploymentSpec(_Model):
     """A release rolled over a tenant's instances, as a strategy plans it."""
 
     deployment_id: str
+    #: The tenant whose instances take the release (``""`` for a plugin deployment).
     tenant_id: str
     version: str
+    #: A plugin deployment's plugin: ``instances`` then lists the tenants it moves, in order.
+    plugin: str | None = None
     #: The version the tenant runs now (``None``: its first release).
     previous_version: str | None = None
     #: The platform's artifact of the new release (``None``: the platform's default).
@@ -128,7 +131,15 @@ class DeploymentSpec(_Model):
 
 #: What a stage does; the engine carries each out idempotently (docs/architecture.md §10).
 StageAction = Literal[
-    "create_group", "set_weight", "route", "pause", "analysis", "replace", "promote"
+    "create_group",
+    "set_weight",
+    "route",
+    "pause",
+    "analysis",
+    "replace",
+    "promote",
+    "sandbox",
+    "approval",
 ]
 
 
@@ -147,6 +158,11 @@ class Stage(_Model):
       ``params.surge`` extra instances of the new release carrying traffic meanwhile;
     - ``promote``: the new release becomes stable: every stable instance runs it, traffic
       goes back to the stable group, the canary group and routes go.
+
+    A plugin deployment gives each action its plugin meaning (tenants move, not traffic; see
+    ``workers/delivery/plugin_stages.py``), and cul8er puts two stages of its own before the
+    strategy's: ``sandbox`` (the version's checks on the sandbox queue) and, in production,
+    ``approval``.
     """
 
     name: str

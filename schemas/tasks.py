@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from schemas.delivery import Release
+from schemas.manifest import SEMVER
 from schemas.states import Environment
 
 __all__ = [
@@ -162,10 +163,17 @@ Actor = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
 class CreateDeployment(_Idempotent):
-    """``cul8er.deployments.create``: roll a release over a tenant's instances."""
+    """``cul8er.deployments.create``: roll a release over a tenant's instances (``tenant_id``
+    and ``release``), or a plugin version over tenants (``plugin`` and ``version``, the tenants
+    picked by ``tenants``, ``plan`` and ``environment``; none of them: every tenant)."""
 
-    tenant_id: TenantId
-    release: Release
+    tenant_id: TenantId | None = None
+    release: Release | None = None
+    plugin: PluginName | None = None
+    version: Annotated[str, StringConstraints(pattern=SEMVER.pattern)] | None = None
+    tenants: list[TenantId] | None = Field(default=None, min_length=1, max_length=100_000)
+    plan: PlanName | None = None
+    environment: Environment | None = None
     #: A strategy plugin: direct, rolling, blue_green, canary, ab_test (default: a setting).
     strategy: PluginName | None = None
     #: The strategy's own settings (each strategy documents them).

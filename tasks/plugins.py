@@ -1,4 +1,5 @@
-"""The public plugin tasks: ``cul8er.plugins.install | enable | disable | reload``.
+"""The public plugin tasks (``cul8er.plugins.install | enable | disable | reload``) and the
+sandbox stage's check (``cul8er.plugins.sandbox_check``, sent to the sandbox queue).
 
 They act on the shared ``plugins`` table, so whichever worker runs them, every worker
 follows. Each is idempotent by nature: enabling an enabled plugin changes nothing,
@@ -13,8 +14,11 @@ from typing import TYPE_CHECKING, Any
 from schemas.tasks import InstallPlugin, PluginByName, ReloadPlugin
 from workers.engine.public import Outcome, public_task
 from workers.pluginhost import admin as plugin_admin
+from workers.pluginhost.sandbox import check_version
+from workers.runtime.app import app
 from workers.runtime.errors import PluginError, PluginRefusedError
 from workers.runtime.settings import get_settings
+from workers.runtime.task import Cul8erTask
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -58,3 +62,10 @@ def reload(_session: Session, payload: ReloadPlugin) -> Outcome:
 def install(_session: Session, payload: InstallPlugin) -> Outcome:
     """Install a plugin from a path on the worker's machine, or with pip."""
     return _refusing(lambda: plugin_admin.install(payload.source, settings=get_settings()))
+
+
+@app.task(name="cul8er.plugins.sandbox_check", base=Cul8erTask, acks_late=False)
+def sandbox_check(name: str, version: str) -> dict[str, Any]:
+    """Check ``name`` ``version`` as an install would, plus its own tests (read-only: safe to
+    run twice; not acked late, so a sandbox process killed by its limits fails the check)."""
+    return check_version(name, version, settings=get_settings())

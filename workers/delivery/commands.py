@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from schemas.delivery import Release
 from schemas.manifest import PluginType
-from schemas.plugins import DeploymentSpec
+from schemas.plugins import DeploymentSpec, Stage
 from schemas.states import (
     DEPLOYMENT_OPEN,
     DeploymentStatus,
@@ -28,9 +28,11 @@ from schemas.states import (
 )
 from schemas.tasks import CreateDeployment
 from workers.delivery import traffic
+from workers.delivery.cohorts import hash_order
 from workers.engine import ledger
 from workers.engine.events import emit
 from workers.engine.public import Outcome
+from workers.pluginhost.calls import registry
 from workers.pluginhost.handles import get_strategy, plugin_names
 from workers.runtime.db import session_scope
 from workers.runtime.errors import (
@@ -38,13 +40,20 @@ from workers.runtime.errors import (
     NotFoundError,
     ValidationFailedError,
 )
-from workers.runtime.models import Approval, AuditEvent, Deployment, Instance, Tenant, utcnow
+from workers.runtime.models import (
+    Approval,
+    AuditEvent,
+    Deployment,
+    Instance,
+    Plugin,
+    Tenant,
+    utcnow,
+)
 from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from schemas.plugins import Stage
     from schemas.tasks import (
         DeploymentAction,
         ListDeployments,
@@ -153,6 +162,7 @@ def summary(row: Deployment) -> dict[str, Any]:
     return {
         "deployment_id": row.id,
         "tenant_id": row.tenant_id,
+        "plugin": row.plugin,
         "status": row.status,
         "strategy": row.strategy,
         "version": row.release.get("version"),
@@ -178,6 +188,10 @@ class Planned:
     rollback_of: str | None = None
     #: The action that asked for it (a fast rollback's actor and reason).
     action: DeploymentAction | None = None
+    #: A plugin deployment's tenants, in the order they move, and the version they leave.
+    targets: tuple[str, ...] = ()
+    previous_version: str | None = None
+    environment: str | None = None
 
 
 def plan(payload: CreateDeployment, *, rollback_of: str | None = None) -> Planned:
@@ -193,6 +207,17 @@ def plan(payload: CreateDeployment, *, rollback_of: str | None = None) -> Planne
         raise _field_error(
             "strategy", f"unknown strategy {strategy!r}; active: {', '.join(strategies)}"
         )
+    if payload.plugin is not None:
+        return _plan_plugin(payload, strategy)
+    for name in ("tenant_id", "release"):
+        if getattr(payload, name) is None:
+            raise _field_error(
+                name, "a release deployment names tenant_id and release (a plugin one: plugin)"
+            )
+    for name in ("version", "tenants", "plan", "environment"):
+        if getattr(payload, name) is not None:
+            raise _field_error(name, f"{name} is for a plugin deployment: give plugin too")
+    assert payload.tenant_id is not None and payload.release is not None
     with session_scope() as session:
         tenant = session.get(Tenant, payload.tenant_id)
         if tenant is None:
@@ -226,6 +251,9 @@ def create(session: Session, planned: Planned) -> Outcome:
     """Record a planned deployment; start it, or wait for approvals in production."""
     settings = get_settings()
     payload, strategy, rollback_of = planned.payload, planned.strategy, planned.rollback_of
+    if payload.plugin is not None:
+        return _create_plugin(session, planned)
+    assert payload.tenant_id is not None and payload.release is not None
     tenant = session.get(Tenant, payload.tenant_id, with_for_update=True)
     if tenant is None:
         raise NotFoundError(f"tenant {payload.tenant_id!r} does not exist")
@@ -288,6 +316,197 @@ def create(session: Session, planned: Planned) -> Outcome:
         _timeline(row, "awaiting_approval", required=row.approvals_required)
         return Outcome(data=summary(row), tenant_id=tenant.id)
     return _start(session, row, tenant)
+
+
+# -- plugin deployments -----------------------------------------------------------------------
+
+
+def _plan_plugin(payload: CreateDeployment, strategy: str) -> Planned:
+    """Plan moving the tenants ``payload`` picks to a plugin version (see ``cohorts.py``)."""
+    for name in ("tenant_id", "release"):
+        if getattr(payload, name) is not None:
+            raise _field_error(
+                name,
+                f"a plugin deployment moves tenants: pick them with tenants, plan or "
+                f"environment, not {name}",
+            )
+    if payload.version is None:
+        raise _field_error("version", "a plugin deployment names the version tenants move to")
+    plugin, version = str(payload.plugin), payload.version
+    reg = registry()
+    served = reg.served.get(plugin)
+    if served is None or served.state != "active":
+        active = ", ".join(sorted(n for n, s in reg.served.items() if s.state == "active"))
+        raise _field_error("plugin", f"plugin {plugin!r} is not active; active: {active}")
+    installed = reg.installed_versions(plugin)
+    if version not in installed:
+        raise _field_error(
+            "version",
+            f"{plugin} {version} is not installed; installed: {', '.join(installed)} "
+            f"(cul8er plugin install, or plugin update)",
+        )
+    targets, environment = _pick_tenants(payload)
+    deployment_id = uuid.uuid4().hex
+    spec = DeploymentSpec(
+        deployment_id=deployment_id,
+        tenant_id="",
+        plugin=plugin,
+        version=version,
+        previous_version=served.loaded.version,
+        instances=targets,
+        config=payload.strategy_config,
+        environment=environment,
+    )
+    head = [Stage(name="sandbox", action="sandbox")]
+    if environment == Environment.PRODUCTION and get_settings().production_approvals > 0:
+        head.append(Stage(name="approval", action="approval"))
+    stages = [*head, *get_strategy(strategy).plan(spec).stages]
+    return Planned(
+        payload,
+        deployment_id,
+        strategy,
+        stages,
+        targets=tuple(targets),
+        previous_version=served.loaded.version,
+        environment=environment,
+    )
+
+
+def _pick_tenants(payload: CreateDeployment) -> tuple[list[str], str]:
+    """The tenants a plugin deployment moves, in hash order, and its environment (the most
+    guarded one among them: production if any is)."""
+    query = select(Tenant.id, Tenant.environment).where(
+        Tenant.status.in_((TenantStatus.ACTIVE, TenantStatus.SUSPENDED))
+    )
+    if payload.tenants is not None:
+        query = query.where(Tenant.id.in_(payload.tenants))
+    if payload.plan is not None:
+        query = query.where(Tenant.plan == payload.plan)
+    if payload.environment is not None:
+        query = query.where(Tenant.environment == payload.environment)
+    with session_scope() as session:
+        found = dict(session.execute(query).tuples().all())
+    if payload.tenants is not None:
+        missing = sorted(set(payload.tenants) - set(found))
+        if missing:
+            raise _field_error(
+                "tenants",
+                f"not active (or not matching plan/environment): {', '.join(missing[:10])}",
+            )
+    if not found:
+        raise _field_error("tenants", "no active tenant matches tenants, plan and environment")
+    order = list(Environment)  # from the least guarded to the most
+    environment = max(found.values(), key=lambda e: order.index(Environment(e)))
+    return hash_order(str(payload.plugin), list(found)), str(environment)
+
+
+def _open_for_plugin(session: Session, plugin: str) -> Deployment | None:
+    return session.scalars(
+        select(Deployment)
+        .where(Deployment.plugin == plugin, Deployment.status.in_(DEPLOYMENT_OPEN))
+        .order_by(Deployment.created_at)
+        .limit(1)
+    ).first()
+
+
+def _create_plugin(session: Session, planned: Planned) -> Outcome:
+    """Record a plugin deployment and start it: its sandbox stage runs before any approval."""
+    settings = get_settings()
+    payload = planned.payload
+    plugin = str(payload.plugin)
+    # The plugin's row, locked: two creates for one plugin take turns.
+    if session.get(Plugin, plugin, with_for_update=True) is None:
+        raise _field_error("plugin", f"plugin {plugin!r} has no row: run cul8er db upgrade")
+    open_one = _open_for_plugin(session, plugin)
+    if open_one is not None:
+        raise ConflictError(
+            f"plugin {plugin!r} has deployment {open_one.id} in progress ({open_one.status}); "
+            "one deployment at a time"
+        )
+    production = any(stage.action == "approval" for stage in planned.stages)
+    now = utcnow()
+    row = Deployment(
+        id=planned.deployment_id,
+        tenant_id=None,
+        plugin=plugin,
+        targets=list(planned.targets),
+        status=DeploymentStatus.PENDING,
+        strategy=planned.strategy,
+        strategy_config=dict(payload.strategy_config),
+        environment=planned.environment or Environment.DEVELOPMENT,
+        release={"version": payload.version},
+        previous_release={"version": planned.previous_version},
+        stages=[stage.model_dump(mode="json") for stage in planned.stages],
+        stage_index=0,
+        stage_state={},
+        measurements=[],
+        timeline=[{"at": now.isoformat(), "event": "created", "actor": payload.actor}],
+        approvals_required=settings.production_approvals if production else 0,
+        requests={},
+        actor=payload.actor,
+        rollback_of=planned.rollback_of,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    session.flush()
+    _audit(
+        session,
+        row,
+        "created",
+        payload.actor,
+        plugin=plugin,
+        version=payload.version,
+        strategy=planned.strategy,
+        tenants=len(planned.targets),
+    )
+    emit(
+        "deployment.created",
+        subject=row.id,
+        data={"deployment_id": row.id, "plugin": plugin, "version": payload.version},
+    )
+    return _start_plugin(session, row)
+
+
+def _start_plugin(session: Session, row: Deployment) -> Outcome:
+    """A fresh ledger run for the plugin deployment (it owns no tenant: tenants keep working)."""
+    run = ledger.new_run(
+        session,
+        kind=WORKFLOW,
+        tenant_id=None,
+        input={"deployment_id": row.id},
+        grace=get_settings().reconcile_grace,
+    )
+    row.workflow_id = run.id
+    row.status = DeploymentStatus.PROGRESSING
+    row.reason = None
+    _timeline(row, "started", workflow_id=run.id)
+    emit(
+        "deployment.started",
+        workflow_id=run.id,
+        subject=row.id,
+        data={"deployment_id": row.id, "plugin": row.plugin, "version": row.release["version"]},
+    )
+    return Outcome(
+        data=summary(row),
+        dispatch=[(run.id, Phase.FORWARD, ledger.pending_tasks(session, run.id, Phase.FORWARD))],
+    )
+
+
+def _approved_plugin(session: Session, row: Deployment, approvers: list[str]) -> Outcome:
+    """Enough approvers: the parked approval stage goes on now."""
+    row.status = DeploymentStatus.PROGRESSING
+    row.stage_state = {"approved": True, "approvers": sorted(approvers)}
+    _timeline(row, "approval_complete", approvers=sorted(approvers))
+    send = ledger.wake(session, row.workflow_id) if row.workflow_id else []
+    return Outcome(data={**summary(row), "approvals": sorted(approvers)}, dispatch=send)
+
+
+def _wake_ended(session: Session, row: Deployment) -> list[tuple[str, str, list[str]]]:
+    """A plugin deployment refused while its run waits: wake the run so it ends now."""
+    if row.plugin is None or row.workflow_id is None:
+        return []
+    return ledger.wake(session, row.workflow_id)
 
 
 # -- approvals --------------------------------------------------------------------------------
@@ -362,6 +581,8 @@ def approve(session: Session, payload: DeploymentAction) -> Outcome:
             },
             tenant_id=row.tenant_id,
         )
+    if row.plugin is not None:
+        return _approved_plugin(session, row, approvers)
     tenant = session.get(Tenant, row.tenant_id, with_for_update=True)
     assert tenant is not None
     outcome = _start(session, row, tenant)
@@ -388,7 +609,7 @@ def reject(session: Session, payload: DeploymentAction) -> Outcome:
     row.reason = {"code": "rejected", "message": f"rejected by {payload.actor}: {payload.reason}"}
     _audit(session, row, "rejected", payload.actor, reason=payload.reason)
     _timeline(row, "rejected", actor=payload.actor, reason=payload.reason)
-    return Outcome(data=summary(row), tenant_id=row.tenant_id)
+    return Outcome(data=summary(row), tenant_id=row.tenant_id, dispatch=_wake_ended(session, row))
 
 
 def expire_approvals(session: Session) -> list[str]:
@@ -472,7 +693,9 @@ def abort(session: Session, payload: DeploymentAction) -> Outcome:
         row.reason = {"code": "aborted", "message": f"aborted by {payload.actor} before it started"}
         _audit(session, row, "aborted", payload.actor, reason=payload.reason)
         _timeline(row, "aborted", actor=payload.actor)
-        return Outcome(data=summary(row), tenant_id=row.tenant_id)
+        return Outcome(
+            data=summary(row), tenant_id=row.tenant_id, dispatch=_wake_ended(session, row)
+        )
     if row.status not in (DeploymentStatus.PROGRESSING, DeploymentStatus.PAUSED):
         raise ConflictError(f"deployment {row.id} is {row.status}: there is nothing to abort")
     return _ask(session, row, "abort", payload.actor, reason=payload.reason)
@@ -486,6 +709,18 @@ def retry(session: Session, payload: DeploymentAction) -> Outcome:
             f"cannot retry deployment {row.id}: it is {row.status} "
             f"(retry works after {', '.join(_RETRYABLE)})"
         )
+    if row.plugin is not None:
+        open_plugin = _open_for_plugin(session, row.plugin)
+        if open_plugin is not None:
+            raise ConflictError(
+                f"plugin {row.plugin!r} has deployment {open_plugin.id} in progress"
+            )
+        row.stage_index, row.stage_state, row.requests = 0, {}, {}
+        row.finished_at = None
+        _audit(session, row, "retried", payload.actor)
+        _timeline(row, "retried", actor=payload.actor)
+        return _start_plugin(session, row)
+    assert row.tenant_id is not None
     open_one = _open_for(session, row.tenant_id)
     if open_one is not None:
         raise ConflictError(f"tenant {row.tenant_id!r} has deployment {open_one.id} in progress")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -24,17 +23,20 @@ import structlog
 from schemas.delivery import AnalysisConfig, Release
 from schemas.plugins import AnalysisInput, DeploymentSpec, HeaderRoute, Stage
 from schemas.states import DEPLOYMENT_FINAL, DeploymentStatus
-from workers.delivery import analysis, traffic
+from workers.delivery import analysis, plugin_stages, rows, traffic
+from workers.delivery.cohorts import Cohort
 from workers.delivery.groups import Target, load_target
-from workers.engine.events import emit
+from workers.delivery.rows import Done, Hold, Result, Wait
 from workers.engine.steps import Park, backoff
 from workers.pluginhost.handles import get_strategy
 from workers.runtime.db import session_scope
 from workers.runtime.errors import PermanentError, TransientError
-from workers.runtime.models import AuditEvent, Deployment, Tenant, utcnow
+from workers.runtime.models import AuditEvent, Deployment, Tenant
 from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from schemas.events import EventType
 
 __all__ = [
@@ -49,100 +51,10 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: Waits up to this long are slept inside the step (seconds); longer ones park in the ledger.
-INLINE_WAIT = 2.0
-#: How long a step held for a person parks; their command wakes it sooner.
-HOLD = 3600.0
-
-
-class Aborted(PermanentError):
-    """A person aborted the deployment: it rolls back."""
-
-    code = "aborted"
-
-
-class GateFailed(PermanentError):
-    """An analysis gate failed: traffic is back on stable, the deployment rolls back."""
-
-    code = "gate_failed"
-
-    def __init__(self, message: str, *, measurement: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.measurement = measurement
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "measurement": self.measurement}
-
-
-@dataclass(frozen=True)
-class _Done:
-    note: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _Wait:
-    seconds: float
-
-
-@dataclass(frozen=True)
-class _Hold:
-    reason: str
-
-
-_Result = _Done | _Wait | _Hold
-
-
-def _now() -> dt.datetime:
-    return utcnow()
-
-
-def _ts(moment: dt.datetime) -> float:
-    return moment.timestamp()
-
-
-# -- the deployment row -----------------------------------------------------------------------
-
-
-def _read(deployment_id: str) -> Deployment:
-    with session_scope() as session:
-        row = session.get(Deployment, deployment_id)
-        if row is None:
-            raise PermanentError(f"deployment {deployment_id!r} does not exist")
-        session.expunge(row)
-        return row
-
-
-def _write(deployment_id: str, *, timeline: dict[str, Any] | None = None, **changes: Any) -> None:
-    """Change the deployment's columns; ``timeline`` appends one entry (with its time)."""
-    with session_scope() as session:
-        row = session.get(Deployment, deployment_id, with_for_update=True)
-        if row is None:
-            return
-        for key, value in changes.items():
-            setattr(row, key, value)
-        if timeline is not None:
-            row.timeline = [*row.timeline, {"at": _now().isoformat(), **timeline}]
-
-
-def _consume(deployment_id: str, key: str) -> dict[str, Any] | None:
-    """Take a person's request ``key`` off the deployment: what it said, or ``None``."""
-    with session_scope() as session:
-        row = session.get(Deployment, deployment_id, with_for_update=True)
-        if row is None or key not in row.requests:
-            return None
-        taken = dict(row.requests[key])
-        row.requests = {k: v for k, v in row.requests.items() if k != key}
-        return taken
-
-
-def _event(row: Deployment, event_type: EventType, **data: Any) -> None:
-    emit(
-        event_type,
-        tenant_id=row.tenant_id,
-        workflow_id=row.workflow_id,
-        subject=row.id,
-        data={"deployment_id": row.id, "version": row.release.get("version"), **data},
-    )
+INLINE_WAIT = rows.INLINE_WAIT
+HOLD = rows.HOLD
+Aborted = rows.Aborted
+GateFailed = rows.GateFailed
 
 
 def spec_of(row: Deployment, target: Target) -> DeploymentSpec:
@@ -150,7 +62,7 @@ def spec_of(row: Deployment, target: Target) -> DeploymentSpec:
     release = Release.model_validate(row.release)
     return DeploymentSpec(
         deployment_id=row.id,
-        tenant_id=row.tenant_id,
+        tenant_id=_tenant(row),
         version=release.version,
         previous_version=row.previous_release.get("version"),
         artifact=release.artifact(target.platform_name),
@@ -165,24 +77,28 @@ def spec_of(row: Deployment, target: Target) -> DeploymentSpec:
 
 def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
     """Run the deployment's stages from where it stands to the end, or until it waits."""
-    row = _read(deployment_id)
-    if row.workflow_id != run_id or row.status not in (
-        DeploymentStatus.PROGRESSING,
-        DeploymentStatus.PAUSED,
-    ):
+    row = rows.read(deployment_id)
+    going: tuple[DeploymentStatus, ...] = (DeploymentStatus.PROGRESSING, DeploymentStatus.PAUSED)
+    if row.plugin is not None:
+        going = (*going, DeploymentStatus.AWAITING_APPROVAL)  # its approval is a stage
+    if row.workflow_id != run_id or row.status not in going:
         return {"skipped": f"deployment is {row.status} under run {row.workflow_id}"}
     stages = [Stage.model_validate(s) for s in row.stages]
-    target = load_target(row.tenant_id)
-    needs_traffic = any(s.action in ("set_weight", "route") for s in stages)
-    if needs_traffic and target.lb is None:
-        # The balancer went away mid-deployment: wait for it like any engine outage.
-        _, reason = traffic.availability()
-        return _errored(row, TransientError(reason))
+    target: Target | Cohort
+    if row.plugin is not None:
+        target, handlers = plugin_stages.load(row), _PLUGIN_STAGES
+    else:
+        target, handlers = load_target(_tenant(row)), _STAGES
+        needs_traffic = any(s.action in ("set_weight", "route") for s in stages)
+        if needs_traffic and target.lb is None:
+            # The balancer went away mid-deployment: wait for it like any engine outage.
+            _, reason = traffic.availability()
+            return _errored(row, TransientError(reason))
     # One delivery runs stages for at most half the step's time limit; then it parks and
     # the tick hands the deployment to a fresh delivery (a canary may take hours).
     budget = time.monotonic() + get_settings().step_time_limit / 2
     while True:
-        row = _read(deployment_id)
+        row = rows.read(deployment_id)
         if time.monotonic() > budget:
             raise Park(0.0, "time budget of this delivery spent")
         if "abort" in row.requests:
@@ -190,12 +106,14 @@ def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
             raise Aborted(f"aborted by {actor}")
         index = row.stage_index
         if index >= len(stages):
+            if isinstance(target, Cohort):
+                return plugin_stages.succeed(row, target)
             return _succeed(row, target)
         stage = stages[index]
         if "promote_full" in row.requests and stage.action != "promote":
             last = max(i for i, s in enumerate(stages) if s.action == "promote")
-            taken = _consume(deployment_id, "promote_full") or {}
-            _write(
+            taken = rows.consume(deployment_id, "promote_full") or {}
+            rows.write(
                 deployment_id,
                 stage_index=last,
                 stage_state={},
@@ -210,21 +128,21 @@ def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
             actor = row.requests["pause"].get("actor", "?")
             _hold(row, f"paused by {actor}", code="paused")
         if row.status == DeploymentStatus.PAUSED:
-            _write(deployment_id, status=DeploymentStatus.PROGRESSING, reason=None)
-            _event(row, "deployment.resumed", stage=stage.name)
+            rows.write(deployment_id, status=DeploymentStatus.PROGRESSING, reason=None)
+            rows.event(row, "deployment.resumed", stage=stage.name)
         if "resume" in row.requests and not row.stage_state.get("held"):
-            _consume(deployment_id, "resume")  # only a held gate looks at it
+            rows.consume(deployment_id, "resume")  # only a held gate looks at it
         try:
-            result = _STAGES[stage.action](row, stage, target)
+            result = handlers[stage.action](row, stage, target)
         except TransientError as exc:
             return _errored(row, exc)
         if row.stage_state.get("errors"):
-            _write(
+            rows.write(
                 deployment_id,
                 stage_state={k: v for k, v in row.stage_state.items() if k != "errors"},
             )
-        if isinstance(result, _Done):
-            _write(
+        if isinstance(result, Done):
+            rows.write(
                 deployment_id,
                 stage_index=index + 1,
                 stage_state={},
@@ -236,8 +154,8 @@ def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
                 },
             )
             following = stages[index + 1].name if index + 1 < len(stages) else None
-            _event(row, "deployment.stage_changed", stage=stage.name, next=following)
-        elif isinstance(result, _Wait):
+            rows.event(row, "deployment.stage_changed", stage=stage.name, next=following)
+        elif isinstance(result, Wait):
             if result.seconds > INLINE_WAIT or time.monotonic() + result.seconds > budget:
                 raise Park(result.seconds, f"{stage.name}: waiting {result.seconds:.1f} s")
             _sleep_watching(deployment_id, result.seconds)
@@ -248,13 +166,13 @@ def advance(deployment_id: str, run_id: str) -> dict[str, Any]:
 def _hold(row: Deployment, reason: str, *, code: str) -> None:
     """Pause the deployment for a person, and park the step until they act."""
     if row.status != DeploymentStatus.PAUSED or (row.reason or {}).get("message") != reason:
-        _write(
+        rows.write(
             row.id,
             status=DeploymentStatus.PAUSED,
             reason={"code": code, "message": reason},
             timeline={"event": "paused", "reason": reason},
         )
-        _event(row, "deployment.paused", reason=reason)
+        rows.event(row, "deployment.paused", reason=reason)
     raise Park(HOLD, reason)
 
 
@@ -267,7 +185,7 @@ def _sleep_watching(deployment_id: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(0.2, left))
-        if _URGENT & _read(deployment_id).requests.keys():
+        if _URGENT & rows.read(deployment_id).requests.keys():
             return
 
 
@@ -277,7 +195,7 @@ def _errored(row: Deployment, exc: TransientError) -> dict[str, Any]:
     errors = int(row.stage_state.get("errors", 0)) + 1
     if errors > settings.step_max_attempts:
         raise PermanentError(f"gave up after {errors} attempts: {exc}")
-    _write(
+    rows.write(
         row.id,
         stage_state={**row.stage_state, "errors": errors},
         timeline={"event": "stage_error", "error": str(exc)[:300], "attempt": errors},
@@ -291,13 +209,13 @@ def _succeed(row: Deployment, target: Target) -> dict[str, Any]:
     """Every stage done: the release is the tenant's, the tenant is free again."""
     with session_scope() as session:
         dep = session.get(Deployment, row.id, with_for_update=True)
-        tenant = session.get(Tenant, row.tenant_id)
+        tenant = session.get(Tenant, _tenant(row))
         assert dep is not None and tenant is not None
         if dep.status != DeploymentStatus.SUCCEEDED:
             dep.status = DeploymentStatus.SUCCEEDED
-            dep.finished_at = _now()
+            dep.finished_at = rows.now()
             dep.reason = None
-            dep.timeline = [*dep.timeline, {"at": _now().isoformat(), "event": "succeeded"}]
+            dep.timeline = [*dep.timeline, {"at": rows.now().isoformat(), "event": "succeeded"}]
             tenant.release = dict(dep.release)
             if tenant.active_workflow_id == dep.workflow_id:
                 tenant.active_workflow_id = None
@@ -309,7 +227,7 @@ def _succeed(row: Deployment, target: Target) -> dict[str, Any]:
                     data={"deployment_id": dep.id, "version": dep.release.get("version")},
                 )
             )
-    _event(row, "deployment.promoted", strategy=row.strategy)
+    rows.event(row, "deployment.promoted", strategy=row.strategy)
     return {"deployment_id": row.id, "status": DeploymentStatus.SUCCEEDED}
 
 
@@ -320,99 +238,73 @@ def _release(row: Deployment) -> Release:
     return Release.model_validate(row.release)
 
 
-def _create_group(row: Deployment, stage: Stage, target: Target) -> _Result:
+def _create_group(row: Deployment, stage: Stage, target: Target) -> Result:
     count = stage.params.get("count") or len(target.group("app").names) or 1
     names = target.start_canaries(_release(row), int(count))
     if target.lb is not None:
-        traffic.set_canary_weight(target.lb, row.tenant_id, 0)
-    return _Done({"instances": names})
+        traffic.set_canary_weight(target.lb, _tenant(row), 0)
+    return Done({"instances": names})
 
 
-def _set_weight(row: Deployment, stage: Stage, target: Target) -> _Result:
+def _set_weight(row: Deployment, stage: Stage, target: Target) -> Result:
     assert target.lb is not None and stage.weight is not None
-    stats = traffic.set_canary_weight(target.lb, row.tenant_id, stage.weight)
+    stats = traffic.set_canary_weight(target.lb, _tenant(row), stage.weight)
     log.info("deployment_weight", weight=stage.weight, read_back=stats.weights)
-    return _Done({"weight": stage.weight, "read_back": stats.weights})
+    return Done({"weight": stage.weight, "read_back": stats.weights})
 
 
-def _route(row: Deployment, stage: Stage, target: Target) -> _Result:
+def _route(row: Deployment, stage: Stage, target: Target) -> Result:
     assert target.lb is not None
     route = HeaderRoute(
-        tenant_id=row.tenant_id,
+        tenant_id=_tenant(row),
         header=stage.params.get("header"),
         cookie=stage.params.get("cookie"),
         value=str(stage.params.get("value", "")),
         group="canary",
     )
     target.lb.route_by_header(route)
-    return _Done({"route": route.model_dump(exclude={"tenant_id"}, exclude_none=True)})
+    return Done({"route": route.model_dump(exclude={"tenant_id"}, exclude_none=True)})
 
 
-def _pause(row: Deployment, stage: Stage, target: Target) -> _Result:
-    promoted = _consume(row.id, "promote")
+def _pause(row: Deployment, stage: Stage, target: Target) -> Result:
+    promoted = rows.consume(row.id, "promote")
     if promoted is not None:
-        return _Done({"promoted_by": promoted.get("actor")})
+        return Done({"promoted_by": promoted.get("actor")})
     if stage.pause_seconds is None:
-        return _Hold(f"{stage.name}: waiting for promotion")
+        return Hold(f"{stage.name}: waiting for promotion")
     due = row.stage_state.get("due")
     if due is None:
-        due = _ts(_now()) + stage.pause_seconds
-        _write(row.id, stage_state={**row.stage_state, "due": due})
-    left = due - _ts(_now())
-    return _Done({"paused_seconds": stage.pause_seconds}) if left <= 0 else _Wait(left)
+        due = rows.ts(rows.now()) + stage.pause_seconds
+        rows.write(row.id, stage_state={**row.stage_state, "due": due})
+    left = due - rows.ts(rows.now())
+    return Done({"paused_seconds": stage.pause_seconds}) if left <= 0 else Wait(left)
 
 
-def _analysis(row: Deployment, stage: Stage, target: Target) -> _Result:
+def _analysis(row: Deployment, stage: Stage, target: Target | Cohort) -> Result:
     config = AnalysisConfig.model_validate({k: v for k, v in stage.params.items() if k != "target"})
     state = dict(row.stage_state)
-    promoted = _consume(row.id, "promote")
+    promoted = rows.consume(row.id, "promote")
     if promoted is not None:
-        return _Done({"skipped_by": promoted.get("actor")})
+        return Done({"skipped_by": promoted.get("actor")})
     if state.get("held"):
-        if _consume(row.id, "resume") is None:
-            return _Hold(state["held"])
+        if rows.consume(row.id, "resume") is None:
+            return Hold(state["held"])
         state = {}
-    now = _ts(_now())
+    now = rows.ts(rows.now())
     if "next_at" not in state:
         state = {
             "next_at": now + config.initial_delay_seconds + config.interval_seconds,
-            "before": analysis.counters(target.lb, row.tenant_id),
+            "before": _counters(row, target),
             "tally": {},
         }
-        _write(row.id, stage_state=state)
-        return _Wait(state["next_at"] - now)
+        rows.write(row.id, stage_state=state)
+        return Wait(state["next_at"] - now)
     if now < state["next_at"]:
-        return _Wait(state["next_at"] - now)
+        return Wait(state["next_at"] - now)
     tally = analysis.Tally.load(state)
-    canaries = target.group("canary")
-    endpoints = [endpoint for _, _, _, endpoint, _ in canaries.rows if endpoint]
-    taken_at = _now()
-    measurement: dict[str, Any]
-    metrics: dict[str, float] = {}
-    try:
-        metrics, after = analysis.measure(
-            target.lb,
-            row.tenant_id,
-            endpoints,
-            state["before"],
-            probes=config.probes,
-            timeout=get_settings().health_timeout,
-        )
-    except TransientError as exc:
-        tally.error()
-        measurement = {"error": str(exc)[:300]}
-        after = state["before"]
-    else:
-        verdict = get_strategy(row.strategy).analyze(
-            AnalysisInput(deployment=spec_of(row, target), stage=stage, metrics=metrics)
-        )
-        tally.add(verdict.decision)
-        measurement = {"metrics": metrics, "judgement": verdict.decision, "reason": verdict.reason}
-    measurement = {"stage": stage.name, "at": taken_at.isoformat(), "n": tally.taken, **measurement}
-    if config.dry_run:
-        measurement["dry_run"] = True
+    measurement = _measurement(row, stage, target, state, config, tally)
     outcome = tally.outcome(config)
-    state.update(before=after, tally=tally.dump(), next_at=_ts(_now()) + config.interval_seconds)
+    state.update(tally=tally.dump(), next_at=rows.ts(rows.now()) + config.interval_seconds)
     if outcome == "inconclusive":
         state["held"] = f"{stage.name}: analysis inconclusive ({measurement.get('reason', '')})"
     with session_scope() as session:
@@ -420,26 +312,90 @@ def _analysis(row: Deployment, stage: Stage, target: Target) -> _Result:
         assert dep is not None
         dep.measurements = [*dep.measurements, measurement]
         dep.stage_state = state
-    log.info("deployment_measured", stage=stage.name, outcome=outcome, **metrics)
+    log.info("deployment_measured", stage=stage.name, outcome=outcome, **measurement["metrics"])
     if outcome == "failed":
-        _restore_traffic(row, target, measurement)
+        if isinstance(target, Cohort):
+            plugin_stages.restore_now(row, target, measurement)
+        else:
+            _restore_traffic(row, target, measurement)
         why = measurement.get("reason") or measurement.get("error")
         raise GateFailed(f"{stage.name}: analysis failed ({why})", measurement=measurement)
     if outcome == "successful":
-        return _Done({"analysis": tally.dump()})
+        return Done({"analysis": tally.dump()})
     if outcome == "inconclusive":
-        return _Hold(state["held"])
-    return _Wait(max(0.0, state["next_at"] - _ts(_now())))
+        return Hold(state["held"])
+    return Wait(max(0.0, state["next_at"] - rows.ts(rows.now())))
+
+
+def _counters(row: Deployment, target: Target | Cohort) -> dict[str, Any]:
+    """Where the next measurement starts counting."""
+    if isinstance(target, Cohort):
+        return plugin_stages.counters(row, target)
+    return analysis.counters(target.lb, _tenant(row))
+
+
+def _measurement(
+    row: Deployment,
+    stage: Stage,
+    target: Target | Cohort,
+    state: dict[str, Any],
+    config: AnalysisConfig,
+    tally: analysis.Tally,
+) -> dict[str, Any]:
+    """One measurement since ``state["before"]``, judged; ``state["before"]`` moves on."""
+    taken_at = rows.now()
+    measurement: dict[str, Any] = {"metrics": {}}
+    try:
+        comparison = None
+        if isinstance(target, Cohort):
+            metrics, after, comparison = plugin_stages.measure(row, stage, target, state["before"])
+            spec = plugin_stages.spec_of(row, target)
+        else:
+            canaries = target.group("canary")
+            endpoints = [endpoint for _, _, _, endpoint, _ in canaries.rows if endpoint]
+            metrics, after = analysis.measure(
+                target.lb,
+                _tenant(row),
+                endpoints,
+                state["before"],
+                probes=config.probes,
+                timeout=get_settings().health_timeout,
+            )
+            spec = spec_of(row, target)
+    except TransientError as exc:
+        tally.error()
+        measurement = {"metrics": {}, "error": str(exc)[:300]}
+    else:
+        verdict = get_strategy(row.strategy).analyze(
+            AnalysisInput(deployment=spec, stage=stage, metrics=metrics)
+        )
+        decision, reason = verdict.decision, verdict.reason
+        if comparison is not None:
+            measurement["comparison"] = comparison
+            if comparison["verdict"] == "failed":
+                decision, reason = "fail", comparison["reason"]
+        tally.add(decision)
+        measurement = {**measurement, "metrics": metrics, "judgement": decision, "reason": reason}
+        state["before"] = after
+    measurement = {"stage": stage.name, "at": taken_at.isoformat(), "n": tally.taken, **measurement}
+    if config.dry_run:
+        measurement["dry_run"] = True
+    return measurement
+
+
+def _tenant(row: Deployment) -> str:
+    assert row.tenant_id is not None, "a release deployment has its tenant"
+    return row.tenant_id
 
 
 def _restore_traffic(row: Deployment, target: Target, measurement: dict[str, Any]) -> None:
     """All traffic back on the stable group, first thing after a failed measurement."""
     if target.lb is None:
         return
-    stats = traffic.restore_stable(target.lb, row.tenant_id)
+    stats = traffic.restore_stable(target.lb, _tenant(row))
     taken = dt.datetime.fromisoformat(measurement["at"])
-    elapsed = (_now() - taken).total_seconds()
-    _write(
+    elapsed = (rows.now() - taken).total_seconds()
+    rows.write(
         row.id,
         timeline={
             "event": "traffic_restored",
@@ -450,7 +406,7 @@ def _restore_traffic(row: Deployment, target: Target, measurement: dict[str, Any
     log.warning("deployment_traffic_restored", seconds=round(elapsed, 3))
 
 
-def _replace(row: Deployment, stage: Stage, target: Target) -> _Result:
+def _replace(row: Deployment, stage: Stage, target: Target) -> Result:
     release = _release(row)
     names = [str(n) for n in stage.params.get("instances", [])]
     surge = int(stage.params.get("surge", 0))
@@ -461,31 +417,31 @@ def _replace(row: Deployment, stage: Stage, target: Target) -> _Result:
         pending = [n for n in names if stable.release_of(n) != release.version]
         ready_after = len(stable.names) - len(pending)
         share = 100 if ready_after == 0 else round(100 * surge / (surge + ready_after))
-        traffic.set_canary_weight(target.lb, row.tenant_id, share)
+        traffic.set_canary_weight(target.lb, _tenant(row), share)
     replaced = target.replace(names, release)
     if target.lb is not None and surge > 0:
         share = round(100 * surge / (surge + len(stable.names)))
-        traffic.set_canary_weight(target.lb, row.tenant_id, share)
-    return _Done({"batch": names, "batch_size": len(names), "replaced": replaced, "surge": surge})
+        traffic.set_canary_weight(target.lb, _tenant(row), share)
+    return Done({"batch": names, "batch_size": len(names), "replaced": replaced, "surge": surge})
 
 
-def _promote(row: Deployment, stage: Stage, target: Target) -> _Result:
+def _promote(row: Deployment, stage: Stage, target: Target) -> Result:
     release = _release(row)
     stable = target.group("app")
     canaries = target.group("canary")
     pending = [n for n in stable.names if stable.release_of(n) != release.version]
     if pending and target.lb is not None and canaries.names:
         # The canary group carries all traffic while the stable instances take the release.
-        traffic.set_canary_weight(target.lb, row.tenant_id, 100)
+        traffic.set_canary_weight(target.lb, _tenant(row), 100)
     replaced = target.replace(pending, release)
     read_back: dict[str, int] = {}
     if target.lb is not None:
-        read_back = traffic.restore_stable(target.lb, row.tenant_id).weights
+        read_back = traffic.restore_stable(target.lb, _tenant(row)).weights
     removed = target.remove_canaries()
-    return _Done({"replaced": replaced, "removed": removed, "read_back": read_back})
+    return Done({"replaced": replaced, "removed": removed, "read_back": read_back})
 
 
-_STAGES = {
+_STAGES: dict[str, Callable[[Deployment, Stage, Any], Result]] = {
     "create_group": _create_group,
     "set_weight": _set_weight,
     "route": _route,
@@ -493,6 +449,12 @@ _STAGES = {
     "analysis": _analysis,
     "replace": _replace,
     "promote": _promote,
+}
+#: A plugin deployment's stages: pauses and gates as a release's, the rest its own.
+_PLUGIN_STAGES: dict[str, Callable[[Deployment, Stage, Any], Result]] = {
+    **plugin_stages.STAGES,
+    "pause": _pause,
+    "analysis": _analysis,
 }
 
 
@@ -506,12 +468,14 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
     ``aborted`` (a person's abort) or ``rolled_back`` (a failed gate or stage), with the
     error (and a failing measurement) as its reason.
     """
-    row = _read(deployment_id)
+    row = rows.read(deployment_id)
     if row.workflow_id != run_id:
         return {"skipped": f"deployment is under run {row.workflow_id}"}
-    target = load_target(row.tenant_id)
+    if row.plugin is not None:
+        return plugin_stages.roll_back(row, error)
+    target = load_target(_tenant(row))
     if row.status not in (DeploymentStatus.ROLLING_BACK, *DEPLOYMENT_FINAL):
-        _write(deployment_id, status=DeploymentStatus.ROLLING_BACK)
+        rows.write(deployment_id, status=DeploymentStatus.ROLLING_BACK)
     problems: list[str] = []
     read_back: dict[str, int] = {}
     restored: list[str] = []
@@ -522,7 +486,7 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
     def restore_traffic() -> None:
         nonlocal read_back
         if target.lb is not None and target.group("app").names:
-            read_back = traffic.restore_stable(target.lb, row.tenant_id).weights
+            read_back = traffic.restore_stable(target.lb, _tenant(row)).weights
 
     def restore_stable() -> None:
         stable = target.group("app")
@@ -548,17 +512,17 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
         error = {**(error or {}), "rollback_errors": problems}
     with session_scope() as session:
         dep = session.get(Deployment, deployment_id, with_for_update=True)
-        tenant = session.get(Tenant, row.tenant_id)
+        tenant = session.get(Tenant, _tenant(row))
         assert dep is not None and tenant is not None
         if dep.status not in DEPLOYMENT_FINAL:
             dep.status = status
-            dep.finished_at = _now()
+            dep.finished_at = rows.now()
             dep.reason = error
             dep.requests = {}
             dep.timeline = [
                 *dep.timeline,
                 {
-                    "at": _now().isoformat(),
+                    "at": rows.now().isoformat(),
                     "event": status.value,
                     "read_back": read_back,
                     "restored": restored,
@@ -579,5 +543,5 @@ def roll_back(deployment_id: str, run_id: str, error: dict[str, Any] | None) -> 
         DeploymentStatus.ROLLED_BACK: "deployment.rolled_back",
         DeploymentStatus.FAILED: "deployment.failed",
     }
-    _event(row, ended[status], reason=(error or {}).get("message"))
+    rows.event(row, ended[status], reason=(error or {}).get("message"))
     return {"status": status, "restored": restored, "removed": removed}

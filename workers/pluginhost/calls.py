@@ -11,6 +11,7 @@ worker is sent on to the sandbox with the same task id, so it never runs outside
 from __future__ import annotations
 
 import resource
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -20,9 +21,11 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from schemas.manifest import PluginType
+from workers.pluginhost import callstats
 from workers.pluginhost.contracts import operations
 from workers.pluginhost.registry import PluginRegistry, PluginUnavailableError
 from workers.pluginhost.signatures import is_internal, signature
+from workers.pluginhost.tenancy import tenant_of
 from workers.runtime.app import app
 from workers.runtime.errors import Cul8erError, PermanentError, PluginError, TransientError
 from workers.runtime.queues import Queue
@@ -165,11 +168,28 @@ def _run(task: PluginTask, plugin: str, op: str, kwargs: dict[str, Any]) -> dict
     return {"ok": False, "error": redact(error)}
 
 
-def _call_here(reg: PluginRegistry, served: Served, op: str, kwargs: dict[str, Any]) -> Any:
+def _call_here(
+    reg: PluginRegistry, served: Served, op: str, kwargs: dict[str, Any], *, lookup: bool = True
+) -> Any:
+    """Run ``op`` here on the version the call's tenant runs, counting its outcome and time.
+
+    The version is chosen once, when the call starts: a tenant moved meanwhile runs its new
+    version from its next call, and this one finishes on the version it started on.
+    """
     sig = signature(served.loaded.manifest.type, op)
     args = sig.check(served.name, kwargs)
-    instance = reg.instance(served, resolve=_resolver(reg))
-    return getattr(instance, op)(**sig.fit(type(instance), args))
+    tenant_id = tenant_of(args)
+    chosen, config = reg.for_tenant(served, tenant_id, lookup=lookup)
+    started = time.perf_counter()
+    ok = False
+    try:
+        instance = reg.instance(chosen, resolve=_resolver(reg), config=config)
+        value = getattr(instance, op)(**sig.fit(type(instance), args))
+        ok = True
+        return value
+    finally:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        callstats.record(served.name, chosen.loaded.version, tenant_id, ok=ok, ms=elapsed_ms)
 
 
 def _resolver(reg: PluginRegistry) -> Callable[[Any], Any]:
@@ -204,7 +224,7 @@ def call_served(plugin: str, op: str, **kwargs: Any) -> Any:
     served = reg.served.get(plugin)
     if served is None or served.state != "active" or not served.trusted:
         raise PluginUnavailableError(f"plugin {plugin!r} is not served here", plugin_name=plugin)
-    return _call_here(reg, served, op, kwargs)
+    return _call_here(reg, served, op, kwargs, lookup=False)
 
 
 def invoke(plugin: str, op: str, **kwargs: Any) -> Any:
@@ -284,6 +304,7 @@ WORKER_SIGNALS: Final = (
     ("celeryd_after_setup", "_serve_plugin_queues"),
     ("worker_process_init", "_sandbox_limits"),
     ("task_prerun", "_sandbox_cpu"),
+    ("worker_process_shutdown", "_flush_call_stats"),
 )
 
 
@@ -333,6 +354,14 @@ def _sandbox_limits(**_kwargs: Any) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     files = settings.sandbox_open_files
     resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
+
+def _flush_call_stats(**_kwargs: Any) -> None:
+    # The last second of counts, before the pool process goes (a SIGKILL loses it).
+    try:
+        callstats.flush()
+    except TransientError:
+        log.warning("plugin_call_stats_lost_at_shutdown")
 
 
 def _sandbox_cpu(**_kwargs: Any) -> None:

@@ -27,6 +27,7 @@ from workers.pluginhost.context import PluginContext
 from workers.pluginhost.deps import load_order
 from workers.pluginhost.discovery import discover_all
 from workers.pluginhost.loader import build_instance, load_builtin, load_candidate, validate_config
+from workers.pluginhost.tenancy import pinned_plugins, tenant_choice
 from workers.runtime.db import session_scope
 from workers.runtime.errors import PluginError, TransientError
 from workers.runtime.models import AuditEvent, Plugin
@@ -52,8 +53,19 @@ log = structlog.get_logger(__name__)
 
 #: The plugin API this cul8er offers; manifests declare the range they support.
 API_VERSION: Final = "1.0"
+#: Built objects kept per plugin version (one per distinct resolved config).
+_BUILDS_KEPT: Final = 64
 #: States a plugin row moves through (docs/architecture.md §5).
 STATES: Final = ("discovered", "validated", "loaded", "active", "disabled", "failed")
+
+
+def _semver_key(version: str) -> Any:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (0, Version(version))
+    except InvalidVersion:
+        return (1, version)
 
 
 class PluginUnavailableError(PluginError):
@@ -73,8 +85,8 @@ class Served:
     config: dict[str, Any]
     generation: int = 0
     error: str | None = None
-    #: (digest of the resolved config, the built object).
-    built: tuple[str, Any] | None = None
+    #: Built objects by digest of their resolved config (tenants may carry their own).
+    builds: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -133,6 +145,10 @@ class PluginRegistry:
         self._db = database
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Served], None]] = []
+        #: Versions loaded beside the one each plugin serves, for tenants pinned to them.
+        self.versions: dict[tuple[str, str], Served] = {}
+        #: Plugins some tenant has a ``tenant_plugins`` row for (refreshed with the table).
+        self.pinned: frozenset[str] = frozenset()
 
     # -- boot ---------------------------------------------------------------------------------
 
@@ -155,8 +171,13 @@ class PluginRegistry:
             for manifest, candidate in self._ordered(chosen):
                 self._load(manifest, candidate, rows.get(manifest.name))
             self._sync_rows(rows)
+            self._read_pinned()
             self._checked_at = time.monotonic()
         return self
+
+    def _read_pinned(self) -> None:
+        if self._db:
+            self.pinned = pinned_plugins(self.settings.sqlalchemy_url)
 
     def _discover(self) -> None:
         found, notes = discover_all(
@@ -431,6 +452,7 @@ class PluginRegistry:
             return
         with self._lock:
             rows = self._read_rows()
+            self._read_pinned()
             self._checked_at = now
             for name, row in rows.items():
                 served = self.served.get(name)
@@ -457,7 +479,8 @@ class PluginRegistry:
         served.config = self._config_of(row.name, row)
         served.generation = row.generation
         served.error = row.error
-        served.built = None if changed_version else served.built
+        if changed_version:
+            served.builds.clear()
         log.info("plugin_state_applied", plugin=row.name, version=row.version, state=served.state)
 
     def _load_version(self, served: Served, row: _Row) -> Served:
@@ -507,20 +530,104 @@ class PluginRegistry:
             )
         return served
 
-    def instance(self, served: Served, *, resolve: Callable[[Any], Any] | None = None) -> Any:
-        """The built plugin object, rebuilt when its resolved config changed."""
-        raw = served.config
-        config = resolve(raw) if resolve is not None else raw
+    def instance(
+        self,
+        served: Served,
+        *,
+        resolve: Callable[[Any], Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Any:
+        """The plugin object built from ``config`` (default: the plugin's), ``${secret:}``
+        references resolved by ``resolve`` now; built again only when that resolved config
+        changed."""
+        raw = served.config if config is None else config
+        resolved = resolve(raw) if resolve is not None else raw
         digest = hashlib.sha256(
-            json.dumps(config, sort_keys=True, default=str).encode()
+            json.dumps(resolved, sort_keys=True, default=str).encode()
         ).hexdigest()
         with self._lock:
-            if served.built is not None and served.built[0] == digest:
-                return served.built[1]
-            model = validate_config(served.loaded, config)
+            if digest in served.builds:
+                return served.builds[digest]
+            model = validate_config(served.loaded, resolved)
             built = build_instance(served.loaded, model, self.context(served.loaded))
-            served.built = (digest, built)
+            if len(served.builds) >= _BUILDS_KEPT:
+                served.builds.pop(next(iter(served.builds)))
+            served.builds[digest] = built
             return built
+
+    # -- tenants' versions --------------------------------------------------------------------
+
+    def for_tenant(
+        self, served: Served, tenant_id: str | None, *, lookup: bool = True
+    ) -> tuple[Served, dict[str, Any]]:
+        """The version of ``served``'s plugin that ``tenant_id`` runs, and its config.
+
+        ``lookup=False`` answers without reading the table (the plugin's own version).
+        """
+        if not tenant_id or not lookup or not self._db or served.name not in self.pinned:
+            return served, served.config
+        choice = tenant_choice(self.settings.sqlalchemy_url, served.name, tenant_id)
+        if choice is None:
+            return served, served.config
+        version, overrides = choice
+        chosen = served
+        if version is not None and version != served.loaded.version:
+            chosen = self.version(served.name, version)
+        return chosen, {**served.config, **overrides} if overrides else served.config
+
+    def installed_versions(self, name: str) -> list[str]:
+        """Every version of ``name`` on disk here (looked for again), oldest first."""
+        with self._lock:
+            self._discover()
+            found = self.candidates.get(name, {})
+            served = self.served.get(name)
+            versions = set(found)
+            if served is not None:
+                versions.add(served.loaded.version)
+        return sorted(versions, key=_semver_key)
+
+    def version(self, name: str, version: str) -> Served:
+        """``version`` of plugin ``name``, loaded beside the one it serves if need be.
+
+        Raises:
+            PluginUnavailableError: the plugin does not serve, or that version is not on disk
+                here, or does not load (naming why).
+        """
+        default = self.get(name)
+        if default.loaded.version == version:
+            return default
+        with self._lock:
+            found = self.versions.get((name, version))
+            if found is not None:
+                return found
+            candidate = self.candidates.get(name, {}).get(version)
+            if candidate is None:
+                self._discover()
+                candidate = self.candidates.get(name, {}).get(version)
+            if candidate is None:
+                have = ", ".join(sorted(self.candidates.get(name, {}))) or "none"
+                raise PluginUnavailableError(
+                    f"plugin {name!r} {version} is not installed here; found: {have}",
+                    plugin_name=name,
+                )
+            try:
+                loaded = load_candidate(candidate, self.settings)
+                validate_config(loaded, default.config)
+            except PluginError as exc:
+                raise PluginUnavailableError(
+                    f"plugin {name!r} {version} does not load: {exc}", plugin_name=name
+                ) from exc
+            served = Served(
+                loaded=loaded,
+                state="active",
+                enabled=True,
+                queue=default.queue,
+                config=default.config,
+                generation=default.generation,
+            )
+            self.versions[(name, version)] = served
+            log.info("plugin_version_loaded", plugin=name, version=version)
+            return served
 
     def context(self, loaded: LoadedPlugin) -> PluginContext:
         """The context handed to ``loaded``'s factory."""

@@ -37,8 +37,10 @@ __all__ = [
     "Operation",
     "PlanPeriod",
     "Plugin",
+    "PluginCallStat",
     "StepRun",
     "Tenant",
+    "TenantPlugin",
     "UsageRecord",
     "WorkerProcess",
     "WorkflowRun",
@@ -375,7 +377,12 @@ class Deployment(Base):
     __tablename__ = "deployments"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    #: The tenant whose instances take the release (``None`` for a plugin deployment).
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"), index=True)
+    #: A plugin deployment's plugin: tenants, not instances, move to ``release["version"]``.
+    plugin: Mapped[str | None] = mapped_column(String(64), index=True)
+    #: A plugin deployment's tenants, in the order they move (a stable hash of each).
+    targets: Mapped[list[Any]] = mapped_column(default=list)
     status: Mapped[str] = mapped_column(String(32), index=True)
     strategy: Mapped[str] = mapped_column(String(64))
     strategy_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -409,6 +416,45 @@ class Deployment(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class TenantPlugin(Base):
+    """The version of one plugin a tenant runs, and its own config, where not the plugin's.
+
+    No row: the tenant runs the version the ``plugins`` row serves, with its config.
+    """
+
+    __tablename__ = "tenant_plugins"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    plugin: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    #: ``None``: whatever version the plugin serves fleet-wide.
+    version: Mapped[str | None] = mapped_column(String(64))
+    #: Overrides merged over the plugin's config, ``${secret:…}`` references unresolved.
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: The version before the deployment that moved it (``None``: the fleet's), for rollback.
+    previous_version: Mapped[str | None] = mapped_column(String(64))
+    deployment_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class PluginCallStat(Base):
+    """Calls of one plugin version for one tenant in one time window: what gates read."""
+
+    __tablename__ = "plugin_call_stats"
+
+    plugin: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: ``""``: calls that named no tenant.
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    #: The window's start (UTC, a multiple of ``plugin_stats_window`` seconds).
+    window_start: Mapped[dt.datetime] = mapped_column(primary_key=True, index=True)
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms_sum: Mapped[float] = mapped_column(default=0.0)
+    #: Sum of squared latencies: with the sum and count, the variance a t-test needs.
+    latency_ms_sq: Mapped[float] = mapped_column(default=0.0)
+    latency_ms_max: Mapped[float] = mapped_column(default=0.0)
 
 
 class Approval(Base):

@@ -174,6 +174,10 @@ class Settings(BaseSettings):
     plugin_state_ttl: float = 1.0
     #: How long a workflow step waits for a plugin task run on another worker (seconds).
     plugin_call_timeout: float = 120.0
+    #: Plugin call outcomes are counted per time window of this many seconds ...
+    plugin_stats_window: float = Field(default=5.0, gt=0)
+    #: ... and written to ``plugin_call_stats`` this often by each worker process (seconds).
+    plugin_stats_flush: float = Field(default=1.0, gt=0)
     #: The secrets plugin that resolves ``${secret:path}`` (``${secret:name:path}`` names one).
     secrets_provider: str = "env"
     #: The ``file`` secrets plugin's store, and the Fernet key (base64) it is encrypted with.

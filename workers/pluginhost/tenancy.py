@@ -1,0 +1,63 @@
+"""Which version of a plugin each tenant runs, and with which config (docs/architecture.md §5).
+
+A tenant with no ``tenant_plugins`` row runs the version the ``plugins`` row serves. A row
+pins a version (a plugin deployment moved the tenant) or carries config overrides, or both.
+
+A call that names a tenant reads that tenant's row when it starts: a tenant moved back by a
+rollback runs the old version from the first call that starts after the rollback committed,
+on every worker. To keep the read off plugins nobody pinned, each process keeps the set of
+plugins that have rows at all, refreshed with the rest of its plugin state
+(``CUL8ER_PLUGIN_STATE_TTL``): a plugin's first pinned tenant is seen within that time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from workers.runtime.db import session_scope
+from workers.runtime.models import TenantPlugin
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["Choice", "pinned_plugins", "tenant_choice", "tenant_of"]
+
+#: (version or ``None`` for the plugin's own, config overrides).
+Choice = tuple[str | None, dict[str, Any]]
+
+
+def pinned_plugins(url: str) -> frozenset[str]:
+    """The plugins some tenant has a row for."""
+    with session_scope(url) as session:
+        return frozenset(session.scalars(select(TenantPlugin.plugin).distinct()))
+
+
+def tenant_choice(url: str, plugin: str, tenant_id: str) -> Choice | None:
+    """``tenant_id``'s row for ``plugin``, if it has one."""
+    with session_scope(url) as session:
+        row = session.execute(
+            select(TenantPlugin.version, TenantPlugin.config).where(
+                TenantPlugin.tenant_id == tenant_id, TenantPlugin.plugin == plugin
+            )
+        ).first()
+    if row is None:
+        return None
+    return row.version, dict(row.config or {})
+
+
+def tenant_of(args: Mapping[str, Any]) -> str | None:
+    """The tenant a call is for: a ``tenant_id`` argument, or one carried by an argument
+    (an event, a provision request, a backend), or a metric's ``tenant_id`` label."""
+    value = args.get("tenant_id")
+    if isinstance(value, str) and value:
+        return value
+    for arg in args.values():
+        found = getattr(arg, "tenant_id", None)
+        if isinstance(found, str) and found:
+            return found
+        labels = getattr(arg, "labels", None)
+        if isinstance(labels, dict) and isinstance(labels.get("tenant_id"), str):
+            return str(labels["tenant_id"])
+    return None
