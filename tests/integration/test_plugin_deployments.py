@@ -270,7 +270,7 @@ def test_canary_over_twenty_production_tenants_moves_cohorts_with_no_failed_call
     with PluginLoad(fleet, everyone) as load:
         # When a canary of 1.1.0 starts in production
         created = create(fleet, "1.1.0", "canary", FAST_CANARY)
-        deployment_id = created["data"]["deployment_id"]
+        deployment_id = created["deployment_id"]
         # Then the sandbox stage passes and it waits for approval before any tenant moves
         waiting = wait_status(fleet, deployment_id, "awaiting_approval", timeout=60)
         assert waiting.timeline[-1]["event"] == "awaiting_approval"
@@ -298,7 +298,7 @@ def test_a_version_failing_thirty_percent_is_rolled_back_and_never_runs_after(fl
     everyone = tenants(fleet)
     with PluginLoad(fleet, everyone) as load:
         created = create(fleet, "1.2.0", "canary", FAST_CANARY)
-        deployment_id = created["data"]["deployment_id"]
+        deployment_id = created["deployment_id"]
         wait_status(fleet, deployment_id, "awaiting_approval", timeout=60)
         approve(fleet, deployment_id)
         ended = wait_status(fleet, deployment_id, "rolled_back", "succeeded", "failed")
@@ -322,7 +322,7 @@ def test_a_version_whose_self_test_fails_never_reaches_a_tenant(fleet: Stack) ->
     install_beside(fleet, "1.3.0", self_test='raise RuntimeError("no route to the bank")')
     created = create(fleet, "1.3.0", "direct", tenants=["shop-03", "shop-04"])
     ended = wait_status(
-        fleet, created["data"]["deployment_id"], "rolled_back", "succeeded", "failed"
+        fleet, created["deployment_id"], "rolled_back", "succeeded", "failed"
     )
     assert ended.status == "rolled_back"
     assert ended.reason and ended.reason["code"] == "sandbox_failed", ended.reason
@@ -340,7 +340,7 @@ def test_ab_test_prints_a_verdict_with_its_test_and_p_value(fleet: Stack) -> Non
             "ab_test",
             {"analysis": {"interval_seconds": 3, "count": 1, "probes": 0}},
         )
-        deployment_id = created["data"]["deployment_id"]
+        deployment_id = created["deployment_id"]
         wait_status(fleet, deployment_id, "awaiting_approval", timeout=60)
         approve(fleet, deployment_id)
         ended = wait_status(fleet, deployment_id, "succeeded", "rolled_back", "failed")
