@@ -8,6 +8,7 @@ versions.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import threading
 import time
@@ -87,14 +88,14 @@ class PluginLoad:
         turn = itertools.cycle(self.tenants[offset:] + self.tenants[:offset])
         while not self._stop.is_set():
             tenant_id, n = next(turn), next(self._numbers)
-            sent = time.monotonic()
+            sent = time.time()  # wall clock: compared with the deployment's timeline
             try:
                 answer = client.send_task(
                     f"plugins.{PLUGIN}.observe_event", kwargs={"event": _event(tenant_id, n)}
                 ).get(timeout=30)
             except Exception as exc:  # a lost call is a failed call
                 answer = {"ok": False, "error": {"message": f"{type(exc).__name__}: {exc}"}}
-            done = time.monotonic()
+            done = time.time()
             if answer.get("ok"):
                 version = answer["result"]["detail"]
                 self.answers.append(Answer(sent, done, tenant_id, True, version))
@@ -310,20 +311,21 @@ def test_a_version_failing_thirty_percent_is_rolled_back_and_never_runs_after(fl
     restored = [e for e in ended.timeline if e["event"] == "tenants_restored"]
     assert restored, ended.timeline
     # And no call that started after the rollback was recorded ran 1.2.0
-    recorded = next(e["at"] for e in ended.timeline if e["event"] == "tenants_restored")
-    del recorded  # wall clock; the answers carry monotonic times: compare by the last 1.2.0 call
+    recorded = dt.datetime.fromisoformat(restored[0]["at"]).timestamp()
     bad = [a for a in load.answers if a.version == "1.2.0"]
     assert bad, "the bad version never ran: the gate judged nothing"
-    after = [a for a in load.answers if a.sent > max(b.done for b in bad)]
-    assert after and all(a.version == "1.0.0" for a in after)
+    assert [a for a in bad if a.sent > recorded] == []
+    after = [a for a in load.answers if a.sent > recorded]
+    assert len(after) > 20 and {a.version for a in after} == {"1.0.0"}
+    # And the failing measurement is on the deployment
+    failing = [m for m in ended.measurements if m.get("judgement") == "fail"]
+    assert failing and failing[-1]["metrics"]["error_rate"] > 0.1, ended.measurements
 
 
 def test_a_version_whose_self_test_fails_never_reaches_a_tenant(fleet: Stack) -> None:
     install_beside(fleet, "1.3.0", self_test='raise RuntimeError("no route to the bank")')
     created = create(fleet, "1.3.0", "direct", tenants=["shop-03", "shop-04"])
-    ended = wait_status(
-        fleet, created["deployment_id"], "rolled_back", "succeeded", "failed"
-    )
+    ended = wait_status(fleet, created["deployment_id"], "rolled_back", "succeeded", "failed")
     assert ended.status == "rolled_back"
     assert ended.reason and ended.reason["code"] == "sandbox_failed", ended.reason
     assert "no route to the bank" in ended.reason["message"]

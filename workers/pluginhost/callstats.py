@@ -130,8 +130,9 @@ class CallStats:
             return 0
         try:
             with session_scope(durable=False) as session:
-                for key, tally in pending.items():
-                    _upsert(session, key, tally)
+                # One order in every process: two flushes never wait on each other's rows.
+                for key in sorted(pending):
+                    _upsert(session, key, pending[key])
         except TransientError:
             with self._lock:  # put them back: the next flush tries again
                 for key, tally in pending.items():
