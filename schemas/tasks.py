@@ -33,6 +33,7 @@ __all__ = [
     "ReloadPlugin",
     "ResumeTenant",
     "SetEnvironment",
+    "SetTenantPlugin",
     "SuspendTenant",
     "WorkflowStatus",
 ]
@@ -181,6 +182,17 @@ class CreateDeployment(_Idempotent):
     actor: Actor = "api"
 
 
+class SetTenantPlugin(_Idempotent):
+    """``cul8er.tenants.set_plugin``: the version of a plugin a tenant runs, and its own config
+    overrides (``${secret:…}`` references stay references). Neither: back to the plugin's."""
+
+    tenant_id: TenantId
+    plugin: PluginName
+    version: Annotated[str, StringConstraints(pattern=SEMVER.pattern)] | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    actor: Actor = "api"
+
+
 class DeploymentAction(_Idempotent):
     """``cul8er.deployments.approve`` / ``reject`` / ``pause`` / ``resume`` / ``abort`` /
     ``retry`` / ``rollback``: a person's (or a service's) say on one deployment."""
@@ -208,6 +220,7 @@ class ListDeployments(_Payload):
     """``cul8er.deployments.list``: deployments, newest first."""
 
     tenant_id: TenantId | None = None
+    plugin: PluginName | None = None
     status: Annotated[str, StringConstraints(max_length=32)] | None = None
     limit: int = Field(default=50, ge=1, le=500)
 
@@ -228,6 +241,7 @@ PUBLIC_TASKS: dict[str, type[BaseModel]] = {
     "cul8er.plugins.disable": PluginByName,
     "cul8er.plugins.reload": ReloadPlugin,
     "cul8er.tenants.set_environment": SetEnvironment,
+    "cul8er.tenants.set_plugin": SetTenantPlugin,
     "cul8er.deployments.create": CreateDeployment,
     "cul8er.deployments.get": GetDeployment,
     "cul8er.deployments.list": ListDeployments,

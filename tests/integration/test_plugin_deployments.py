@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from sqlalchemy import select, update
 
 from schemas.events import Event
 from tests.conftest import build_stack, teardown_stack
-from tests.integration.test_plugins import observer
+from tests.integration.test_plugins import cli, observer
 from tests.stack import Stack
 from workers.runtime.models import Deployment, Tenant, TenantPlugin
 from workers.runtime.waiting import wait_until
@@ -152,6 +153,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         CUL8ER_PRODUCTION_APPROVALS="1",
         CUL8ER_PLUGIN_STATS_WINDOW="1",
         CUL8ER_STEP_TIME_LIMIT="60",
+        CUL8ER_SECRET_SHOP05_TOKEN="tok-5",
     )
     install_beside(stack, "1.0.0")
     for i in range(20):
@@ -357,4 +359,70 @@ def test_ab_test_prints_a_verdict_with_its_test_and_p_value(fleet: Stack) -> Non
     assert tests["error_rate"]["p_value"] == 1.0
     assert tests["latency_ms_avg"]["test"].startswith("Welch")
     assert comparison["verdict"] == "successful"
+    reset(fleet)
+
+
+#: Answers with its version and what it sees of its token (never the whole secret).
+TOKEN_BODY = 'return Ack(detail=f"{self.version}:{len(self.config.token)}:{self.config.token[:2]}")'
+
+
+def test_a_tenant_runs_its_own_config_with_secrets_resolved_at_call_time(fleet: Stack) -> None:
+    # Given 1.4.0 installed, and shop-05 pinned to it with a token that is a secret reference
+    install_beside(fleet, "1.4.0", body=TOKEN_BODY)
+    set_ = cli(
+        fleet,
+        "tenant",
+        "set-plugin",
+        "shop-05",
+        PLUGIN,
+        "--version",
+        "1.4.0",
+        "--config",
+        json.dumps({"token": "${secret:shop05/token}"}),
+        "--json",
+    )
+    assert json.loads(set_.stdout)["version"] == "1.4.0"
+    try:
+        # Then the row keeps the reference, never the value
+        with fleet.session() as session:
+            row = session.get(TenantPlugin, ("shop-05", PLUGIN))
+            assert row is not None and row.config == {"token": "${secret:shop05/token}"}
+        # And shop-05's calls run 1.4.0 with the resolved token; shop-06 keeps 1.0.0
+        with PluginLoad(fleet, ["shop-05", "shop-06"], threads=2) as load:
+            started = time.monotonic()
+            wait_until(lambda: time.monotonic() - started > 2.5, timeout=10)
+        late = {(a.tenant_id, a.version) for a in load.answers[len(load.answers) // 2 :]}
+        assert late == {("shop-05", "1.4.0:5:to"), ("shop-06", "1.0.0")}, late
+        # And the CLI says who runs which version
+        mine = json.loads(cli(fleet, "tenant", "plugins", "shop-05", "--json").stdout)
+        gateway = next(p for p in mine if p["plugin"] == PLUGIN)
+        assert gateway["version"] == "1.4.0" and gateway["pinned"]
+        assert gateway["config_overrides"] == ["token"]
+        info = json.loads(cli(fleet, "plugin", "info", PLUGIN, "--json").stdout)
+        counts = {v["version"]: v["tenants"] for v in info["versions"]}
+        assert counts["1.4.0"] == 1 and counts["1.0.0"] == 19, counts
+        # And a config the version's model refuses is refused naming the field
+        bad = cli(
+            fleet, "tenant", "set-plugin", "shop-05", PLUGIN, "--config", '{"tokn": 1}', check=False
+        )
+        assert bad.returncode == 1 and "config" in bad.stdout + bad.stderr
+    finally:
+        reset(fleet)
+
+
+def test_the_cli_deploys_a_plugin_version_to_chosen_tenants(fleet: Stack) -> None:
+    install_beside(fleet, "1.1.0")
+    created = cli(
+        fleet,
+        *("deploy", "create", "--plugin", PLUGIN, "--version", "1.1.0", "--strategy", "direct"),
+        *("--tenants", "shop-07,shop-08", "--actor", "ops", "--json"),
+    )
+    deployment_id = json.loads(created.stdout)["deployment_id"]
+    wait_status(fleet, deployment_id, "awaiting_approval", timeout=60)
+    cli(fleet, "deploy", "approve", deployment_id, "--actor", "cto")
+    wait_status(fleet, deployment_id, "succeeded")
+    shown = cli(fleet, "deploy", "show", deployment_id).stdout
+    assert f"plugin {PLUGIN} over 2 tenants" in shown
+    assert "tenants on 1.1.0: 2/2" in shown
+    assert pins(fleet) == {"shop-07": "1.1.0", "shop-08": "1.1.0"}
     reset(fleet)

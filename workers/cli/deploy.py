@@ -80,14 +80,17 @@ def _describe(deployment_id: str) -> dict[str, Any]:
 
 
 def _print(view: dict[str, Any]) -> None:
+    subject = view["tenant_id"] or f"plugin {view['plugin']} over {view['targets']} tenants"
     console.print(
         line(
             (view["deployment_id"], "bold"),
-            f"  {view['tenant_id']}  {view['previous_version'] or '-'} → {view['version']}  "
+            f"  {subject}  {view['previous_version'] or '-'} → {view['version']}  "
             f"{view['strategy']}  {view['environment']}  ",
             (view["status"], "bold"),
         )
     )
+    if view.get("moved") is not None:
+        console.print(line(f"tenants on {view['version']}: {len(view['moved'])}/{view['targets']}"))
     if view["reason"]:
         console.print(line("reason: ", str(view["reason"].get("message", view["reason"]))))
     stages = Table("#", "stage", "action", "detail")
@@ -125,6 +128,9 @@ def _print(view: dict[str, Any]) -> None:
                 (m.get("reason") or m.get("error") or "")[:60],
             )
         console.print(measured)
+        for m in view["measurements"]:
+            if "comparison" in m:
+                _print_comparison(m["stage"], m["comparison"])
     if view["approvals"] or view["approvals_required"]:
         valid = sum(a["decision"] == "approve" and not a["expired"] for a in view["approvals"])
         console.print(
@@ -133,6 +139,24 @@ def _print(view: dict[str, Any]) -> None:
                 "; ".join(f" {a['actor']} {a['decision']}d" for a in view["approvals"]),
             )
         )
+
+
+def _print_comparison(stage: str, comparison: dict[str, Any]) -> None:
+    """An A/B verdict: each version's figures, each test with its p-value, the verdict."""
+    new, old = comparison["new"], comparison["old"]
+    console.print(
+        line(
+            f"{stage}: new {new['calls']} calls / {new['tenants']} tenants, error rate "
+            f"{new['error_rate']}, {new['latency_ms_avg']} ms; old {old['calls']} calls / "
+            f"{old['tenants']} tenants, error rate {old['error_rate']}, {old['latency_ms_avg']} ms"
+        )
+    )
+    tests = Table("metric", "test", "p-value", f"at alpha {comparison['alpha']}")
+    for test in comparison["tests"]:
+        p_value = "-" if test["p_value"] is None else f"{test['p_value']:.4g}"
+        add_row(tests, test["metric"], test["test"], p_value, test["result"])
+    console.print(tests)
+    console.print(line("verdict: ", (comparison["verdict"], "bold"), f" ({comparison['reason']})"))
 
 
 def _follow(deployment_id: str, *, as_json: bool, timeout: float) -> dict[str, Any]:
@@ -178,10 +202,54 @@ def _act(
     return result
 
 
+def _release_kwargs(
+    tenant_id: str, version: str, artifact: list[str] | None, error_rate: float, latency_ms: float
+) -> dict[str, Any]:
+    artifacts = {}
+    for item in artifact or []:
+        platform, sep, ref = item.partition("=")
+        if not sep:
+            raise fail("validation_error", f"--artifact {item!r}: expected PLATFORM=ARTIFACT")
+        artifacts[platform] = ref
+    return {
+        "tenant_id": tenant_id,
+        "release": {
+            "version": version,
+            "artifacts": artifacts,
+            "settings": {"error_rate": error_rate, "latency_ms": latency_ms},
+        },
+    }
+
+
+def _plugin_kwargs(
+    plugin: str, version: str, tenants: str | None, plan: str | None, environment: str | None
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"plugin": plugin, "version": version}
+    if tenants:
+        kwargs["tenants"] = [t.strip() for t in tenants.split(",") if t.strip()]
+    if plan:
+        kwargs["plan"] = plan
+    if environment:
+        kwargs["environment"] = environment
+    return kwargs
+
+
 @deploy_cli.command("create")
 def deploy_create(
-    tenant_id: str,
-    version: Annotated[str, typer.Option(help="The release's version.")],
+    tenant_id: Annotated[
+        str | None, typer.Argument(help="The tenant whose instances take the release.")
+    ] = None,
+    version: Annotated[str, typer.Option(help="The release's (or plugin's) version.")] = "",
+    plugin: Annotated[
+        str | None, typer.Option(help="Move tenants to --version of this plugin instead.")
+    ] = None,
+    tenants: Annotated[
+        str | None, typer.Option(help="With --plugin: only these tenants (comma-separated).")
+    ] = None,
+    plan: Annotated[str | None, typer.Option(help="With --plugin: only this plan's.")] = None,
+    environment: Annotated[
+        str | None, typer.Option(help="With --plugin: only this environment's tenants.")
+    ] = None,
     strategy: Annotated[
         str | None, typer.Option(help="direct, rolling, blue_green, canary or ab_test.")
     ] = None,
@@ -204,27 +272,22 @@ def deploy_create(
     as_json: JsonOpt = False,
     timeout: TimeoutOpt = 600.0,
 ) -> None:
-    """Roll a release over a tenant's instances."""
-    artifacts = {}
-    for item in artifact or []:
-        platform, sep, ref = item.partition("=")
-        if not sep:
-            raise fail("validation_error", f"--artifact {item!r}: expected PLATFORM=ARTIFACT")
-        artifacts[platform] = ref
+    """Roll a release over a tenant's instances, or (--plugin) a plugin version over tenants."""
+    if not version:
+        raise fail("validation_error", "--version is required")
+    if plugin is not None:
+        kwargs = _plugin_kwargs(plugin, version, tenants, plan, environment)
+        if tenant_id:
+            kwargs["tenant_id"] = tenant_id  # refused by the task, naming the field
+    elif tenant_id:
+        kwargs = _release_kwargs(tenant_id, version, artifact, error_rate, latency_ms)
+    else:
+        raise fail("validation_error", "give a TENANT_ID (a release) or --plugin (a plugin)")
     try:
-        strategy_config = json.loads(config) if config else {}
+        kwargs["strategy_config"] = json.loads(config) if config else {}
     except json.JSONDecodeError as exc:
         raise fail("validation_error", f"--config is not JSON: {exc}") from None
-    kwargs: dict[str, Any] = {
-        "tenant_id": tenant_id,
-        "release": {
-            "version": version,
-            "artifacts": artifacts,
-            "settings": {"error_rate": error_rate, "latency_ms": latency_ms},
-        },
-        "strategy_config": strategy_config,
-        "actor": _actor(actor),
-    }
+    kwargs["actor"] = _actor(actor)
     if strategy:
         kwargs["strategy"] = strategy
     result = _answer(call("cul8er.deployments.create", kwargs), as_json)
@@ -258,6 +321,7 @@ def deploy_show(deployment_id: IdArg, as_json: JsonOpt = False) -> None:
 @deploy_cli.command("list")
 def deploy_list(
     tenant_id: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's.")] = None,
+    plugin: Annotated[str | None, typer.Option(help="Only this plugin's.")] = None,
     status: Annotated[DeploymentStatus | None, typer.Option(help="Only in this status.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -265,7 +329,9 @@ def deploy_list(
     from schemas.tasks import ListDeployments
     from workers.delivery.commands import list_deployments
 
-    payload = ListDeployments(tenant_id=tenant_id, status=status.value if status else None)
+    payload = ListDeployments(
+        tenant_id=tenant_id, plugin=plugin, status=status.value if status else None
+    )
     with session_scope() as session:
         rows = list_deployments(session, payload)
     if as_json:
@@ -276,7 +342,7 @@ def deploy_list(
         add_row(
             table,
             r["deployment_id"],
-            r["tenant_id"],
+            r["tenant_id"] or f"{r['plugin']} ×{r['targets']}",
             f"{r['previous_version'] or '-'} → {r['version']}",
             r["strategy"],
             r["status"],

@@ -103,7 +103,48 @@ def plugin_info(name: str, as_json: JsonOpt = False) -> None:
             if served.loaded.config_model
             else None,
         )
+        versions = _who_runs(registry, name)
+        view["versions"] = (
+            versions
+            if as_json
+            else "; ".join(
+                f"{v['version']}: {v['tenants']} tenant(s)"
+                + (f" ({v['serves']})" if v["serves"] else "")
+                for v in versions
+            )
+        )
     _print(view, as_json)
+
+
+def _who_runs(registry: Any, name: str) -> list[dict[str, Any]]:
+    """Each installed version of ``name`` and how many tenants run it."""
+    from sqlalchemy import func, select
+
+    from schemas.states import TenantStatus
+    from workers.pluginhost.tenancy import version_counts
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import Tenant
+
+    fleet = registry.served[name].loaded.version
+    with session_scope() as session:
+        pinned = version_counts(session, name)
+        tenants = int(
+            session.scalar(
+                select(func.count())
+                .select_from(Tenant)
+                .where(Tenant.status != TenantStatus.TERMINATED)
+            )
+            or 0
+        )
+    on_fleet = tenants - sum(count for version, count in pinned.items() if version)
+    return [
+        {
+            "version": version,
+            "serves": "every tenant not pinned" if version == fleet else "",
+            "tenants": on_fleet if version == fleet else pinned.get(version, 0),
+        }
+        for version in registry.installed_versions(name)
+    ]
 
 
 @plugin_cli.command("validate")

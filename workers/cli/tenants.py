@@ -235,3 +235,71 @@ def tenant_show(tenant_id: str, as_json: JsonOpt = False) -> None:
             json.dumps(i["limits"].get("applied", {})),
         )
     console.print(table)
+
+
+@tenant_cli.command("plugins")
+def tenant_plugins(tenant_id: str, as_json: JsonOpt = False) -> None:
+    """Which version of each plugin the tenant runs, and its own config overrides."""
+    from workers.pluginhost.registry import PluginRegistry
+    from workers.pluginhost.tenancy import choices_of
+    from workers.runtime.settings import get_settings
+
+    registry = PluginRegistry(get_settings()).boot()
+    with session_scope() as session:
+        tenant = find_tenant(session, tenant_id)
+        rows = choices_of(session, tenant.id)
+        views: list[dict[str, Any]] = []
+        for name in sorted(registry.served):
+            served, row = registry.served[name], rows.get(name)
+            views.append(
+                {
+                    "plugin": name,
+                    "type": served.loaded.manifest.type.value,
+                    "version": (row.version if row and row.version else served.loaded.version),
+                    "pinned": bool(row and row.version),
+                    "fleet_version": served.loaded.version,
+                    "config_overrides": sorted(row.config) if row else [],
+                    "deployment_id": row.deployment_id if row else None,
+                }
+            )
+    if as_json:
+        emit(views)
+        return
+    table = Table("plugin", "type", "version", "how", "config overrides", "deployment")
+    for v in views:
+        how = "pinned" if v["pinned"] else "the plugin's"
+        overrides = ", ".join(v["config_overrides"])
+        add_row(
+            table, v["plugin"], v["type"], v["version"], how, overrides, v["deployment_id"] or ""
+        )
+    console.print(table)
+
+
+@tenant_cli.command("set-plugin")
+def tenant_set_plugin(
+    tenant_id: str,
+    plugin: str,
+    version: Annotated[
+        str | None, typer.Option(help="Pin this version (none: the plugin's own).")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(help="Config overrides as JSON; ${secret:path} values stay references."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pin the tenant to a plugin version and give it its own config (neither: reset)."""
+    try:
+        overrides = json.loads(config) if config else {}
+    except json.JSONDecodeError as exc:
+        raise fail("validation_error", f"--config is not JSON: {exc}") from None
+    kwargs: dict[str, Any] = {"tenant_id": tenant_id, "plugin": plugin, "config": overrides}
+    if version:
+        kwargs["version"] = version
+    result = call("cul8er.tenants.set_plugin", kwargs)
+    _fail_on_error(result, as_json)
+    if as_json:
+        emit(result)
+        return
+    pinned = result["version"] or "the plugin's version"
+    console.print(line((tenant_id, "bold"), f": {plugin} → {pinned}"))

@@ -28,7 +28,7 @@ from schemas.states import (
 )
 from schemas.tasks import CreateDeployment
 from workers.delivery import traffic
-from workers.delivery.cohorts import hash_order
+from workers.delivery.cohorts import Cohort, hash_order
 from workers.engine import ledger
 from workers.engine.events import emit
 from workers.engine.public import Outcome
@@ -163,6 +163,7 @@ def summary(row: Deployment) -> dict[str, Any]:
         "deployment_id": row.id,
         "tenant_id": row.tenant_id,
         "plugin": row.plugin,
+        "targets": len(row.targets) if row.plugin else None,
         "status": row.status,
         "strategy": row.strategy,
         "version": row.release.get("version"),
@@ -818,6 +819,7 @@ def describe(session: Session, row: Deployment) -> dict[str, Any]:
             for a in approvals
         ],
         "requests": row.requests,
+        "moved": _moved(session, row),
         "reason": row.reason,
         "actor": row.actor,
         "rollback_of": row.rollback_of,
@@ -826,11 +828,26 @@ def describe(session: Session, row: Deployment) -> dict[str, Any]:
     }
 
 
+def _moved(session: Session, row: Deployment) -> list[str] | None:
+    """A plugin deployment's tenants on its version now, in move order (``None``: a release)."""
+    if row.plugin is None:
+        return None
+    cohort = Cohort(
+        deployment_id=row.id,
+        plugin=row.plugin,
+        version=str(row.release["version"]),
+        targets=[str(t) for t in row.targets],
+    )
+    return cohort.moved(session)
+
+
 def list_deployments(session: Session, payload: ListDeployments) -> list[dict[str, Any]]:
     """Deployments, newest first, optionally of one tenant or in one status."""
     query = select(Deployment).order_by(Deployment.created_at.desc()).limit(payload.limit)
     if payload.tenant_id:
         query = query.where(Deployment.tenant_id == payload.tenant_id)
+    if payload.plugin:
+        query = query.where(Deployment.plugin == payload.plugin)
     if payload.status:
         query = query.where(Deployment.status == payload.status)
     return [summary(row) for row in session.scalars(query)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from workers.runtime.db import session_scope
 from workers.runtime.models import TenantPlugin
@@ -22,7 +22,17 @@ from workers.runtime.models import TenantPlugin
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["Choice", "pinned_plugins", "tenant_choice", "tenant_of"]
+    from sqlalchemy.orm import Session
+
+__all__ = [
+    "Choice",
+    "choices_of",
+    "pinned_plugins",
+    "set_choice",
+    "tenant_choice",
+    "tenant_of",
+    "version_counts",
+]
 
 #: (version or ``None`` for the plugin's own, config overrides).
 Choice = tuple[str | None, dict[str, Any]]
@@ -61,3 +71,52 @@ def tenant_of(args: Mapping[str, Any]) -> str | None:
         if isinstance(labels, dict) and isinstance(labels.get("tenant_id"), str):
             return str(labels["tenant_id"])
     return None
+
+
+def set_choice(
+    session: Session, tenant_id: str, plugin: str, version: str | None, config: dict[str, Any]
+) -> dict[str, Any]:
+    """Pin ``tenant_id`` to ``version`` of ``plugin`` with ``config`` overrides (both empty:
+    back to the plugin's own version and config); the tenant's row as it is now."""
+    row = session.get(TenantPlugin, (tenant_id, plugin), with_for_update=True)
+    previous = row.version if row is not None else None
+    if version is None and not config:
+        if row is not None:
+            session.delete(row)
+        return {
+            "tenant_id": tenant_id,
+            "plugin": plugin,
+            "version": None,
+            "config": {},
+            "previous_version": previous,
+        }
+    if row is None:
+        row = TenantPlugin(tenant_id=tenant_id, plugin=plugin)
+        session.add(row)
+    row.version, row.config = version, dict(config)
+    row.deployment_id, row.previous_version = None, previous
+    return {
+        "tenant_id": tenant_id,
+        "plugin": plugin,
+        "version": version,
+        "config": dict(config),
+        "previous_version": previous,
+    }
+
+
+def choices_of(session: Session, tenant_id: str) -> dict[str, TenantPlugin]:
+    """``tenant_id``'s rows, by plugin."""
+    return {
+        row.plugin: row
+        for row in session.scalars(select(TenantPlugin).where(TenantPlugin.tenant_id == tenant_id))
+    }
+
+
+def version_counts(session: Session, plugin: str) -> dict[str | None, int]:
+    """How many tenants are pinned to each version of ``plugin`` (``None``: config only)."""
+    rows = session.execute(
+        select(TenantPlugin.version, func.count())
+        .where(TenantPlugin.plugin == plugin)
+        .group_by(TenantPlugin.version)
+    ).all()
+    return {version: int(count) for version, count in rows}
