@@ -174,7 +174,7 @@ class CreateDeployment(_Idempotent):
     version: Annotated[str, StringConstraints(pattern=SEMVER.pattern)] | None = None
     tenants: list[TenantId] | None = Field(default=None, min_length=1, max_length=100_000)
     plan: PlanName | None = None
-    environment: Environment | None = None
+    environment: EnvironmentName | None = None
     #: A strategy plugin: direct, rolling, blue_green, canary, ab_test (default: a setting).
     strategy: PluginName | None = None
     #: The strategy's own settings (each strategy documents them).

@@ -18,6 +18,7 @@ from schemas.tasks import (
     SetEnvironment,
 )
 from workers.delivery import commands, stages
+from workers.engine import ledger
 from workers.engine.public import Outcome, public_task
 from workers.engine.steps import step
 from workers.runtime.app import app
@@ -151,5 +152,7 @@ def roll_back(ctx: StepContext) -> dict[str, Any]:
 def expire_approvals() -> dict[str, Any]:
     """Refuse production deployments whose approval window passed."""
     with session_scope() as session:
-        expired = commands.expire_approvals(session)
+        expired, send = commands.expire_approvals(session)
+    for run_id, phase, tasks in send:
+        ledger.dispatch(app, run_id, phase, tasks)
     return {"expired": expired}

@@ -426,3 +426,48 @@ def test_the_cli_deploys_a_plugin_version_to_chosen_tenants(fleet: Stack) -> Non
     assert "tenants on 1.1.0: 2/2" in shown
     assert pins(fleet) == {"shop-07": "1.1.0", "shop-08": "1.1.0"}
     reset(fleet)
+
+
+def test_blue_green_switches_every_tenant_at_once_and_rolls_back_fast(fleet: Stack) -> None:
+    install_beside(fleet, "1.1.0")
+    everyone = tenants(fleet)
+    config = {"auto_promotion_seconds": 0.5, "scale_down_delay_seconds": 0.5}
+    with PluginLoad(fleet, everyone) as load:
+        created = create(fleet, "1.1.0", "blue_green", config)
+        deployment_id = created["deployment_id"]
+        wait_status(fleet, deployment_id, "awaiting_approval", timeout=60)
+        approve(fleet, deployment_id)
+        done = wait_status(fleet, deployment_id, "succeeded", "rolled_back", "failed")
+        assert done.status == "succeeded", done.reason
+        # every tenant moved in the one switch stage
+        switch = next(e for e in done.timeline if e.get("stage") == "switch")
+        assert switch["tenants"] == 20 and len(switch["moved_now"]) == 20
+        # When it is rolled back after success: a direct deployment, no approval, no sandbox
+        back = fleet.call("cul8er.deployments.rollback", deployment_id=deployment_id, actor="ops")
+        assert back["ok"], back
+        undone = wait_status(fleet, back["deployment_id"], "succeeded", "failed", timeout=60)
+        time.sleep(1.5)
+    assert undone.status == "succeeded", undone.reason
+    assert [s["action"] for s in undone.stages] == ["set_weight", "promote"] or all(
+        s["action"] not in ("sandbox", "approval") for s in undone.stages
+    )
+    assert set(pins(fleet).values()) == {"1.0.0"}
+    assert load.failed() == []
+    last = [a for a in load.answers if a.sent > load.answers[-1].sent - 1]
+    assert {a.version for a in last} == {"1.0.0"}
+    reset(fleet)
+
+
+def test_rolling_moves_tenants_in_batches(fleet: Stack) -> None:
+    install_beside(fleet, "1.1.0")
+    created = create(
+        fleet, "1.1.0", "rolling", {"max_surge": 0, "max_unavailable": 5}, environment="production"
+    )
+    deployment_id = created["deployment_id"]
+    wait_status(fleet, deployment_id, "awaiting_approval", timeout=60)
+    approve(fleet, deployment_id)
+    done = wait_status(fleet, deployment_id, "succeeded", "rolled_back", "failed")
+    assert done.status == "succeeded", done.reason
+    batches = [e["batch_size"] for e in done.timeline if e.get("action") == "replace"]
+    assert batches == [5, 5, 5, 5], done.timeline
+    reset(fleet)

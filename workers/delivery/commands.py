@@ -209,7 +209,7 @@ def plan(payload: CreateDeployment, *, rollback_of: str | None = None) -> Planne
             "strategy", f"unknown strategy {strategy!r}; active: {', '.join(strategies)}"
         )
     if payload.plugin is not None:
-        return _plan_plugin(payload, strategy)
+        return _plan_plugin(payload, strategy, rollback_of=rollback_of)
     for name in ("tenant_id", "release"):
         if getattr(payload, name) is None:
             raise _field_error(
@@ -322,7 +322,9 @@ def create(session: Session, planned: Planned) -> Outcome:
 # -- plugin deployments -----------------------------------------------------------------------
 
 
-def _plan_plugin(payload: CreateDeployment, strategy: str) -> Planned:
+def _plan_plugin(
+    payload: CreateDeployment, strategy: str, *, rollback_of: str | None = None
+) -> Planned:
     """Plan moving the tenants ``payload`` picks to a plugin version (see ``cohorts.py``)."""
     for name in ("tenant_id", "release"):
         if getattr(payload, name) is not None:
@@ -358,8 +360,13 @@ def _plan_plugin(payload: CreateDeployment, strategy: str) -> Planned:
         config=payload.strategy_config,
         environment=environment,
     )
-    head = [Stage(name="sandbox", action="sandbox")]
-    if environment == Environment.PRODUCTION and get_settings().production_approvals > 0:
+    # The way back to a version that served (a rollback) needs neither check nor approval.
+    head = [] if rollback_of else [Stage(name="sandbox", action="sandbox")]
+    if (
+        environment == Environment.PRODUCTION
+        and get_settings().production_approvals > 0
+        and rollback_of is None
+    ):
         head.append(Stage(name="approval", action="approval"))
     stages = [*head, *get_strategy(strategy).plan(spec).stages]
     return Planned(
@@ -367,6 +374,7 @@ def _plan_plugin(payload: CreateDeployment, strategy: str) -> Planned:
         deployment_id,
         strategy,
         stages,
+        rollback_of=rollback_of,
         targets=tuple(targets),
         previous_version=served.loaded.version,
         environment=environment,
@@ -613,10 +621,15 @@ def reject(session: Session, payload: DeploymentAction) -> Outcome:
     return Outcome(data=summary(row), tenant_id=row.tenant_id, dispatch=_wake_ended(session, row))
 
 
-def expire_approvals(session: Session) -> list[str]:
-    """Refuse deployments whose approval window passed; audit each expired approval."""
+def expire_approvals(session: Session) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
+    """Refuse deployments whose approval window passed; audit each expired approval.
+
+    Returns their ids, and the runs to dispatch after commit (a plugin deployment's run waits
+    in its approval stage: woken, it ends).
+    """
     now = utcnow()
     expired = []
+    send: list[tuple[str, str, list[str]]] = []
     for row in session.scalars(
         select(Deployment)
         .where(
@@ -643,7 +656,8 @@ def expire_approvals(session: Session) -> list[str]:
         _audit(session, row, "expired", "cul8er", approvals=approvers)
         _timeline(row, "expired", approvals=approvers)
         expired.append(row.id)
-    return expired
+        send.extend(_wake_ended(session, row))
+    return expired, send
 
 
 # -- requests to a running deployment ---------------------------------------------------------
@@ -746,6 +760,16 @@ def plan_rollback(payload: DeploymentAction) -> Planned:
         if row is None:
             raise NotFoundError(f"deployment {payload.deployment_id!r} does not exist")
         tenant_id, previous = row.tenant_id, dict(row.previous_release)
+        plugin, targets = row.plugin, [str(t) for t in row.targets]
+    if plugin is not None:
+        back = CreateDeployment(
+            plugin=plugin,
+            version=previous.get("version"),
+            tenants=targets,
+            strategy="direct",
+            actor=payload.actor,
+        )
+        return replace(plan(back, rollback_of=payload.deployment_id), action=payload)
     if not previous:
         raise ConflictError(
             f"deployment {payload.deployment_id} was the tenant's first release: "
@@ -772,6 +796,11 @@ def rollback(session: Session, planned: Planned) -> Outcome:
             f"deployment {row.id} is {row.status}: only a succeeded one is rolled back this "
             "way (abort one in progress)"
         )
+    if row.plugin is not None:
+        _audit(session, row, "rollback_requested", action.actor, reason=action.reason)
+        outcome = create(session, planned)
+        outcome.data["rollback_of"] = row.id
+        return outcome
     tenant = session.get(Tenant, row.tenant_id)
     assert tenant is not None
     if tenant.release.get("version") != row.release.get("version"):

@@ -165,6 +165,9 @@ def _set_weight(row: Deployment, stage: Stage, cohort: Cohort) -> Result:
 
 
 def _split(row: Deployment, stage: Stage, cohort: Cohort) -> Result:
+    if row.strategy != "ab_test":
+        # A blue-green preview: tenants are not requests; none moves before the switch.
+        return Done({"preview": "no tenant moves before the switch"})
     moved_now = cohort.move(cohort.targets[1::2])
     return Done({"split": "every other tenant", **_moved_note(cohort, moved_now)})
 

@@ -286,6 +286,9 @@ def _analysis(row: Deployment, stage: Stage, target: Target | Cohort) -> Result:
     promoted = rows.consume(row.id, "promote")
     if promoted is not None:
         return Done({"skipped_by": promoted.get("actor")})
+    if isinstance(target, Cohort) and not target.moved():
+        # A blue-green gate before the switch: the sandbox stage checked the version already.
+        return Done({"skipped": "no tenant runs the new version yet: nothing to measure"})
     if state.get("held"):
         if rows.consume(row.id, "resume") is None:
             return Hold(state["held"])

@@ -27,7 +27,7 @@ from workers.pluginhost.context import PluginContext
 from workers.pluginhost.deps import load_order
 from workers.pluginhost.discovery import discover_all
 from workers.pluginhost.loader import build_instance, load_builtin, load_candidate, validate_config
-from workers.pluginhost.tenancy import pinned_plugins, tenant_choice
+from workers.pluginhost.tenancy import pinned_plugins, rolling_versions, tenant_choice
 from workers.runtime.db import session_scope
 from workers.runtime.errors import PluginError, TransientError
 from workers.runtime.models import AuditEvent, Plugin
@@ -112,6 +112,7 @@ class _Row:
     config: dict[str, Any]
     generation: int
     error: str | None
+    source: str = ""
 
 
 @dataclass
@@ -149,6 +150,7 @@ class PluginRegistry:
         self.versions: dict[tuple[str, str], Served] = {}
         #: Plugins some tenant has a ``tenant_plugins`` row for (refreshed with the table).
         self.pinned: frozenset[str] = frozenset()
+        self._unloadable: set[tuple[str, str]] = set()
 
     # -- boot ---------------------------------------------------------------------------------
 
@@ -176,8 +178,25 @@ class PluginRegistry:
         return self
 
     def _read_pinned(self) -> None:
-        if self._db:
-            self.pinned = pinned_plugins(self.settings.sqlalchemy_url)
+        if not self._db:
+            return
+        self.pinned = pinned_plugins(self.settings.sqlalchemy_url)
+        # Versions being rolled out load here ahead of the tenants that will run them, so
+        # the first call after a switch does not pay for the import and the self-test.
+        for name, version in rolling_versions(self.settings.sqlalchemy_url):
+            served = self.served.get(name)
+            key = (name, version)
+            if served is None or served.loaded.version == version or key in self.versions:
+                continue
+            if key in self._unloadable:
+                continue
+            try:
+                self._beside(served, version)
+            except PluginUnavailableError as exc:
+                self._unloadable.add(key)  # the sandbox stage says why, once
+                log.warning(
+                    "plugin_version_not_loaded", plugin=name, version=version, error=str(exc)
+                )
 
     def _discover(self) -> None:
         found, notes = discover_all(
@@ -314,6 +333,7 @@ class PluginRegistry:
                         config=dict(row.config or {}),
                         generation=row.generation,
                         error=row.error,
+                        source=row.source,
                     )
                     for row in session.scalars(select(Plugin))
                 }
@@ -333,14 +353,22 @@ class PluginRegistry:
         if not self._db:
             return
         for served in self.served.values():
+            row = rows.get(served.name)
+            root = str(served.loaded.root) if served.loaded.root else None
+            source = served.loaded.source
+            if row is not None and row.source and (row.root, row.checksum) == (
+                root,
+                served.loaded.checksum,
+            ):
+                source = row.source  # where it came from (git@commit, a registry), not the copy
             self._upsert(
                 served.name,
-                rows.get(served.name),
+                row,
                 state=served.state,
                 enabled=served.enabled,
                 error=None,
                 manifest=served.loaded.manifest,
-                source=served.loaded.source,
+                source=source,
                 root=str(served.loaded.root) if served.loaded.root else None,
                 checksum=served.loaded.checksum,
                 queue=served.queue,
@@ -596,6 +624,11 @@ class PluginRegistry:
         default = self.get(name)
         if default.loaded.version == version:
             return default
+        return self._beside(default, version)
+
+    def _beside(self, default: Served, version: str) -> Served:
+        """``version`` of ``default``'s plugin, loaded (once) beside ``default``."""
+        name = default.name
         with self._lock:
             found = self.versions.get((name, version))
             if found is not None:

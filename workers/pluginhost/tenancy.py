@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from schemas.states import DEPLOYMENT_OPEN
 from workers.runtime.db import session_scope
-from workers.runtime.models import TenantPlugin
+from workers.runtime.models import Deployment, TenantPlugin
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -28,6 +29,7 @@ __all__ = [
     "Choice",
     "choices_of",
     "pinned_plugins",
+    "rolling_versions",
     "set_choice",
     "tenant_choice",
     "tenant_of",
@@ -42,6 +44,17 @@ def pinned_plugins(url: str) -> frozenset[str]:
     """The plugins some tenant has a row for."""
     with session_scope(url) as session:
         return frozenset(session.scalars(select(TenantPlugin.plugin).distinct()))
+
+
+def rolling_versions(url: str) -> frozenset[tuple[str, str]]:
+    """(plugin, version) of every plugin deployment in progress: what workers load ahead."""
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Deployment.plugin, Deployment.release).where(
+                Deployment.plugin.is_not(None), Deployment.status.in_(DEPLOYMENT_OPEN)
+            )
+        ).all()
+    return frozenset((str(plugin), str(release.get("version"))) for plugin, release in rows)
 
 
 def tenant_choice(url: str, plugin: str, tenant_id: str) -> Choice | None:
