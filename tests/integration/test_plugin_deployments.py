@@ -359,6 +359,10 @@ def test_ab_test_prints_a_verdict_with_its_test_and_p_value(fleet: Stack) -> Non
     assert tests["error_rate"]["p_value"] == 1.0
     assert tests["latency_ms_avg"]["test"].startswith("Welch")
     assert comparison["verdict"] == "successful"
+    # And `cul8er deploy show` prints the verdict with each test and its p-value
+    shown = cli(fleet, "deploy", "show", deployment_id).stdout
+    assert "Fisher's exact test, two-sided" in shown and "Mann-Whitney U" in shown
+    assert "verdict: successful" in shown
     reset(fleet)
 
 

@@ -151,11 +151,15 @@ def _print_comparison(stage: str, comparison: dict[str, Any]) -> None:
             f"{old['tenants']} tenants, error rate {old['error_rate']}, {old['latency_ms_avg']} ms"
         )
     )
-    tests = Table("metric", "test", "p-value", f"at alpha {comparison['alpha']}")
     for test in comparison["tests"]:
-        p_value = "-" if test["p_value"] is None else f"{test['p_value']:.4g}"
-        add_row(tests, test["metric"], test["test"], p_value, test["result"])
-    console.print(tests)
+        p_value = "not computable" if test["p_value"] is None else f"{test['p_value']:.4g}"
+        console.print(
+            line(
+                f"  {test['metric']}: {test['test']}, p = {p_value} → ",
+                (test["result"], "bold"),
+                f" (alpha {comparison['alpha']})",
+            )
+        )
     console.print(line("verdict: ", (comparison["verdict"], "bold"), f" ({comparison['reason']})"))
 
 
