@@ -19,15 +19,15 @@ from sqlalchemy import select
 
 from workers.delivery import statistics
 from workers.pluginhost import callstats
+from workers.pluginhost.callstats import Tally
 from workers.runtime.db import session_scope
-from workers.runtime.models import AuditEvent, TenantPlugin
+from workers.runtime.models import AuditEvent, PluginCallStat, TenantPlugin
 
 if TYPE_CHECKING:
     import datetime as dt
+    from collections.abc import Iterable
 
     from sqlalchemy.orm import Session
-
-    from workers.pluginhost.callstats import Tally
 
 __all__ = ["Cohort", "hash_order"]
 
@@ -165,9 +165,7 @@ class Cohort:
         return metrics
 
 
-def _sum(tallies: Any) -> Tally:
-    from workers.pluginhost.callstats import Tally
-
+def _sum(tallies: Iterable[Tally]) -> Tally:
     total = Tally()
     for tally in tallies:
         total.merge(tally)
@@ -178,8 +176,6 @@ def _other_versions(
     session: Session, plugin: str, version: str, tenants: list[str], since: dt.datetime
 ) -> dict[str, Tally]:
     """Per tenant: the calls of every version but ``version`` since ``since``."""
-    from workers.runtime.models import PluginCallStat
-
     versions = set(
         session.scalars(
             select(PluginCallStat.version)
@@ -190,5 +186,5 @@ def _other_versions(
     found: dict[str, Tally] = {}
     for other in versions:
         for tenant_id, tally in callstats.read(session, plugin, other, tenants, since).items():
-            found.setdefault(tenant_id, _sum([])).merge(tally)
+            found.setdefault(tenant_id, Tally()).merge(tally)
     return found

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
 from schemas.delivery import Release
 from schemas.manifest import PluginType
-from schemas.plugins import DeploymentSpec, Stage
+from schemas.plugins import DeploymentSpec
 from schemas.states import (
     DEPLOYMENT_OPEN,
     DeploymentStatus,
@@ -27,25 +27,28 @@ from schemas.states import (
     TenantStatus,
 )
 from schemas.tasks import CreateDeployment
-from workers.delivery import traffic
-from workers.delivery.cohorts import Cohort, hash_order
+from workers.delivery import plugin_commands, traffic
+from workers.delivery.rows import (
+    WORKFLOW,
+    Planned,
+    add_timeline,
+    audit,
+    field_error,
+    summary,
+)
 from workers.engine import ledger
 from workers.engine.events import emit
 from workers.engine.public import Outcome
-from workers.pluginhost.calls import registry
 from workers.pluginhost.handles import get_strategy, plugin_names
 from workers.runtime.db import session_scope
 from workers.runtime.errors import (
     ConflictError,
     NotFoundError,
-    ValidationFailedError,
 )
 from workers.runtime.models import (
     Approval,
-    AuditEvent,
     Deployment,
     Instance,
-    Plugin,
     Tenant,
     utcnow,
 )
@@ -81,27 +84,7 @@ __all__ = [
     "summary",
 ]
 
-#: The ledger workflow that carries a deployment (declared in ``tasks/workflows.py``).
-WORKFLOW = "deployment"
 _RETRYABLE = (DeploymentStatus.ABORTED, DeploymentStatus.ROLLED_BACK, DeploymentStatus.FAILED)
-
-
-def _field_error(field: str, message: str) -> ValidationFailedError:
-    return ValidationFailedError(message, errors=[{"field": field, "message": message}])
-
-
-def _audit(session: Session, row: Deployment, kind: str, actor: str, **data: Any) -> None:
-    session.add(
-        AuditEvent(
-            tenant_id=row.tenant_id,
-            kind=f"deployment.{kind}",
-            data={"deployment_id": row.id, "actor": actor, **data},
-        )
-    )
-
-
-def _timeline(row: Deployment, event: str, **data: Any) -> None:
-    row.timeline = [*row.timeline, {"at": utcnow().isoformat(), "event": event, **data}]
 
 
 def _get(session: Session, deployment_id: str) -> Deployment:
@@ -142,7 +125,7 @@ def _start(session: Session, row: Deployment, tenant: Tenant) -> Outcome:
     row.workflow_id = run.id
     row.status = DeploymentStatus.PROGRESSING
     row.reason = None
-    _timeline(row, "started", workflow_id=run.id)
+    add_timeline(row, "started", workflow_id=run.id)
     emit(
         "deployment.started",
         tenant_id=tenant.id,
@@ -157,42 +140,7 @@ def _start(session: Session, row: Deployment, tenant: Tenant) -> Outcome:
     )
 
 
-def summary(row: Deployment) -> dict[str, Any]:
-    """The short form of a deployment (what commands answer)."""
-    return {
-        "deployment_id": row.id,
-        "tenant_id": row.tenant_id,
-        "plugin": row.plugin,
-        "targets": len(row.targets) if row.plugin else None,
-        "status": row.status,
-        "strategy": row.strategy,
-        "version": row.release.get("version"),
-        "previous_version": row.previous_release.get("version"),
-        "environment": row.environment,
-        "stage_index": row.stage_index,
-        "stages": len(row.stages),
-        "workflow_id": row.workflow_id,
-    }
-
-
 # -- create -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Planned:
-    """A deployment planned by its strategy before the transaction that records it."""
-
-    payload: CreateDeployment
-    deployment_id: str
-    strategy: str
-    stages: list[Stage]
-    rollback_of: str | None = None
-    #: The action that asked for it (a fast rollback's actor and reason).
-    action: DeploymentAction | None = None
-    #: A plugin deployment's tenants, in the order they move, and the version they leave.
-    targets: tuple[str, ...] = ()
-    previous_version: str | None = None
-    environment: str | None = None
 
 
 def plan(payload: CreateDeployment, *, rollback_of: str | None = None) -> Planned:
@@ -205,19 +153,19 @@ def plan(payload: CreateDeployment, *, rollback_of: str | None = None) -> Planne
     strategy = payload.strategy or settings.default_strategy
     strategies = plugin_names(PluginType.STRATEGY, refresh=False)
     if strategy not in strategies:
-        raise _field_error(
+        raise field_error(
             "strategy", f"unknown strategy {strategy!r}; active: {', '.join(strategies)}"
         )
     if payload.plugin is not None:
-        return _plan_plugin(payload, strategy, rollback_of=rollback_of)
+        return plugin_commands.plan_plugin(payload, strategy, rollback_of=rollback_of)
     for name in ("tenant_id", "release"):
         if getattr(payload, name) is None:
-            raise _field_error(
+            raise field_error(
                 name, "a release deployment names tenant_id and release (a plugin one: plugin)"
             )
     for name in ("version", "tenants", "plan", "environment"):
         if getattr(payload, name) is not None:
-            raise _field_error(name, f"{name} is for a plugin deployment: give plugin too")
+            raise field_error(name, f"{name} is for a plugin deployment: give plugin too")
     assert payload.tenant_id is not None and payload.release is not None
     with session_scope() as session:
         tenant = session.get(Tenant, payload.tenant_id)
@@ -253,7 +201,7 @@ def create(session: Session, planned: Planned) -> Outcome:
     settings = get_settings()
     payload, strategy, rollback_of = planned.payload, planned.strategy, planned.rollback_of
     if payload.plugin is not None:
-        return _create_plugin(session, planned)
+        return plugin_commands.create_plugin(session, planned)
     assert payload.tenant_id is not None and payload.release is not None
     tenant = session.get(Tenant, payload.tenant_id, with_for_update=True)
     if tenant is None:
@@ -303,7 +251,7 @@ def create(session: Session, planned: Planned) -> Outcome:
     )
     session.add(row)
     session.flush()
-    _audit(
+    audit(
         session, row, "created", payload.actor, version=payload.release.version, strategy=strategy
     )
     emit(
@@ -314,208 +262,9 @@ def create(session: Session, planned: Planned) -> Outcome:
     )
     if production and row.approvals_required > 0:
         row.status = DeploymentStatus.AWAITING_APPROVAL
-        _timeline(row, "awaiting_approval", required=row.approvals_required)
+        add_timeline(row, "awaiting_approval", required=row.approvals_required)
         return Outcome(data=summary(row), tenant_id=tenant.id)
     return _start(session, row, tenant)
-
-
-# -- plugin deployments -----------------------------------------------------------------------
-
-
-def _plan_plugin(
-    payload: CreateDeployment, strategy: str, *, rollback_of: str | None = None
-) -> Planned:
-    """Plan moving the tenants ``payload`` picks to a plugin version (see ``cohorts.py``)."""
-    for name in ("tenant_id", "release"):
-        if getattr(payload, name) is not None:
-            raise _field_error(
-                name,
-                f"a plugin deployment moves tenants: pick them with tenants, plan or "
-                f"environment, not {name}",
-            )
-    if payload.version is None:
-        raise _field_error("version", "a plugin deployment names the version tenants move to")
-    plugin, version = str(payload.plugin), payload.version
-    reg = registry()
-    served = reg.served.get(plugin)
-    if served is None or served.state != "active":
-        active = ", ".join(sorted(n for n, s in reg.served.items() if s.state == "active"))
-        raise _field_error("plugin", f"plugin {plugin!r} is not active; active: {active}")
-    installed = reg.installed_versions(plugin)
-    if version not in installed:
-        raise _field_error(
-            "version",
-            f"{plugin} {version} is not installed; installed: {', '.join(installed)} "
-            f"(cul8er plugin install, or plugin update)",
-        )
-    targets, environment = _pick_tenants(payload)
-    deployment_id = uuid.uuid4().hex
-    spec = DeploymentSpec(
-        deployment_id=deployment_id,
-        tenant_id="",
-        plugin=plugin,
-        version=version,
-        previous_version=served.loaded.version,
-        instances=targets,
-        config=payload.strategy_config,
-        environment=environment,
-    )
-    # The way back to a version that served (a rollback) needs neither check nor approval.
-    head = [] if rollback_of else [Stage(name="sandbox", action="sandbox")]
-    if (
-        environment == Environment.PRODUCTION
-        and get_settings().production_approvals > 0
-        and rollback_of is None
-    ):
-        head.append(Stage(name="approval", action="approval"))
-    stages = [*head, *get_strategy(strategy).plan(spec).stages]
-    return Planned(
-        payload,
-        deployment_id,
-        strategy,
-        stages,
-        rollback_of=rollback_of,
-        targets=tuple(targets),
-        previous_version=served.loaded.version,
-        environment=environment,
-    )
-
-
-def _pick_tenants(payload: CreateDeployment) -> tuple[list[str], str]:
-    """The tenants a plugin deployment moves, in hash order, and its environment (the most
-    guarded one among them: production if any is)."""
-    query = select(Tenant.id, Tenant.environment).where(
-        Tenant.status.in_((TenantStatus.ACTIVE, TenantStatus.SUSPENDED))
-    )
-    if payload.tenants is not None:
-        query = query.where(Tenant.id.in_(payload.tenants))
-    if payload.plan is not None:
-        query = query.where(Tenant.plan == payload.plan)
-    if payload.environment is not None:
-        query = query.where(Tenant.environment == payload.environment)
-    with session_scope() as session:
-        found = dict(session.execute(query).tuples().all())
-    if payload.tenants is not None:
-        missing = sorted(set(payload.tenants) - set(found))
-        if missing:
-            raise _field_error(
-                "tenants",
-                f"not active (or not matching plan/environment): {', '.join(missing[:10])}",
-            )
-    if not found:
-        raise _field_error("tenants", "no active tenant matches tenants, plan and environment")
-    order = list(Environment)  # from the least guarded to the most
-    environment = max(found.values(), key=lambda e: order.index(Environment(e)))
-    return hash_order(str(payload.plugin), list(found)), str(environment)
-
-
-def _open_for_plugin(session: Session, plugin: str) -> Deployment | None:
-    return session.scalars(
-        select(Deployment)
-        .where(Deployment.plugin == plugin, Deployment.status.in_(DEPLOYMENT_OPEN))
-        .order_by(Deployment.created_at)
-        .limit(1)
-    ).first()
-
-
-def _create_plugin(session: Session, planned: Planned) -> Outcome:
-    """Record a plugin deployment and start it: its sandbox stage runs before any approval."""
-    settings = get_settings()
-    payload = planned.payload
-    plugin = str(payload.plugin)
-    # The plugin's row, locked: two creates for one plugin take turns.
-    if session.get(Plugin, plugin, with_for_update=True) is None:
-        raise _field_error("plugin", f"plugin {plugin!r} has no row: run cul8er db upgrade")
-    open_one = _open_for_plugin(session, plugin)
-    if open_one is not None:
-        raise ConflictError(
-            f"plugin {plugin!r} has deployment {open_one.id} in progress ({open_one.status}); "
-            "one deployment at a time"
-        )
-    production = any(stage.action == "approval" for stage in planned.stages)
-    now = utcnow()
-    row = Deployment(
-        id=planned.deployment_id,
-        tenant_id=None,
-        plugin=plugin,
-        targets=list(planned.targets),
-        status=DeploymentStatus.PENDING,
-        strategy=planned.strategy,
-        strategy_config=dict(payload.strategy_config),
-        environment=planned.environment or Environment.DEVELOPMENT,
-        release={"version": payload.version},
-        previous_release={"version": planned.previous_version},
-        stages=[stage.model_dump(mode="json") for stage in planned.stages],
-        stage_index=0,
-        stage_state={},
-        measurements=[],
-        timeline=[{"at": now.isoformat(), "event": "created", "actor": payload.actor}],
-        approvals_required=settings.production_approvals if production else 0,
-        requests={},
-        actor=payload.actor,
-        rollback_of=planned.rollback_of,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(row)
-    session.flush()
-    _audit(
-        session,
-        row,
-        "created",
-        payload.actor,
-        plugin=plugin,
-        version=payload.version,
-        strategy=planned.strategy,
-        tenants=len(planned.targets),
-    )
-    emit(
-        "deployment.created",
-        subject=row.id,
-        data={"deployment_id": row.id, "plugin": plugin, "version": payload.version},
-    )
-    return _start_plugin(session, row)
-
-
-def _start_plugin(session: Session, row: Deployment) -> Outcome:
-    """A fresh ledger run for the plugin deployment (it owns no tenant: tenants keep working)."""
-    run = ledger.new_run(
-        session,
-        kind=WORKFLOW,
-        tenant_id=None,
-        input={"deployment_id": row.id},
-        grace=get_settings().reconcile_grace,
-    )
-    row.workflow_id = run.id
-    row.status = DeploymentStatus.PROGRESSING
-    row.reason = None
-    _timeline(row, "started", workflow_id=run.id)
-    emit(
-        "deployment.started",
-        workflow_id=run.id,
-        subject=row.id,
-        data={"deployment_id": row.id, "plugin": row.plugin, "version": row.release["version"]},
-    )
-    return Outcome(
-        data=summary(row),
-        dispatch=[(run.id, Phase.FORWARD, ledger.pending_tasks(session, run.id, Phase.FORWARD))],
-    )
-
-
-def _approved_plugin(session: Session, row: Deployment, approvers: list[str]) -> Outcome:
-    """Enough approvers: the parked approval stage goes on now."""
-    row.status = DeploymentStatus.PROGRESSING
-    row.stage_state = {"approved": True, "approvers": sorted(approvers)}
-    _timeline(row, "approval_complete", approvers=sorted(approvers))
-    send = ledger.wake(session, row.workflow_id) if row.workflow_id else []
-    return Outcome(data={**summary(row), "approvals": sorted(approvers)}, dispatch=send)
-
-
-def _wake_ended(session: Session, row: Deployment) -> list[tuple[str, str, list[str]]]:
-    """A plugin deployment refused while its run waits: wake the run so it ends now."""
-    if row.plugin is None or row.workflow_id is None:
-        return []
-    return ledger.wake(session, row.workflow_id)
 
 
 # -- approvals --------------------------------------------------------------------------------
@@ -567,8 +316,8 @@ def approve(session: Session, payload: DeploymentAction) -> Outcome:
         existing.decision, existing.created_at, existing.expires_at = "approve", now, now + ttl
     session.flush()
     approvers = _valid_approvals(session, row, now)
-    _audit(session, row, "approved", payload.actor, approvals=len(approvers))
-    _timeline(
+    audit(session, row, "approved", payload.actor, approvals=len(approvers))
+    add_timeline(
         row,
         "approved",
         actor=payload.actor,
@@ -591,7 +340,7 @@ def approve(session: Session, payload: DeploymentAction) -> Outcome:
             tenant_id=row.tenant_id,
         )
     if row.plugin is not None:
-        return _approved_plugin(session, row, approvers)
+        return plugin_commands.approved_plugin(session, row, approvers)
     tenant = session.get(Tenant, row.tenant_id, with_for_update=True)
     assert tenant is not None
     outcome = _start(session, row, tenant)
@@ -616,9 +365,13 @@ def reject(session: Session, payload: DeploymentAction) -> Outcome:
     )
     row.status, row.finished_at = DeploymentStatus.REJECTED, now
     row.reason = {"code": "rejected", "message": f"rejected by {payload.actor}: {payload.reason}"}
-    _audit(session, row, "rejected", payload.actor, reason=payload.reason)
-    _timeline(row, "rejected", actor=payload.actor, reason=payload.reason)
-    return Outcome(data=summary(row), tenant_id=row.tenant_id, dispatch=_wake_ended(session, row))
+    audit(session, row, "rejected", payload.actor, reason=payload.reason)
+    add_timeline(row, "rejected", actor=payload.actor, reason=payload.reason)
+    return Outcome(
+        data=summary(row),
+        tenant_id=row.tenant_id,
+        dispatch=plugin_commands.wake_ended(session, row),
+    )
 
 
 def expire_approvals(session: Session) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
@@ -646,17 +399,17 @@ def expire_approvals(session: Session) -> tuple[list[str], list[tuple[str, str, 
             )
         )
         for actor in approvers:
-            _audit(session, row, "approval_expired", actor)
+            audit(session, row, "approval_expired", actor)
         row.status, row.finished_at = DeploymentStatus.EXPIRED, now
         row.reason = {
             "code": "expired",
             "message": f"not approved by {row.approvals_required} approvers in time "
             f"(had {len(approvers)})",
         }
-        _audit(session, row, "expired", "cul8er", approvals=approvers)
-        _timeline(row, "expired", approvals=approvers)
+        audit(session, row, "expired", "cul8er", approvals=approvers)
+        add_timeline(row, "expired", approvals=approvers)
         expired.append(row.id)
-        send.extend(_wake_ended(session, row))
+        send.extend(plugin_commands.wake_ended(session, row))
     return expired, send
 
 
@@ -666,7 +419,7 @@ def expire_approvals(session: Session) -> tuple[list[str], list[tuple[str, str, 
 def _ask(session: Session, row: Deployment, key: str, actor: str, **extra: Any) -> Outcome:
     """Leave a request for the running stage and wake the step now."""
     row.requests = {**row.requests, key: {"actor": actor, "at": utcnow().isoformat(), **extra}}
-    _audit(session, row, f"{key}_requested", actor, **extra)
+    audit(session, row, f"{key}_requested", actor, **extra)
     send = ledger.wake(session, row.workflow_id) if row.workflow_id else []
     return Outcome(data={**summary(row), "requested": key}, tenant_id=row.tenant_id, dispatch=send)
 
@@ -706,10 +459,12 @@ def abort(session: Session, payload: DeploymentAction) -> Outcome:
     if row.status in (DeploymentStatus.PENDING, DeploymentStatus.AWAITING_APPROVAL):
         row.status, row.finished_at = DeploymentStatus.ABORTED, utcnow()
         row.reason = {"code": "aborted", "message": f"aborted by {payload.actor} before it started"}
-        _audit(session, row, "aborted", payload.actor, reason=payload.reason)
-        _timeline(row, "aborted", actor=payload.actor)
+        audit(session, row, "aborted", payload.actor, reason=payload.reason)
+        add_timeline(row, "aborted", actor=payload.actor)
         return Outcome(
-            data=summary(row), tenant_id=row.tenant_id, dispatch=_wake_ended(session, row)
+            data=summary(row),
+            tenant_id=row.tenant_id,
+            dispatch=plugin_commands.wake_ended(session, row),
         )
     if row.status not in (DeploymentStatus.PROGRESSING, DeploymentStatus.PAUSED):
         raise ConflictError(f"deployment {row.id} is {row.status}: there is nothing to abort")
@@ -725,16 +480,16 @@ def retry(session: Session, payload: DeploymentAction) -> Outcome:
             f"(retry works after {', '.join(_RETRYABLE)})"
         )
     if row.plugin is not None:
-        open_plugin = _open_for_plugin(session, row.plugin)
+        open_plugin = plugin_commands.open_for_plugin(session, row.plugin)
         if open_plugin is not None:
             raise ConflictError(
                 f"plugin {row.plugin!r} has deployment {open_plugin.id} in progress"
             )
         row.stage_index, row.stage_state, row.requests = 0, {}, {}
         row.finished_at = None
-        _audit(session, row, "retried", payload.actor)
-        _timeline(row, "retried", actor=payload.actor)
-        return _start_plugin(session, row)
+        audit(session, row, "retried", payload.actor)
+        add_timeline(row, "retried", actor=payload.actor)
+        return plugin_commands.start_plugin(session, row)
     assert row.tenant_id is not None
     open_one = _open_for(session, row.tenant_id)
     if open_one is not None:
@@ -748,8 +503,8 @@ def retry(session: Session, payload: DeploymentAction) -> Outcome:
         )
     row.stage_index, row.stage_state, row.requests = 0, {}, {}
     row.finished_at = None
-    _audit(session, row, "retried", payload.actor)
-    _timeline(row, "retried", actor=payload.actor)
+    audit(session, row, "retried", payload.actor)
+    add_timeline(row, "retried", actor=payload.actor)
     return _start(session, row, tenant)
 
 
@@ -797,7 +552,7 @@ def rollback(session: Session, planned: Planned) -> Outcome:
             "way (abort one in progress)"
         )
     if row.plugin is not None:
-        _audit(session, row, "rollback_requested", action.actor, reason=action.reason)
+        audit(session, row, "rollback_requested", action.actor, reason=action.reason)
         outcome = create(session, planned)
         outcome.data["rollback_of"] = row.id
         return outcome
@@ -808,7 +563,7 @@ def rollback(session: Session, planned: Planned) -> Outcome:
             f"tenant {tenant.id!r} runs {tenant.release.get('version')!r} now, not this "
             f"deployment's {row.release.get('version')!r}"
         )
-    _audit(session, row, "rollback_requested", action.actor, reason=action.reason)
+    audit(session, row, "rollback_requested", action.actor, reason=action.reason)
     outcome = create(session, planned)
     outcome.data["rollback_of"] = row.id
     return outcome
@@ -848,26 +603,13 @@ def describe(session: Session, row: Deployment) -> dict[str, Any]:
             for a in approvals
         ],
         "requests": row.requests,
-        "moved": _moved(session, row),
+        "moved": plugin_commands.moved(session, row),
         "reason": row.reason,
         "actor": row.actor,
         "rollback_of": row.rollback_of,
         "created_at": row.created_at.isoformat(),
         "finished_at": row.finished_at.isoformat() if row.finished_at else None,
     }
-
-
-def _moved(session: Session, row: Deployment) -> list[str] | None:
-    """A plugin deployment's tenants on its version now, in move order (``None``: a release)."""
-    if row.plugin is None:
-        return None
-    cohort = Cohort(
-        deployment_id=row.id,
-        plugin=row.plugin,
-        version=str(row.release["version"]),
-        targets=[str(t) for t in row.targets],
-    )
-    return cohort.moved(session)
 
 
 def list_deployments(session: Session, payload: ListDeployments) -> list[dict[str, Any]]:

@@ -11,11 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from workers.engine.events import emit
 from workers.runtime.db import session_scope
-from workers.runtime.errors import PermanentError
-from workers.runtime.models import Deployment, utcnow
+from workers.runtime.errors import PermanentError, ValidationFailedError
+from workers.runtime.models import AuditEvent, Deployment, utcnow
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from schemas.events import EventType
+    from schemas.plugins import Stage
+    from schemas.tasks import CreateDeployment, DeploymentAction
 
 __all__ = [
     "Aborted",
@@ -24,17 +28,25 @@ __all__ = [
     "HOLD",
     "Hold",
     "INLINE_WAIT",
+    "Planned",
     "Result",
+    "WORKFLOW",
     "Wait",
+    "add_timeline",
+    "audit",
     "consume",
     "event",
+    "field_error",
     "now",
     "read",
+    "summary",
     "ts",
     "write",
 ]
 
 
+#: The ledger workflow that carries a deployment (declared in ``tasks/workflows.py``).
+WORKFLOW = "deployment"
 #: Waits up to this long are slept inside the step (seconds); longer ones park in the ledger.
 INLINE_WAIT = 2.0
 #: How long a step held for a person parks; their command wakes it sooner.
@@ -129,3 +141,59 @@ def event(row: Deployment, event_type: EventType, **data: Any) -> None:
         subject=row.id,
         data={"deployment_id": row.id, "version": row.release.get("version"), **data},
     )
+
+
+# -- what commands share --------------------------------------------------------------------
+
+
+def field_error(field: str, message: str) -> ValidationFailedError:
+    return ValidationFailedError(message, errors=[{"field": field, "message": message}])
+
+
+def audit(session: Session, row: Deployment, kind: str, actor: str, **data: Any) -> None:
+    session.add(
+        AuditEvent(
+            tenant_id=row.tenant_id,
+            kind=f"deployment.{kind}",
+            data={"deployment_id": row.id, "actor": actor, **data},
+        )
+    )
+
+
+def add_timeline(row: Deployment, event: str, **data: Any) -> None:
+    row.timeline = [*row.timeline, {"at": utcnow().isoformat(), "event": event, **data}]
+
+
+def summary(row: Deployment) -> dict[str, Any]:
+    """The short form of a deployment (what commands answer)."""
+    return {
+        "deployment_id": row.id,
+        "tenant_id": row.tenant_id,
+        "plugin": row.plugin,
+        "targets": len(row.targets) if row.plugin else None,
+        "status": row.status,
+        "strategy": row.strategy,
+        "version": row.release.get("version"),
+        "previous_version": row.previous_release.get("version"),
+        "environment": row.environment,
+        "stage_index": row.stage_index,
+        "stages": len(row.stages),
+        "workflow_id": row.workflow_id,
+    }
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A deployment planned by its strategy before the transaction that records it."""
+
+    payload: CreateDeployment
+    deployment_id: str
+    strategy: str
+    stages: list[Stage]
+    rollback_of: str | None = None
+    #: The action that asked for it (a fast rollback's actor and reason).
+    action: DeploymentAction | None = None
+    #: A plugin deployment's tenants, in the order they move, and the version they leave.
+    targets: tuple[str, ...] = ()
+    previous_version: str | None = None
+    environment: str | None = None
