@@ -356,10 +356,11 @@ class PluginRegistry:
             row = rows.get(served.name)
             root = str(served.loaded.root) if served.loaded.root else None
             source = served.loaded.source
-            if row is not None and row.source and (row.root, row.checksum) == (
+            same_copy = row is not None and (row.root, row.checksum) == (
                 root,
                 served.loaded.checksum,
-            ):
+            )
+            if row is not None and row.source and same_copy:
                 source = row.source  # where it came from (git@commit, a registry), not the copy
             self._upsert(
                 served.name,
