@@ -237,6 +237,9 @@ def test_install_from_git_at_a_tag_and_at_a_commit(stack: Stack, tmp_path: Path)
     assert answer["version"] == "0.2.0" and answer["commit"] == latest
     assert row(stack, "gitdemo").source == f"git:file://{repo}@{latest}"
     assert row(stack, "gitdemo").version == "0.2.0"
+    # And a later boot of a registry (any cul8er command) keeps that source on the row
+    cli(stack, "plugin", "list", "--json")
+    assert row(stack, "gitdemo").source == f"git:file://{repo}@{latest}"
 
     # And a ref that does not exist is refused with git's reason
     missing = cli(stack, "plugin", "install", f"git+{repo}@no-such-ref", check=False)
