@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 from schemas.events import Event
 from tests.conftest import build_stack, teardown_stack
 from tests.integration.test_plugins import cli, observer
+from tests.plugin_factory import rewrite_manifest
 from tests.stack import Stack
 from workers.runtime.models import Deployment, Tenant, TenantPlugin
 from workers.runtime.waiting import wait_until
@@ -475,3 +476,26 @@ def test_rolling_moves_tenants_in_batches(fleet: Stack) -> None:
     batches = [e["batch_size"] for e in done.timeline if e.get("action") == "replace"]
     assert batches == [5, 5, 5, 5], done.timeline
     reset(fleet)
+
+
+def test_a_version_whose_own_tests_fail_stops_in_the_sandbox(fleet: Stack) -> None:
+    # Given 1.5.0 shipping its own tests, one of which fails
+    folder = Path(fleet.extra_env["CUL8ER_PLUGIN_PATH"])
+    root = folder / f"{PLUGIN}-1.5.0"
+    if not root.exists():
+        observer(folder, PLUGIN, "1.5.0")
+        (root / "tests").mkdir()
+        (root / "tests" / "test_refunds.py").write_text(
+            "import cul8er_gateway\n\n\n"
+            "def test_refunds():\n"
+            "    assert cul8er_gateway.Plugin, 'imported'\n"
+            "    assert False, 'refunds are broken'\n"
+        )
+        rewrite_manifest(root)
+    created = create(fleet, "1.5.0", "direct", tenants=["shop-09"])
+    ended = wait_status(fleet, created["deployment_id"], "rolled_back", "succeeded", "failed")
+    assert ended.status == "rolled_back"
+    assert ended.reason and ended.reason["code"] == "sandbox_failed", ended.reason
+    assert "own tests failed" in ended.reason["message"], ended.reason
+    assert "1 failed" in ended.reason["message"], ended.reason
+    assert pins(fleet) == {}

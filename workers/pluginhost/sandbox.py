@@ -79,7 +79,9 @@ def _own_tests(root: Path, name: str) -> dict[str, Any] | None:
             capture_output=True,
             text=True,
             timeout=TESTS_TIMEOUT,
-            env={"PYTHONPATH": str(root.parent), "PATH": "/usr/bin:/bin"},
+            # The plugin's module imports from its root (a folder holding the package) or
+            # from the folder above it (the module folder itself holds the manifest).
+            env={"PYTHONPATH": f"{root}:{root.parent}", "PATH": "/usr/bin:/bin"},
         )
     except subprocess.TimeoutExpired:
         return {"ok": False, "tail": f"timed out after {TESTS_TIMEOUT:g} s"}
