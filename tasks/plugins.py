@@ -78,10 +78,13 @@ def install(_session: Session, payload: InstallPlugin) -> Outcome:
 
 
 @app.task(name="cul8er.plugins.sandbox_check", base=Cul8erTask, acks_late=False)
-def sandbox_check(name: str, version: str) -> dict[str, Any]:
-    """Check ``name`` ``version`` as an install would, plus its own tests (read-only: safe to
-    run twice; not acked late, so a sandbox process killed by its limits fails the check)."""
-    return check_version(name, version, settings=get_settings())
+def sandbox_check(
+    name: str, version: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Check ``name`` ``version`` as an install would, plus its own tests and the tenants'
+    config ``overrides`` (references only). Read-only: safe to run twice; not acked late, so a
+    sandbox process killed by its limits fails the check."""
+    return check_version(name, version, settings=get_settings(), overrides=overrides)
 
 
 def _field_error(field: str, message: str) -> ValidationFailedError:

@@ -499,3 +499,30 @@ def test_a_version_whose_own_tests_fail_stops_in_the_sandbox(fleet: Stack) -> No
     assert "own tests failed" in ended.reason["message"], ended.reason
     assert "1 failed" in ended.reason["message"], ended.reason
     assert pins(fleet) == {}
+
+
+def test_tenants_whose_own_config_does_not_fit_the_new_version_stop_it_in_the_sandbox(
+    fleet: Stack,
+) -> None:
+    # Given 1.6.0, whose config model renamed `token` to `api_key`, and shop-10 with a token
+    folder = Path(fleet.extra_env["CUL8ER_PLUGIN_PATH"])
+    root = folder / f"{PLUGIN}-1.6.0"
+    if not root.exists():
+        observer(folder, PLUGIN, "1.6.0")
+        module = root / f"cul8er_{PLUGIN}" / "__init__.py"
+        module.write_text(module.read_text().replace('token: str = ""', 'api_key: str = ""'))
+        rewrite_manifest(root)
+    answer = fleet.call(
+        "cul8er.tenants.set_plugin", tenant_id="shop-10", plugin=PLUGIN, config={"token": "t"}
+    )
+    assert answer["ok"], answer
+    try:
+        # When 1.6.0 is deployed to it
+        created = create(fleet, "1.6.0", "direct", tenants=["shop-10", "shop-11"])
+        ended = wait_status(fleet, created["deployment_id"], "rolled_back", "succeeded", "failed")
+        # Then the sandbox refuses it naming the tenant, and nobody moved
+        assert ended.reason and ended.reason["code"] == "sandbox_failed", ended.reason
+        assert "shop-10" in ended.reason["message"], ended.reason
+        assert pins(fleet) == {"shop-10": None}
+    finally:
+        reset(fleet)

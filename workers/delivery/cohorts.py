@@ -69,6 +69,16 @@ class Cohort:
         )
         return [t for t in self.targets if t in rows]
 
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """The targets' own config overrides (``${secret:}`` references, never values)."""
+        with session_scope() as session:
+            rows = session.execute(
+                select(TenantPlugin.tenant_id, TenantPlugin.config).where(
+                    TenantPlugin.plugin == self.plugin, TenantPlugin.tenant_id.in_(self.targets)
+                )
+            ).all()
+        return {tenant_id: dict(config) for tenant_id, config in rows if config}
+
     def move(self, tenants: list[str], *, actor: str = "cul8er") -> list[str]:
         """Put ``tenants`` on the new version; the ones moved now (again: none)."""
         moved: list[str] = []

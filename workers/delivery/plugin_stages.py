@@ -100,7 +100,11 @@ def _sandbox(row: Deployment, stage: Stage, cohort: Cohort) -> Result:
         task_id = f"{row.id}-sandbox-{len(row.timeline)}"
         app.send_task(
             "cul8er.plugins.sandbox_check",
-            kwargs={"name": cohort.plugin, "version": cohort.version},
+            kwargs={
+                "name": cohort.plugin,
+                "version": cohort.version,
+                "overrides": cohort.overrides(),
+            },
             task_id=task_id,
             queue=settings.sandbox_queue,
         )
@@ -147,7 +151,8 @@ def _load_version(row: Deployment, stage: Stage, cohort: Cohort) -> Result:
     reg = registry()
     try:
         served = reg.version(cohort.plugin, cohort.version)
-        reg.instance(served)  # built: its self_test ran here too
+        if served.trusted:
+            reg.instance(served)  # built: its self_test runs here too (untrusted: sandbox only)
     except PermanentError as exc:
         raise SandboxFailed(f"{cohort.plugin} {cohort.version} does not load here: {exc}") from exc
     return Done({"loaded": cohort.version})

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from workers.pluginhost.admin import _candidate, _check
+from workers.pluginhost.loader import validate_config
 from workers.runtime.db import session_scope
-from workers.runtime.errors import Cul8erError
+from workers.runtime.errors import Cul8erError, PluginError
 from workers.runtime.models import Plugin
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from workers.pluginhost.loader import LoadedPlugin
     from workers.runtime.settings import Settings
 
 __all__ = ["CHECKS", "check_version"]
@@ -42,8 +44,18 @@ CHECKS: Final = (
 TESTS_TIMEOUT: Final = 300.0
 
 
-def check_version(name: str, version: str, *, settings: Settings) -> dict[str, Any]:
-    """Every check of ``name`` ``version``: ``{"ok", "checks", "tests", "error"}``."""
+def check_version(
+    name: str,
+    version: str,
+    *,
+    settings: Settings,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Every check of ``name`` ``version``: ``{"ok", "checks", "tests", "error"}``.
+
+    ``overrides``: tenants' own config (references, never values), each checked merged over the
+    plugin's config by this version's config model, before any of them moves to it.
+    """
     try:
         candidate = _candidate(name, settings, version)
         config = settings.plugin_config.get(name)
@@ -55,6 +67,14 @@ def check_version(name: str, version: str, *, settings: Settings) -> dict[str, A
     except Cul8erError as exc:
         log.warning("sandbox_check_failed", plugin=name, version=version, error=str(exc))
         return {"ok": False, "checks": [], "tests": None, "error": str(exc)}
+    misfits = _misfits(loaded, config, overrides or {})
+    if misfits:
+        return {
+            "ok": False,
+            "checks": list(CHECKS),
+            "tests": None,
+            "error": f"tenants' config overrides do not fit {version}: {'; '.join(misfits[:5])}",
+        }
     tests = _own_tests(loaded.root, name) if loaded.root is not None else None
     ok = tests is None or tests["ok"] is not False
     return {
@@ -63,6 +83,19 @@ def check_version(name: str, version: str, *, settings: Settings) -> dict[str, A
         "tests": tests,
         "error": None if ok else f"the plugin's own tests failed: {tests and tests['tail']}",
     }
+
+
+def _misfits(
+    loaded: LoadedPlugin, config: dict[str, Any], overrides: dict[str, dict[str, Any]]
+) -> list[str]:
+    """``tenant: why`` for each tenant whose overrides this version's config model refuses."""
+    misfits = []
+    for tenant_id, own in sorted(overrides.items()):
+        try:
+            validate_config(loaded, {**config, **own})
+        except PluginError as exc:
+            misfits.append(f"{tenant_id}: {exc}")
+    return misfits
 
 
 def _own_tests(root: Path, name: str) -> dict[str, Any] | None:

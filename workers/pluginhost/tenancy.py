@@ -47,11 +47,15 @@ def pinned_plugins(url: str) -> frozenset[str]:
 
 
 def rolling_versions(url: str) -> frozenset[tuple[str, str]]:
-    """(plugin, version) of every plugin deployment in progress: what workers load ahead."""
+    """(plugin, version) of every plugin deployment in progress past its first stage (the
+    sandbox: no version is imported on a general worker before it passed there): what workers
+    load ahead of the switch."""
     with session_scope(url) as session:
         rows = session.execute(
             select(Deployment.plugin, Deployment.release).where(
-                Deployment.plugin.is_not(None), Deployment.status.in_(DEPLOYMENT_OPEN)
+                Deployment.plugin.is_not(None),
+                Deployment.status.in_(DEPLOYMENT_OPEN),
+                Deployment.stage_index > 0,
             )
         ).all()
     return frozenset((str(plugin), str(release.get("version"))) for plugin, release in rows)
