@@ -221,7 +221,7 @@ def plugin_search(query: str, as_json: JsonOpt = False) -> None:
     """Plugins on the registries whose name, description or keywords hold QUERY."""
     import base64
 
-    from workers.pluginhost.sources import search
+    from workers.pluginhost.indexes import search
 
     settings = get_settings()
     if not settings.plugin_registries:

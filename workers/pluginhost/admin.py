@@ -26,18 +26,16 @@ from workers.engine.events import emit
 from workers.pluginhost.contracts import operations
 from workers.pluginhost.deps import load_order
 from workers.pluginhost.discovery import ARCHIVE_SUFFIXES, read_candidate
+from workers.pluginhost.indexes import PackageIndex, fetch_wheel_plugin, newest
 from workers.pluginhost.loader import build_instance, load_candidate, validate_config
 from workers.pluginhost.registry import API_VERSION, PluginRegistry
 from workers.pluginhost.sources import (
     FolderSource,
     GitSource,
-    PackageIndex,
     PipSource,
     RegistrySource,
-    fetch_wheel_plugin,
     file_sha256,
     git_checkout,
-    newest,
     parse_source,
     redact_url,
 )
@@ -55,8 +53,8 @@ from workers.runtime.models import AuditEvent, Plugin
 if TYPE_CHECKING:
     from schemas.manifest import Manifest
     from workers.pluginhost.discovery import Candidate
+    from workers.pluginhost.indexes import IndexFile
     from workers.pluginhost.loader import LoadedPlugin
-    from workers.pluginhost.sources import IndexFile
     from workers.runtime.settings import Settings
 
 __all__ = ["install", "registries", "reload", "set_enabled", "update", "validate_path"]

@@ -11,20 +11,22 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from workers.pluginhost.sources import (
-    FolderSource,
-    GitSource,
+from workers.pluginhost.indexes import (
     IndexFile,
     PackageIndex,
-    PipSource,
-    RegistrySource,
     newest,
     parse_project_page,
     parse_projects_page,
-    parse_source,
     read_wheel_plugin,
-    redact_url,
     unpack_wheel,
+)
+from workers.pluginhost.sources import (
+    FolderSource,
+    GitSource,
+    PipSource,
+    RegistrySource,
+    parse_source,
+    redact_url,
 )
 from workers.runtime.errors import PluginError, ValidationFailedError
 
