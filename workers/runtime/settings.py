@@ -205,6 +205,30 @@ class Settings(BaseSettings):
     #: Port a worker serves ``/metrics`` on, on 127.0.0.1 (``0``: no exporter).
     prometheus_port: int = 0
 
+    # -- the HTTP API (``cul8er api``) -----------------------------------------------------------
+    #: Where ``cul8er api`` listens (loopback by default; put TLS or a proxy in front).
+    api_host: str = "127.0.0.1"
+    api_port: int = 8800
+    #: HS256 shared secret for bearer tokens (``cul8er api token`` signs with it).
+    api_jwt_secret: SecretStr | None = None
+    #: RS256/ES256: a PEM public key file, or a JWKS URL (keys cached); a PEM private key file
+    #: lets ``cul8er api token`` sign with it.
+    api_jwt_public_key_file: Path | None = None
+    api_jwks_url: str | None = None
+    api_jwt_private_key_file: Path | None = None
+    #: Algorithms accepted (``none`` never is).
+    api_jwt_algorithms: list[str] = Field(default_factory=lambda: ["HS256", "RS256", "ES256"])
+    #: Required ``iss`` and ``aud`` claims.
+    api_jwt_issuer: str = "cul8er"
+    api_jwt_audience: str = "cul8er-api"
+    #: Clock skew allowed on ``exp`` and ``nbf`` (seconds).
+    api_jwt_leeway: float = 30.0
+    #: Calls per subject per window, per route class (the ``limits`` notation).
+    api_rate_read: str = "600/minute"
+    api_rate_write: str = "120/minute"
+    #: Proxies whose ``X-Forwarded-*`` headers are honoured (comma-separated addresses).
+    api_forwarded_allow_ips: str = "127.0.0.1"
+
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 
