@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from workers.cli.api import api_cli
 from workers.cli.client import call
 from workers.cli.console import JsonOpt, add_row, complain, console, emit, line
 from workers.cli.deploy import deploy_cli
@@ -38,6 +39,7 @@ platform_cli = typer.Typer(help="Compare platforms with the database.", no_args_
 cli.add_typer(stack_cli)  # adds `up` and `down` themselves
 cli.add_typer(tenant_cli, name="tenant")
 cli.add_typer(deploy_cli, name="deploy")
+cli.add_typer(api_cli, name="api")
 cli.add_typer(workflow_cli, name="workflow")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(schema_cli, name="schema")
