@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from workers.api import deployments, health, problems, tenants, workflows
+from workers.api import deployments, health, plugins, problems, tenants, workflows
 from workers.api.auth import AuthError
 from workers.api.deps import Limited
 from workers.api.middleware import RequestLog
@@ -45,6 +45,12 @@ def create_app() -> FastAPI:
 
     api.add_middleware(RequestLog)
     api.include_router(health.router)
-    for module in (tenants, workflows, deployments):
-        api.include_router(module.router, prefix=PREFIX)
+    for router in (
+        tenants.router,
+        plugins.tenant_router,
+        workflows.router,
+        deployments.router,
+        plugins.router,
+    ):
+        api.include_router(router, prefix=PREFIX)
     return api
