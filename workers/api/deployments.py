@@ -77,7 +77,8 @@ def _environment_of(body: CreateDeployment) -> tuple[str, list[str] | None]:
 def create(body: CreateDeployment, caller: Writer, key: IdempotencyKey = None) -> Response:
     """Create a deployment; it starts at once, or waits for approvers in production."""
     environment, tenants = _environment_of(body)
-    for tenant_id in tenants or [None]:
+    named: list[str | None] = list(tenants) if tenants else [None]
+    for tenant_id in named:
         authorize(
             caller,
             Action.DEPLOYMENT_WRITE,

@@ -6,7 +6,6 @@ Every command reads the database directly (no worker needed) and has ``--json``.
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import typer
@@ -16,8 +15,15 @@ from sqlalchemy import select
 
 from workers.cli.console import JsonOpt, add_row, complain, console, emit, fail, line
 from workers.cli.lookups import find_invoice, find_tenant
+from workers.economics.views import (
+    autoscale_decisions,
+    invoice_view,
+    metric_views,
+    money,
+    usage_rows,
+)
 from workers.runtime.db import session_scope
-from workers.runtime.models import AutoscaleDecision, Invoice, Operation, UsageRecord, utcnow
+from workers.runtime.models import Invoice, Operation, utcnow
 from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
@@ -81,61 +87,6 @@ def _moment(text: str | None, option: str) -> dt.datetime | None:
 # -- usage ------------------------------------------------------------------------------------
 
 
-def _total(aggregation: str, rows: list[UsageRecord]) -> float:
-    """The rows' total as their aggregation reads: a sum, a peak or a time-weighted mean."""
-    if aggregation == "max":
-        return max(r.value for r in rows)
-    if aggregation == "avg":
-        seconds = [(r.window_end - r.window_start).total_seconds() for r in rows]
-        covered = sum(seconds)
-        if covered <= 0:
-            return sum(r.value for r in rows) / len(rows)
-        return sum(r.value * s for r, s in zip(rows, seconds, strict=True)) / covered
-    return sum(r.value for r in rows)
-
-
-def _usage_rows(
-    session: Session, tenant_id: str, since: dt.datetime, until: dt.datetime, metric: str | None
-) -> list[UsageRecord]:
-    """The tenant's usage rows whose window starts in [since, until), by metric and time."""
-    query = (
-        select(UsageRecord)
-        .where(
-            UsageRecord.tenant_id == tenant_id,
-            UsageRecord.window_start >= since,
-            UsageRecord.window_start < until,
-        )
-        .order_by(UsageRecord.metric, UsageRecord.window_start)
-    )
-    if metric:
-        query = query.where(UsageRecord.metric == metric)
-    return list(session.scalars(query))
-
-
-def _metric_views(rows: list[UsageRecord]) -> list[dict[str, Any]]:
-    """One entry per metric: its aggregation, total, window count and rows."""
-    grouped: dict[str, list[UsageRecord]] = {}
-    for row in rows:
-        grouped.setdefault(row.metric, []).append(row)
-    return [
-        {
-            "metric": name,
-            "aggregation": group[0].aggregation,
-            "total": _total(group[0].aggregation, group),
-            "windows": len(group),
-            "rows": [
-                {
-                    "window_start": r.window_start.isoformat(),
-                    "window_end": r.window_end.isoformat(),
-                    "value": r.value,
-                }
-                for r in group
-            ],
-        }
-        for name, group in grouped.items()
-    ]
-
-
 def _print_usage(view: dict[str, Any], limit: int) -> None:
     """The totals per metric, then each metric's last ``limit`` windows."""
     console.print(line((view["tenant_id"], "bold"), f" usage from {view['from']} to {view['to']}"))
@@ -179,12 +130,12 @@ def usage_show(
             tenant.billing_anchor, settings.billing_period, now
         )
         until = _moment(end, "--to") or now
-        rows = _usage_rows(session, tenant_id, since, until, metric)
+        rows = usage_rows(session, tenant_id, since, until, metric)
     view = {
         "tenant_id": tenant_id,
         "from": since.isoformat(),
         "to": until.isoformat(),
-        "metrics": _metric_views(rows),
+        "metrics": metric_views(rows),
     }
     if as_json:
         emit(view)
@@ -193,27 +144,6 @@ def usage_show(
 
 
 # -- invoices ---------------------------------------------------------------------------------
-
-
-def _money(value: Any) -> str:
-    return str(Decimal(str(value)).quantize(Decimal("0.0001"))) if value is not None else "-"
-
-
-def _invoice_view(invoice: Invoice, *, lines: bool) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "invoice_id": invoice.id,
-        "tenant_id": invoice.tenant_id,
-        "period_start": invoice.period_start.isoformat(),
-        "period_end": invoice.period_end.isoformat(),
-        "currency": invoice.currency,
-        "total": _money(invoice.total),
-        "status": invoice.status,
-        "lines_count": len(invoice.lines or []),
-        "created_at": invoice.created_at.isoformat(),
-    }
-    if lines:
-        view["lines"] = list(invoice.lines or [])
-    return view
 
 
 @invoice_cli.command("list")
@@ -227,7 +157,7 @@ def invoice_list(
         query = select(Invoice).order_by(Invoice.period_start.desc(), Invoice.id).limit(limit)
         if tenant:
             query = query.where(Invoice.tenant_id == tenant)
-        views = [_invoice_view(i, lines=False) for i in session.scalars(query)]
+        views = [invoice_view(i, lines=False) for i in session.scalars(query)]
     if as_json:
         emit(views)
         return
@@ -250,7 +180,7 @@ def invoice_list(
 def invoice_show(invoice_id: str, as_json: JsonOpt = False) -> None:
     """One invoice with its lines."""
     with session_scope() as session:
-        view = _invoice_view(find_invoice(session, invoice_id), lines=True)
+        view = invoice_view(find_invoice(session, invoice_id), lines=True)
     if as_json:
         emit(view)
         return
@@ -276,7 +206,7 @@ def invoice_show(invoice_id: str, as_json: JsonOpt = False) -> None:
             str(item.get("quantity", "-")),
             str(item.get("included", "-")),
             str(item.get("unit_price", "-")),
-            _money(item.get("amount")) + (" (late)" if item.get("late") else ""),
+            money(item.get("amount")) + (" (late)" if item.get("late") else ""),
         )
     total = Text("total", style="bold")
     add_row(table, total, "", "", "", "", "", "", "", f"{view['total']} {view['currency']}")
@@ -289,28 +219,6 @@ def invoice_show(invoice_id: str, as_json: JsonOpt = False) -> None:
 def _inputs_text(inputs: dict[str, Any]) -> str:
     keys = ("value", "threshold", "window", "samples", "instances", "held_seconds")
     return " ".join(f"{k}={inputs[k]}" for k in keys if k in inputs)
-
-
-def _decisions(session: Session, tenant_id: str, last: int) -> list[dict[str, Any]]:
-    """The tenant's ``last`` autoscale decisions, newest first."""
-    query = (
-        select(AutoscaleDecision)
-        .where(AutoscaleDecision.tenant_id == tenant_id)
-        .order_by(AutoscaleDecision.decided_at.desc(), AutoscaleDecision.id.desc())
-        .limit(last)
-    )
-    return [
-        {
-            "decided_at": d.decided_at.isoformat(),
-            "window_start": d.window_start.isoformat(),
-            "rule": d.rule,
-            "action": d.action,
-            "reason": d.reason,
-            "inputs": d.inputs,
-            "workflow_id": d.workflow_id,
-        }
-        for d in session.scalars(query)
-    ]
 
 
 def _rules(settings: Settings, tenant: Tenant) -> tuple[list[AutoscaleRule], list[str]]:
@@ -373,7 +281,7 @@ def autoscale_explain(
                 "cooldown": settings.autoscale_cooldown,
                 "stabilization": settings.autoscale_stabilization,
             },
-            "decisions": _decisions(session, tenant_id, last),
+            "decisions": autoscale_decisions(session, tenant_id, last),
         }
     if as_json:
         emit(view)
