@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from workers.api import deployments, health, plugins, problems, tenants, workflows
+from workers.api import deployments, health, plugins, problems, records, tenants, workflows
 from workers.api.auth import AuthError
 from workers.api.deps import Limited
 from workers.api.middleware import RequestLog
@@ -51,6 +51,7 @@ def create_app() -> FastAPI:
         workflows.router,
         deployments.router,
         plugins.router,
+        records.router,
     ):
         api.include_router(router, prefix=PREFIX)
     return api

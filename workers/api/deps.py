@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from fastapi import Depends, Header, Request, Response
 
 from workers.api.auth import AuthError, TokenVerifier, bearer
-from workers.api.ratelimit import RateLimiter
+from workers.api.ratelimit import Decision, RateLimiter
 from workers.api.roles import Principal
 from workers.runtime.settings import get_settings
 
@@ -47,7 +47,7 @@ def gate() -> Gate:
 class Limited(Exception):
     """The subject called too often; carries the limiter's decision (answered 429)."""
 
-    def __init__(self, decision: object) -> None:
+    def __init__(self, decision: Decision) -> None:
         super().__init__("rate limited")
         self.decision = decision
 
