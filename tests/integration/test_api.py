@@ -1,0 +1,243 @@
+"""The HTTP API end to end: a real uvicorn server, real workers, tokens of every role.
+
+The server is ``cul8er api serve`` as an operator runs it; the calls are plain HTTP on
+127.0.0.1 with bearer tokens that ``issue_token`` signs with the server's secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from tests.conftest import build_stack, teardown_stack
+from tests.stack import ROOT, Stack
+from workers.api.auth import issue_token
+from workers.api.roles import Role
+from workers.runtime.settings import Settings
+from workers.runtime.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+SECRET = "s" * 48
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(stack: Stack, **env: str) -> Iterator[str]:
+    """``cul8er api serve`` on a free loopback port with ``env`` on top; its base URL."""
+    port = free_port()
+    log = (stack.data_dir / f"api-{port}.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli.main", "api", "serve", "--port", str(port)],
+        env={**stack.env, **env},
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base), timeout=30, interval=0.2, error=AssertionError)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
+    """A stack with a worker and beat, and ``cul8er api serve`` on a loopback port."""
+    stack = build_stack("redis-postgres", tmp_path_factory.mktemp("api"))
+    stack.extra_env.update(CUL8ER_API_JWT_SECRET=SECRET)
+    try:
+        stack.start_worker("main", concurrency=3)
+        stack.start_beat()
+        with serve(stack) as base:
+            yield stack, base
+    finally:
+        teardown_stack(stack)
+
+
+def _answers(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def token(role: Role, subject: str | None = None, tenants: tuple[str, ...] = (), **kw: Any) -> str:
+    settings = Settings(api_jwt_secret=SECRET)  # type: ignore[arg-type]
+    return issue_token(
+        settings, subject=subject or f"{role.value}-1", role=role, tenants=tenants, **kw
+    )
+
+
+def client(base: str, role: Role, **kw: Any) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"{base}/api/v1",
+        headers={"Authorization": f"Bearer {token(role, **kw)}"},
+        timeout=120,
+    )
+
+
+# -- a tenant's whole life --------------------------------------------------------------------
+
+
+def test_a_tenant_s_whole_life_over_http(api: tuple[Stack, str]) -> None:
+    _, base = api
+    ops = client(base, Role.OPERATOR)
+    created = ops.post("/tenants?wait=90", json={"name": "Web Shop", "plan": "free"})
+    assert created.status_code == 200, created.text
+    assert created.json()["status"] == "succeeded"
+    assert created.headers["Location"].startswith("/api/v1/workflows/")
+    tenant_id = created.json()["tenant_id"]
+    shown = ops.get(f"/tenants/{tenant_id}").json()
+    assert shown["status"] == "active" and shown["plan"] == "free"
+    listed = ops.get("/tenants", params={"plan": "free"}).json()
+    assert tenant_id in [t["tenant_id"] for t in listed["items"]]
+    for path, body in (
+        (f"/tenants/{tenant_id}/plan", {"plan": "starter"}),
+        (f"/tenants/{tenant_id}/suspend", {"reason": "unpaid"}),
+        (f"/tenants/{tenant_id}/resume", None),
+    ):
+        done = ops.post(f"{path}?wait=90", json=body)
+        assert done.status_code == 200 and done.json()["status"] == "succeeded", done.text
+    assert ops.get(f"/tenants/{tenant_id}").json()["plan"] == "starter"
+    # Without ?wait a write answers 202 and the Location to poll
+    accepted = ops.delete(f"/tenants/{tenant_id}")
+    assert accepted.status_code == 202, accepted.text
+    location = accepted.headers["Location"].removeprefix("/api/v1")
+    wait_until(
+        lambda: ops.get(location).json().get("status") == "succeeded",
+        timeout=90,
+        interval=0.5,
+        error=AssertionError,
+    )
+    # And the audit trail names the token's subject where the task records an actor
+    audit = ops.get("/audit", params={"tenant_id": tenant_id}).json()["items"]
+    assert {e["kind"] for e in audit} >= {"tenant.created"} or audit, audit
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def _none_token() -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {
+        "sub": "x",
+        "role": "admin",
+        "iss": "cul8er",
+        "aud": "cul8er-api",
+        "iat": now,
+        "exp": now + 600,
+    }
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+def _signed(**changes: Any) -> str:
+    now = int(time.time())
+    claims = {
+        "sub": "x",
+        "role": "admin",
+        "iss": "cul8er",
+        "aud": "cul8er-api",
+        "iat": now,
+        "exp": now + 600,
+    }
+    claims.update(changes)
+    key = claims.pop("key", SECRET)
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("expired", lambda: _signed(exp=int(time.time()) - 3600)),
+        ("not yet valid", lambda: _signed(nbf=int(time.time()) + 3600)),
+        ("wrongly signed", lambda: _signed(key="o" * 48)),
+        ("wrong audience", lambda: _signed(aud="someone-else")),
+        ("alg none", _none_token),
+        ("garbage", lambda: "not-a-token"),
+    ],
+)
+def test_bad_tokens_are_refused_with_401(api: tuple[Stack, str], name: str, make: Any) -> None:
+    _, base = api
+    answer = httpx.get(
+        f"{base}/api/v1/tenants", headers={"Authorization": f"Bearer {make()}"}, timeout=30
+    )
+    assert answer.status_code == 401, (name, answer.text)
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert answer.json()["code"] == "unauthorized"
+    assert "WWW-Authenticate" in answer.headers
+
+
+def test_no_token_is_refused_and_health_needs_none(api: tuple[Stack, str]) -> None:
+    _, base = api
+    assert httpx.get(f"{base}/api/v1/tenants", timeout=30).status_code == 401
+    assert httpx.get(f"{base}/healthz", timeout=30).json() == {"status": "ok"}
+    ready = httpx.get(f"{base}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["ready"] is True, ready.text
+
+
+def test_the_openapi_document_is_served(api: tuple[Stack, str]) -> None:
+    _, base = api
+    document = httpx.get(f"{base}/api/v1/openapi.json", timeout=30).json()
+    assert "/api/v1/tenants" in document["paths"]
+    assert "/api/v1/deployments/{deployment_id}/approve" in document["paths"]
+    assert httpx.get(f"{base}/api/v1/docs", timeout=30).status_code == 200
+
+
+# -- problems ---------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_problem_naming_the_field(api: tuple[Stack, str]) -> None:
+    _, base = api
+    ops = client(base, Role.OPERATOR, subject="ops-bad-input")
+    answer = ops.post("/tenants", json={"name": "x", "plan": 5})
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert body["code"] == "validation_error"
+    assert "plan" in {e["field"] for e in body["errors"]}
+    missing = ops.get("/tenants/no-such-tenant")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+
+
+# -- rate limits ------------------------------------------------------------------------------
+
+
+def test_the_eleventh_call_in_a_window_of_ten_is_refused_for_that_subject_only(
+    api: tuple[Stack, str],
+) -> None:
+    stack, _ = api
+    # A server allowing 10 reads a minute per subject
+    with serve(stack, CUL8ER_API_RATE_READ="10/minute") as base:
+        busy = client(base, Role.VIEWER, subject="busy-viewer")
+        calm = client(base, Role.VIEWER, subject="calm-viewer")
+        answers = [busy.get("/tenants") for _ in range(11)]
+        assert [a.status_code for a in answers[:10]] == [200] * 10
+        assert answers[0].headers["RateLimit-Limit"] == "10"
+        refused = answers[10]
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["code"] == "rate_limited"
+        # And another subject is not affected
+        assert calm.get("/tenants").status_code == 200
