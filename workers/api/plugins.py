@@ -24,7 +24,7 @@ from workers.pluginhost.indexes import search as search_indexes
 from workers.pluginhost.registry import PluginRegistry
 from workers.pluginhost.tenancy import choices_of
 from workers.runtime.db import session_scope
-from workers.runtime.errors import ConfigError, NotFoundError
+from workers.runtime.errors import NotFoundError
 from workers.runtime.models import Tenant
 from workers.runtime.settings import get_settings
 
@@ -62,10 +62,12 @@ def search(caller: Caller, q: Annotated[str, Query(min_length=1, max_length=100)
     """Plugins whose name, description or keywords hold ``q`` (name, version, type, signed)."""
     authorize(caller, Action.PLUGIN_READ)
     settings = get_settings()
-    if not settings.plugin_registries:
-        raise ConfigError("no plugin registry is configured (CUL8ER_PLUGIN_REGISTRIES)")
     keys = [base64.b64decode(key) for key in settings.plugin_trusted_keys]
-    return {"items": search_indexes(admin.registries(settings), q, trusted_keys=keys)}
+    indexes = admin.registries(settings)  # none configured: nothing to find
+    return {
+        "registries": len(indexes),
+        "items": search_indexes(indexes, q, trusted_keys=keys) if indexes else [],
+    }
 
 
 @router.get("/{name}", summary="One plugin, and how many tenants run each version")
