@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import build_stack, teardown_stack
 from tests.stack import ROOT, Stack
 from workers.api.auth import issue_token
-from workers.api.roles import Role
+from workers.api.roles import POLICY, Action, Role
 from workers.runtime.settings import Settings
 from workers.runtime.waiting import wait_until
 
@@ -241,3 +241,152 @@ def test_the_eleventh_call_in_a_window_of_ten_is_refused_for_that_subject_only(
         assert refused.json()["code"] == "rate_limited"
         # And another subject is not affected
         assert calm.get("/tenants").status_code == 200
+
+
+# -- who may do what: every route × every role ------------------------------------------------
+
+
+def _routes() -> list[tuple[str, str, Action, bool, dict[str, Any] | None]]:
+    """(method, path, action, tenant-scoped, body) of every route. ``{t}``: a tenant the
+    tenant owner does not own; ``{d}``: a plugin deployment; ``{w}``: a workflow; ``{p}``: a
+    plugin."""
+    a = Action
+    return [
+        ("GET", "/tenants", a.TENANT_READ, False, None),
+        ("GET", "/tenants/{t}", a.TENANT_READ, True, None),
+        ("GET", "/tenants/{t}/plugins", a.TENANT_READ, True, None),
+        ("GET", "/workflows", a.WORKFLOW_READ, False, None),
+        ("GET", "/workflows/{w}", a.WORKFLOW_READ, True, None),
+        ("GET", "/deployments", a.DEPLOYMENT_READ, False, None),
+        ("GET", "/deployments/{d}", a.DEPLOYMENT_READ, True, None),
+        ("GET", "/plugins", a.PLUGIN_READ, False, None),
+        ("GET", "/plugins/{p}", a.PLUGIN_READ, False, None),
+        ("GET", "/plugins/search?q=acme", a.PLUGIN_READ, False, None),
+        ("GET", "/tenants/{t}/usage", a.USAGE_READ, True, None),
+        ("GET", "/tenants/{t}/autoscale", a.USAGE_READ, True, None),
+        ("GET", "/invoices", a.USAGE_READ, False, None),
+        ("GET", "/audit", a.AUDIT_READ, False, None),
+        ("POST", "/tenants", a.TENANT_WRITE, False, {"name": "Nope", "plan": "free"}),
+        ("POST", "/tenants/{t}/plan", a.TENANT_WRITE, True, {"plan": "starter"}),
+        ("POST", "/tenants/{t}/suspend", a.TENANT_WRITE, True, {"reason": ""}),
+        ("POST", "/tenants/{t}/resume", a.TENANT_WRITE, True, None),
+        ("DELETE", "/tenants/{t}", a.TENANT_WRITE, True, None),
+        ("PUT", "/tenants/{t}/plugins/{p}", a.TENANT_PLUGIN_WRITE, True, {"config": {}}),
+        (
+            "POST",
+            "/deployments",
+            a.DEPLOYMENT_WRITE,
+            True,
+            {"tenant_id": "{t}", "release": {"version": "2"}, "strategy": "direct"},
+        ),
+        ("POST", "/deployments/{d}/approve", a.DEPLOYMENT_APPROVE, True, {"reason": ""}),
+        ("POST", "/deployments/{d}/reject", a.DEPLOYMENT_APPROVE, True, {"reason": ""}),
+        ("POST", "/deployments/{d}/promote", a.DEPLOYMENT_WRITE, True, {"full": False}),
+        *[
+            ("POST", f"/deployments/{{d}}/{verb}", a.DEPLOYMENT_WRITE, True, {"reason": ""})
+            for verb in ("pause", "resume", "abort", "retry", "rollback")
+        ],
+        ("POST", "/plugins", a.PLUGIN_INSTALL, False, {"source": "/nonexistent/plugin"}),
+        *[
+            ("POST", f"/plugins/{{p}}/{verb}", a.PLUGIN_ADMIN, False, None)
+            for verb in ("enable", "disable", "reload")
+        ],
+        ("POST", "/tenants/{t}/payments/failed", a.BILLING_WRITE, True, {}),
+        ("POST", "/tenants/{t}/payments/succeeded", a.BILLING_WRITE, True, {}),
+    ]
+
+
+def _refusal(role: Role, action: Action, scoped: bool, route: str) -> int | None:
+    """The status a role must get on a route, or ``None`` when it may call it."""
+    if role is Role.TENANT_OWNER and scoped:
+        return 404  # another tenant's: answered as if it did not exist
+    if action not in POLICY[role]:
+        return 403
+    if role is Role.PLUGIN_DEVELOPER and route == "POST /deployments":
+        return 403  # a release deployment: plugin developers deploy plugins only
+    return None
+
+
+@pytest.fixture(scope="module")
+def subjects(api: tuple[Stack, str]) -> dict[str, str]:
+    """A tenant (development), its create workflow, a plugin deployment over it, a plugin."""
+    _, base = api
+    admin = client(base, Role.ADMIN, subject="matrix-admin")
+    made = admin.post("/tenants?wait=90", json={"name": "Matrix Shop", "plan": "free"})
+    assert made.status_code == 200, made.text
+    tenant_id, workflow_id = made.json()["tenant_id"], made.json()["workflow_id"]
+    plugin = next(p for p in admin.get("/plugins").json()["items"] if p["name"] == "log")
+    deployed = admin.post(
+        "/deployments",
+        json={
+            "plugin": "log",
+            "version": plugin["version"],
+            "tenants": [tenant_id],
+            "strategy": "direct",
+        },
+    )
+    assert deployed.status_code == 202, deployed.text
+    return {
+        "t": tenant_id,
+        "w": workflow_id,
+        "d": deployed.json()["deployment_id"],
+        "p": "log",
+    }
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_every_route_refuses_every_role_it_must(
+    api: tuple[Stack, str], subjects: dict[str, str], role: Role
+) -> None:
+    _, base = api
+    caller = client(
+        base,
+        role,
+        subject=f"matrix-{role.value}",
+        tenants=("owned-shop",) if role is Role.TENANT_OWNER else (),
+    )
+    checked = 0
+    for method, path, action, scoped, body in _routes():
+        expected = _refusal(role, action, scoped, f"{method} {path.split('?')[0]}")
+        url = path.format(**subjects)
+        payload = (
+            json.loads(json.dumps(body).replace("{t}", subjects["t"])) if body is not None else None
+        )
+        if expected is None:
+            if method != "GET":
+                continue  # allowed writes change things: the flows above exercise them
+            answer = caller.request(method, url, json=payload)
+            assert answer.status_code not in (401, 403, 404), (role, method, url, answer.text)
+            continue
+        answer = caller.request(method, url, json=payload)
+        assert answer.status_code == expected, (role, method, url, answer.text)
+        assert answer.json()["code"] == ("not_found" if expected == 404 else "forbidden")
+        checked += 1
+    assert checked > 0 or role is Role.ADMIN
+
+
+def test_a_tenant_owner_sees_and_changes_only_its_own_tenants(
+    api: tuple[Stack, str], subjects: dict[str, str]
+) -> None:
+    _, base = api
+    admin = client(base, Role.ADMIN, subject="owner-setup")
+    mine = admin.post("/tenants?wait=90", json={"name": "Owned Shop", "plan": "free"})
+    assert mine.status_code == 200, mine.text
+    own_id = mine.json()["tenant_id"]
+    owner = client(base, Role.TENANT_OWNER, subject="owner", tenants=(own_id,))
+    # Its own tenant: read, listed, its plugins configured
+    assert owner.get(f"/tenants/{own_id}").status_code == 200
+    listed = [t["tenant_id"] for t in owner.get("/tenants").json()["items"]]
+    assert listed == [own_id]
+    assert owner.get(f"/tenants/{own_id}/plugins").status_code == 200
+    pinned = owner.put(f"/tenants/{own_id}/plugins/prometheus", json={"config": {}})
+    assert pinned.status_code == 200, pinned.text
+    # Another tenant: 404 everywhere, with the same answer as a tenant that does not exist
+    other = subjects["t"]
+    ghost = owner.get("/tenants/no-such-shop").json()["detail"]
+    refused = owner.get(f"/tenants/{other}")
+    assert refused.status_code == 404
+    assert refused.json()["detail"] == ghost.replace("no-such-shop", other)
+    assert other not in [r["tenant_id"] for r in owner.get("/workflows").json()["items"]]
+    assert owner.get(f"/workflows/{subjects['w']}").status_code == 404
+    assert owner.get("/deployments").json()["items"] == []

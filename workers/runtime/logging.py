@@ -32,7 +32,13 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
+        else structlog.dev.ConsoleRenderer(
+            colors=False,
+            pad_event_to=0,
+            # Plain tracebacks: rich's would print every frame's locals (a request's headers,
+            # a bearer token) into the log.
+            exception_formatter=structlog.dev.plain_traceback,
+        )
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
