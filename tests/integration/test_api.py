@@ -390,3 +390,24 @@ def test_a_tenant_owner_sees_and_changes_only_its_own_tenants(
     assert other not in [r["tenant_id"] for r in owner.get("/workflows").json()["items"]]
     assert owner.get(f"/workflows/{subjects['w']}").status_code == 404
     assert owner.get("/deployments").json()["items"] == []
+
+
+def test_an_idempotency_key_replays_the_first_answer_and_refuses_another_body(
+    api: tuple[Stack, str],
+) -> None:
+    _, base = api
+    ops = client(base, Role.OPERATOR, subject="ops-idempotent")
+    key = {"Idempotency-Key": "signup-4711"}
+    first = ops.post("/tenants", json={"name": "Key Shop", "plan": "free"}, headers=key)
+    again = ops.post("/tenants", json={"name": "Key Shop", "plan": "free"}, headers=key)
+    assert first.status_code == again.status_code == 202, (first.text, again.text)
+    assert first.json() == again.json()
+    other = ops.post("/tenants", json={"name": "Other Shop", "plan": "free"}, headers=key)
+    assert other.status_code == 422, other.text
+    assert [e["field"] for e in other.json()["errors"]] == ["Idempotency-Key"]
+    # Another caller's same key is its own
+    someone = client(base, Role.OPERATOR, subject="ops-someone-else")
+    theirs = someone.post("/tenants", json={"name": "Their Shop", "plan": "free"}, headers=key)
+    assert theirs.status_code == 202, theirs.text
+    names = [t["name"] for t in ops.get("/tenants", params={"limit": 500}).json()["items"]]
+    assert names.count("Key Shop") == 1 and "Other Shop" not in names

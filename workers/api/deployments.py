@@ -88,9 +88,7 @@ def create(body: CreateDeployment, caller: Writer, key: IdempotencyKey = None) -
         )
     kwargs = body.model_dump(mode="json", exclude_none=True, exclude={"idempotency_key"})
     kwargs["actor"] = caller.subject
-    if key:
-        kwargs["idempotency_key"] = key
-    return _answer(call("cul8er.deployments.create", kwargs), 202)
+    return _answer(call("cul8er.deployments.create", kwargs, key=key, subject=caller.subject), 202)
 
 
 def _row(caller: Principal, deployment_id: str) -> Deployment:
@@ -153,9 +151,7 @@ def _act(
         plugin_deployment=row.plugin is not None,
     )
     kwargs: dict[str, Any] = {"deployment_id": deployment_id, "actor": caller.subject, **extra}
-    if key:
-        kwargs["idempotency_key"] = key
-    return _answer(call(f"cul8er.deployments.{action}", kwargs))
+    return _answer(call(f"cul8er.deployments.{action}", kwargs, key=key, subject=caller.subject))
 
 
 @router.post("/{deployment_id}/approve", summary="Approve a production deployment")

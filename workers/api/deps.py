@@ -80,7 +80,7 @@ Caller = Annotated[Principal, Depends(read)]
 Writer = Annotated[Principal, Depends(write)]
 #: ``Idempotency-Key``: the task's idempotency key (a replay answers the first response).
 IdempotencyKey = Annotated[
-    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=100)
 ]
 
 #: Re-exported for the app's exception handler.

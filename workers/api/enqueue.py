@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from celery.exceptions import TimeoutError as NoAnswerError
 
+from workers.api.idempotency import task_key
 from workers.runtime.app import app
 from workers.runtime.errors import TransientError
 
@@ -24,12 +25,25 @@ ANSWER_TIMEOUT: Final = 30.0
 FINISHED: Final = frozenset({"succeeded", "failed"})
 
 
-def call(task: str, kwargs: dict[str, Any], *, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
+def call(
+    task: str,
+    kwargs: dict[str, Any],
+    *,
+    timeout: float = ANSWER_TIMEOUT,
+    key: str | None = None,
+    subject: str = "",
+) -> dict[str, Any]:
     """Send the public task ``task`` by name and return its JSON answer.
+
+    ``key``: the caller's ``Idempotency-Key``, sent as the task's idempotency key bound to
+    ``subject`` and to these ``kwargs`` (``idempotency.task_key``).
 
     Raises:
         TransientError: no worker answered in ``timeout`` seconds (the API answers 503).
+        ValidationFailedError: ``key`` was used with a different request.
     """
+    if key:
+        kwargs = {**kwargs, "idempotency_key": task_key(task, subject, key, kwargs)}
     result = app.send_task(task, kwargs=kwargs)
     try:
         answer: dict[str, Any] = result.get(timeout=timeout)

@@ -149,6 +149,4 @@ def set_tenant_plugin(
     }
     if body.version is not None:
         kwargs["version"] = body.version
-    if key:
-        kwargs["idempotency_key"] = key
-    return _answer(call("cul8er.tenants.set_plugin", kwargs))
+    return _answer(call("cul8er.tenants.set_plugin", kwargs, key=key, subject=caller.subject))

@@ -146,9 +146,7 @@ def _payment(kind: str) -> None:
         kwargs: dict[str, Any] = {"tenant_id": tenant_id}
         if body.invoice_id is not None:
             kwargs["invoice_id"] = body.invoice_id
-        if key:
-            kwargs["idempotency_key"] = key
-        answer = call(f"cul8er.billing.payment_{kind}", kwargs)
+        answer = call(f"cul8er.billing.payment_{kind}", kwargs, key=key, subject=caller.subject)
         return JSONResponse(answer) if answer.get("ok") else from_task_answer(answer)
 
     route.__name__ = f"payment_{kind}"

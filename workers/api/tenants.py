@@ -58,10 +58,6 @@ def started(answer: dict[str, Any], wait: float) -> Response:
     return JSONResponse(answer, status_code=202, headers=headers)
 
 
-def _with_key(kwargs: dict[str, Any], key: str | None) -> dict[str, Any]:
-    return {**kwargs, "idempotency_key": key} if key else kwargs
-
-
 @router.post("", status_code=202, summary="Sign a tenant up and provision it")
 def create_tenant(
     body: CreateTenant, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0
@@ -69,7 +65,7 @@ def create_tenant(
     """Create a tenant on a plan: ``202`` with the provision workflow (``Location``)."""
     authorize(caller, Action.TENANT_WRITE)
     kwargs = body.model_dump(mode="json", exclude_none=True, exclude={"idempotency_key"})
-    return started(call("cul8er.tenants.create", _with_key(kwargs, key)), wait)
+    return started(call("cul8er.tenants.create", kwargs, key=key, subject=caller.subject), wait)
 
 
 @router.get("/{tenant_id}", summary="A tenant: status, plan, entry point, release, instances")
@@ -126,8 +122,10 @@ def change_plan(
 ) -> Response:
     """Change the tenant's plan; its resources follow."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
-    payload = _with_key({"tenant_id": tenant_id, "plan": body.plan}, key)
-    return started(call("cul8er.tenants.change_plan", payload), wait)
+    payload = {"tenant_id": tenant_id, "plan": body.plan}
+    return started(
+        call("cul8er.tenants.change_plan", payload, key=key, subject=caller.subject), wait
+    )
 
 
 @router.post("/{tenant_id}/suspend", status_code=202, summary="Stop a tenant, keeping its data")
@@ -136,21 +134,23 @@ def suspend(
 ) -> Response:
     """Suspend the tenant."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
-    payload = _with_key({"tenant_id": tenant_id, "reason": body.reason}, key)
-    return started(call("cul8er.tenants.suspend", payload), wait)
+    payload = {"tenant_id": tenant_id, "reason": body.reason}
+    return started(call("cul8er.tenants.suspend", payload, key=key, subject=caller.subject), wait)
 
 
 @router.post("/{tenant_id}/resume", status_code=202, summary="Start a suspended tenant again")
 def resume(tenant_id: str, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0) -> Response:
     """Resume the tenant."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
-    payload = _with_key({"tenant_id": tenant_id}, key)
-    return started(call("cul8er.tenants.resume", payload), wait)
+    payload = {"tenant_id": tenant_id}
+    return started(call("cul8er.tenants.resume", payload, key=key, subject=caller.subject), wait)
 
 
 @router.delete("/{tenant_id}", status_code=202, summary="Deprovision a tenant")
 def delete(tenant_id: str, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0) -> Response:
     """Deprovision the tenant: everything goes, its subnet is freed."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
-    payload = _with_key({"tenant_id": tenant_id}, key)
-    return started(call("cul8er.tenants.deprovision", payload), wait)
+    payload = {"tenant_id": tenant_id}
+    return started(
+        call("cul8er.tenants.deprovision", payload, key=key, subject=caller.subject), wait
+    )
