@@ -38,9 +38,15 @@ SUPERVISE_INTERVAL: Final = 0.5
 
 
 def worker_commands(
-    settings: Settings, *, concurrency: int, sandbox: bool, flower_port: int | None
+    settings: Settings,
+    *,
+    concurrency: int,
+    sandbox: bool,
+    flower_port: int | None,
+    api: bool = False,
 ) -> dict[str, list[str]]:
-    """The processes ``up`` runs, by name: worker, beat, the sandbox and Flower if asked."""
+    """The processes ``up`` runs, by name: worker, beat, the sandbox, Flower and the HTTP API
+    if asked."""
     celery = [sys.executable, "-m", "celery", "-A", "workers.app"]
     level = ["--loglevel", settings.log_level]
 
@@ -61,6 +67,8 @@ def worker_commands(
         commands["sandbox"] = worker(settings.sandbox_queue, 1, "cul8er-sandbox@%h")
     if flower_port is not None:
         commands["flower"] = [*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"]
+    if api:
+        commands["api"] = [sys.executable, "-m", "workers.cli.main", "api", "serve"]
     return commands
 
 
@@ -139,8 +147,12 @@ def up(
     sandbox: Annotated[
         bool, typer.Option(help="Also run the sandbox worker for untrusted plugins.")
     ] = True,
+    api: Annotated[
+        bool, typer.Option(help="Also serve the HTTP API (/api/v1) on CUL8ER_API_HOST:PORT.")
+    ] = False,
 ) -> None:
-    """Run a worker and beat (and Flower) on the configured broker and database."""
+    """Run a worker and beat (and Flower, and the HTTP API) on the configured broker and
+    database."""
     from workers.runtime.migrate import upgrade
 
     settings = get_settings()
@@ -150,6 +162,7 @@ def up(
         concurrency=concurrency,
         sandbox=sandbox,
         flower_port=flower_port if flower else None,
+        api=api,
     )
     # The broker first and last: the children connect to it, and it outlives them.
     with _embedded_broker(settings):
@@ -162,6 +175,8 @@ def up(
             )
             if flower:
                 complain(f"Flower: http://127.0.0.1:{flower_port}")
+            if api:
+                complain(f"API: http://{settings.api_host}:{settings.api_port}/api/v1/docs")
             if "haproxy" not in children and settings.load_balancer == "haproxy":
                 complain(
                     (f"{settings.haproxy_binary} not found", "yellow"),
