@@ -21,6 +21,8 @@ import jwt
 import pytest
 
 from tests.conftest import build_stack, teardown_stack
+from tests.integration.test_deployments import _need_haproxy
+from tests.integration.test_plugins import observer
 from tests.stack import ROOT, Stack
 from workers.api.auth import issue_token
 from workers.api.roles import POLICY, Action, Role
@@ -63,9 +65,11 @@ def serve(stack: Stack, **env: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     """A stack with a worker and beat, and ``cul8er api serve`` on a loopback port."""
+    _need_haproxy()
     stack = build_stack("redis-postgres", tmp_path_factory.mktemp("api"))
-    stack.extra_env.update(CUL8ER_API_JWT_SECRET=SECRET)
+    stack.extra_env.update(CUL8ER_API_JWT_SECRET=SECRET, CUL8ER_PRODUCTION_APPROVALS="1")
     try:
+        stack.start_haproxy()
         stack.start_worker("main", concurrency=3)
         stack.start_beat()
         with serve(stack) as base:
@@ -411,3 +415,50 @@ def test_an_idempotency_key_replays_the_first_answer_and_refuses_another_body(
     assert theirs.status_code == 202, theirs.text
     names = [t["name"] for t in ops.get("/tenants", params={"limit": 500}).json()["items"]]
     assert names.count("Key Shop") == 1 and "Other Shop" not in names
+
+
+def test_a_production_release_is_deployed_by_an_admin_and_approved_by_an_approver(
+    api: tuple[Stack, str],
+) -> None:
+    _, base = api
+    admin = client(base, Role.ADMIN, subject="alice-admin")
+    made = admin.post(
+        "/tenants?wait=90", json={"name": "Prod Shop", "plan": "free", "environment": "production"}
+    )
+    assert made.status_code == 200 and made.json()["status"] == "succeeded", made.text
+    tenant_id = made.json()["tenant_id"]
+    release = {"tenant_id": tenant_id, "release": {"version": "2"}, "strategy": "direct"}
+    # An operator may not deploy to production; an admin may
+    assert client(base, Role.OPERATOR).post("/deployments", json=release).status_code == 403
+    created = admin.post("/deployments", json=release)
+    assert created.status_code == 202, created.text
+    deployment_id = created.json()["deployment_id"]
+    assert created.json()["status"] == "awaiting_approval"
+    # An approver approves; the deployment runs to its end
+    approver = client(base, Role.APPROVER, subject="bob-approver")
+    approved = approver.post(f"/deployments/{deployment_id}/approve", json={"reason": "ok"})
+    assert approved.status_code == 200, approved.text
+    wait_until(
+        lambda: admin.get(f"/deployments/{deployment_id}").json().get("status") == "succeeded",
+        timeout=120,
+        interval=0.5,
+        error=AssertionError,
+    )
+    shown = admin.get(f"/deployments/{deployment_id}").json()
+    assert [a["actor"] for a in shown["approvals"]] == ["bob-approver"]
+    assert shown["actor"] == "alice-admin"
+
+
+def test_a_plugin_developer_installs_a_plugin_over_http(
+    api: tuple[Stack, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _, base = api
+    folder = observer(tmp_path_factory.mktemp("apiplug"), "apiplug", "0.1.0")
+    developer = client(base, Role.PLUGIN_DEVELOPER, subject="dana-dev")
+    installed = developer.post("/plugins", json={"source": str(folder)})
+    assert installed.status_code == 200, installed.text
+    listed = {p["name"]: p for p in developer.get("/plugins").json()["items"]}
+    assert listed["apiplug"]["state"] == "active"
+    assert (
+        client(base, Role.VIEWER).post("/plugins", json={"source": str(folder)}).status_code == 403
+    )
