@@ -47,6 +47,8 @@ PlanName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 PluginName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Reason = Annotated[str, StringConstraints(max_length=500)]
+#: Who asks (a person, a service, an API token's subject), recorded in the audit trail.
+Actor = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetaValue = Annotated[str, StringConstraints(max_length=1000)] | int | float | bool | None
 
@@ -72,6 +74,8 @@ class CreateTenant(_Idempotent):
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=50)
     #: ``development``, ``qa`` or ``production`` (production deployments need approvals).
     environment: EnvironmentName = Environment.DEVELOPMENT
+    #: Who asks (recorded in the audit trail).
+    actor: Actor | None = None
 
 
 class ChangePlan(_Idempotent):
@@ -79,6 +83,8 @@ class ChangePlan(_Idempotent):
 
     tenant_id: TenantId
     plan: PlanName
+    #: Who asks (recorded in the audit trail).
+    actor: Actor | None = None
 
 
 class SuspendTenant(_Idempotent):
@@ -86,6 +92,8 @@ class SuspendTenant(_Idempotent):
 
     tenant_id: TenantId
     reason: Reason = ""
+    #: Who asks (recorded in the audit trail).
+    actor: Actor | None = None
 
 
 class ResumeTenant(_Idempotent):
@@ -93,12 +101,16 @@ class ResumeTenant(_Idempotent):
 
     tenant_id: TenantId
     reason: Reason = ""
+    #: Who asks (recorded in the audit trail).
+    actor: Actor | None = None
 
 
 class DeprovisionTenant(_Idempotent):
     """``cul8er.tenants.deprovision``: remove everything of a tenant and free its subnet."""
 
     tenant_id: TenantId
+    #: Who asks (recorded in the audit trail).
+    actor: Actor | None = None
 
 
 class GetTenant(_Payload):
@@ -160,7 +172,6 @@ class SetEnvironment(_Idempotent):
 #: A deployment id (32 hex characters).
 DeploymentId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 #: Who asks: a person or a service, recorded in the audit trail.
-Actor = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
 class CreateDeployment(_Idempotent):

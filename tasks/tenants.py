@@ -57,8 +57,16 @@ def _field_error(field: str, message: str) -> ValidationFailedError:
     return ValidationFailedError(message, errors=[{"field": field, "message": message}])
 
 
-def _start(session: Session, tenant: Tenant, workflow: Workflow, input: dict[str, Any]) -> Outcome:
-    """Start ``workflow`` on ``tenant``, which it owns until the run ends."""
+def _start(
+    session: Session,
+    tenant: Tenant,
+    workflow: Workflow,
+    input: dict[str, Any],
+    *,
+    actor: str | None = None,
+) -> Outcome:
+    """Start ``workflow`` on ``tenant``, which it owns until the run ends (``actor``: who
+    asked, for the audit trail)."""
     run = ledger.new_run(
         session,
         kind=workflow.kind,
@@ -67,7 +75,8 @@ def _start(session: Session, tenant: Tenant, workflow: Workflow, input: dict[str
         grace=get_settings().reconcile_grace,
     )
     tenant.active_workflow_id = run.id
-    session.add(AuditEvent(tenant_id=tenant.id, kind=f"{workflow.kind}.requested", data={**input}))
+    audit = {**input, "actor": actor} if actor else {**input}
+    session.add(AuditEvent(tenant_id=tenant.id, kind=f"{workflow.kind}.requested", data=audit))
     return Outcome(
         data={"workflow_id": run.id, "tenant_id": tenant.id, "status": tenant.status},
         tenant_id=tenant.id,
@@ -141,7 +150,7 @@ def create(session: Session, payload: CreateTenant) -> Outcome:
     session.flush()  # surface a concurrent insert of the same id here, not at commit
     # Billing prices each part of a period on the plan of that part: the history starts here.
     session.add(PlanPeriod(tenant_id=tenant_id, plan=plan.name, start_at=now))
-    return _start(session, tenant, wf.PROVISION, {"plan": plan.name})
+    return _start(session, tenant, wf.PROVISION, {"plan": plan.name}, actor=payload.actor)
 
 
 @public_task("cul8er.tenants.change_plan", ChangePlan)
@@ -160,7 +169,11 @@ def change_plan(session: Session, payload: ChangePlan) -> Outcome:
             f"{plan.max_instances}"
         )
     return _start(
-        session, tenant, wf.CHANGE_PLAN, {"plan": plan.name, "previous_plan": tenant.plan}
+        session,
+        tenant,
+        wf.CHANGE_PLAN,
+        {"plan": plan.name, "previous_plan": tenant.plan},
+        actor=payload.actor,
     )
 
 
@@ -168,14 +181,14 @@ def change_plan(session: Session, payload: ChangePlan) -> Outcome:
 def suspend(session: Session, payload: SuspendTenant) -> Outcome:
     """Stop a tenant's instances, keeping its data."""
     tenant = _owned(session, payload.tenant_id, allowed=(TenantStatus.ACTIVE,), action="suspend")
-    return _start(session, tenant, wf.SUSPEND, {"reason": payload.reason})
+    return _start(session, tenant, wf.SUSPEND, {"reason": payload.reason}, actor=payload.actor)
 
 
 @public_task("cul8er.tenants.resume", ResumeTenant)
 def resume(session: Session, payload: ResumeTenant) -> Outcome:
     """Start a suspended tenant's instances again."""
     tenant = _owned(session, payload.tenant_id, allowed=(TenantStatus.SUSPENDED,), action="resume")
-    return _start(session, tenant, wf.RESUME, {"reason": payload.reason})
+    return _start(session, tenant, wf.RESUME, {"reason": payload.reason}, actor=payload.actor)
 
 
 @public_task("cul8er.tenants.deprovision", DeprovisionTenant)
@@ -188,7 +201,7 @@ def deprovision(session: Session, payload: DeprovisionTenant) -> Outcome:
         action="deprovision",
     )
     tenant.status = TenantStatus.DEPROVISIONING
-    return _start(session, tenant, wf.DEPROVISION, {})
+    return _start(session, tenant, wf.DEPROVISION, {}, actor=payload.actor)
 
 
 def describe_tenant(session: Session, tenant: Tenant) -> dict[str, Any]:

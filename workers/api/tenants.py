@@ -65,6 +65,7 @@ def create_tenant(
     """Create a tenant on a plan: ``202`` with the provision workflow (``Location``)."""
     authorize(caller, Action.TENANT_WRITE)
     kwargs = body.model_dump(mode="json", exclude_none=True, exclude={"idempotency_key"})
+    kwargs["actor"] = caller.subject
     return started(call("cul8er.tenants.create", kwargs, key=key, subject=caller.subject), wait)
 
 
@@ -122,7 +123,7 @@ def change_plan(
 ) -> Response:
     """Change the tenant's plan; its resources follow."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
-    payload = {"tenant_id": tenant_id, "plan": body.plan}
+    payload = {"tenant_id": tenant_id, "plan": body.plan, "actor": caller.subject}
     return started(
         call("cul8er.tenants.change_plan", payload, key=key, subject=caller.subject), wait
     )
@@ -134,7 +135,7 @@ def suspend(
 ) -> Response:
     """Suspend the tenant."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
-    payload = {"tenant_id": tenant_id, "reason": body.reason}
+    payload = {"tenant_id": tenant_id, "reason": body.reason, "actor": caller.subject}
     return started(call("cul8er.tenants.suspend", payload, key=key, subject=caller.subject), wait)
 
 
@@ -142,7 +143,7 @@ def suspend(
 def resume(tenant_id: str, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0) -> Response:
     """Resume the tenant."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
-    payload = {"tenant_id": tenant_id}
+    payload = {"tenant_id": tenant_id, "actor": caller.subject}
     return started(call("cul8er.tenants.resume", payload, key=key, subject=caller.subject), wait)
 
 
@@ -150,7 +151,7 @@ def resume(tenant_id: str, caller: Writer, key: IdempotencyKey = None, wait: Wai
 def delete(tenant_id: str, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0) -> Response:
     """Deprovision the tenant: everything goes, its subnet is freed."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
-    payload = {"tenant_id": tenant_id}
+    payload = {"tenant_id": tenant_id, "actor": caller.subject}
     return started(
         call("cul8er.tenants.deprovision", payload, key=key, subject=caller.subject), wait
     )
