@@ -10,10 +10,12 @@ import base64
 import contextlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,18 +43,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(stack: Stack, **env: str) -> Iterator[str]:
-    """``cul8er api serve`` on a free loopback port with ``env`` on top; its base URL."""
+def serve(stack: Stack, *args: str, scheme: str = "http", **env: str) -> Iterator[str]:
+    """``cul8er api serve ARGS`` on a free loopback port with ``env`` on top; its base URL."""
     port = free_port()
     log = (stack.data_dir / f"api-{port}.log").open("wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli.main", "api", "serve", "--port", str(port)],
+        [sys.executable, "-m", "workers.cli.main", "api", "serve", "--port", str(port), *args],
         env={**stack.env, **env},
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    base = f"http://127.0.0.1:{port}"
+    base = f"{scheme}://127.0.0.1:{port}"
     try:
         wait_until(lambda: _answers(base), timeout=30, interval=0.2, error=AssertionError)
         yield base
@@ -80,7 +82,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]
 
 def _answers(base: str) -> bool:
     try:
-        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        # A TLS server's certificate is checked by the test itself, not here.
+        return httpx.get(f"{base}/healthz", timeout=1, verify=False).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -469,3 +472,60 @@ def test_a_plugin_developer_installs_a_plugin_over_http(
     assert (
         client(base, Role.VIEWER).post("/plugins", json={"source": str(folder)}).status_code == 403
     )
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_the_api_serves_tls_with_the_certificate_it_is_given(
+    api: tuple[Stack, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    stack, _ = api
+    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
+    args = ("--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    with serve(stack, *args, scheme="https") as base:
+        answer = httpx.get(
+            f"{base}/api/v1/tenants",
+            headers={"Authorization": f"Bearer {token(Role.VIEWER)}"},
+            verify=ssl.create_default_context(cafile=str(cert)),
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/healthz", timeout=5)  # not the system's trust: refused
