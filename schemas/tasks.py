@@ -147,6 +147,8 @@ class PluginByName(_Payload):
     """``cul8er.plugins.enable`` / ``.disable``: serve a plugin again, or stop serving it."""
 
     name: PluginName
+    #: Who asks (recorded in the audit trail).
+    actor: Actor | None = None
 
 
 class ReloadPlugin(_Payload):
@@ -154,12 +156,16 @@ class ReloadPlugin(_Payload):
 
     name: PluginName
     version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    #: Who asks (recorded in the audit trail).
+    actor: Actor | None = None
 
 
 class InstallPlugin(_Payload):
     """``cul8er.plugins.install``: a folder, .zip or .tar.gz on the worker, or a pip requirement."""
 
     source: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+    #: Who asks (recorded in the audit trail).
+    actor: Actor | None = None
 
 
 class SetEnvironment(_Idempotent):

@@ -54,27 +54,39 @@ def _refusing(action: Callable[[], dict[str, Any]]) -> Outcome:
 @public_task("cul8er.plugins.enable", PluginByName, idempotent=False)
 def enable(_session: Session, payload: PluginByName) -> Outcome:
     """Serve the plugin again on every worker."""
-    return _refusing(lambda: plugin_admin.set_enabled(payload.name, True, settings=get_settings()))
+    return _refusing(
+        lambda: plugin_admin.set_enabled(
+            payload.name, True, settings=get_settings(), actor=payload.actor
+        )
+    )
 
 
 @public_task("cul8er.plugins.disable", PluginByName, idempotent=False)
 def disable(_session: Session, payload: PluginByName) -> Outcome:
     """Stop serving the plugin on every worker."""
-    return _refusing(lambda: plugin_admin.set_enabled(payload.name, False, settings=get_settings()))
+    return _refusing(
+        lambda: plugin_admin.set_enabled(
+            payload.name, False, settings=get_settings(), actor=payload.actor
+        )
+    )
 
 
 @public_task("cul8er.plugins.reload", ReloadPlugin, idempotent=False)
 def reload(_session: Session, payload: ReloadPlugin) -> Outcome:
     """Move the plugin to its newest (or the given) version once that passed every check."""
     return _refusing(
-        lambda: plugin_admin.reload(payload.name, settings=get_settings(), version=payload.version)
+        lambda: plugin_admin.reload(
+            payload.name, settings=get_settings(), version=payload.version, actor=payload.actor
+        )
     )
 
 
 @public_task("cul8er.plugins.install", InstallPlugin, idempotent=False)
 def install(_session: Session, payload: InstallPlugin) -> Outcome:
     """Install a plugin from a path on the worker's machine, or with pip."""
-    return _refusing(lambda: plugin_admin.install(payload.source, settings=get_settings()))
+    return _refusing(
+        lambda: plugin_admin.install(payload.source, settings=get_settings(), actor=payload.actor)
+    )
 
 
 @app.task(name="cul8er.plugins.sandbox_check", base=Cul8erTask, acks_late=False)

@@ -469,6 +469,10 @@ def test_a_plugin_developer_installs_a_plugin_over_http(
     assert installed.status_code == 200, installed.text
     listed = {p["name"]: p for p in developer.get("/plugins").json()["items"]}
     assert listed["apiplug"]["state"] == "active"
+    audit = client(base, Role.ADMIN).get("/audit", params={"kind": "plugin.installed"}).json()
+    assert [e["data"]["actor"] for e in audit["items"] if e["data"]["plugin"] == "apiplug"] == [
+        "dana-dev"
+    ]
     assert (
         client(base, Role.VIEWER).post("/plugins", json={"source": str(folder)}).status_code == 403
     )

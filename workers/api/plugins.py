@@ -88,13 +88,15 @@ def info(name: str, caller: Caller) -> dict[str, Any]:
 def install(body: InstallPlugin, caller: Writer) -> Response:
     """Install a plugin through ``cul8er.plugins.install``."""
     authorize(caller, Action.PLUGIN_INSTALL)
-    return _answer(call("cul8er.plugins.install", body.model_dump(), timeout=300))
+    kwargs = {**body.model_dump(exclude_none=True), "actor": caller.subject}
+    return _answer(call("cul8er.plugins.install", kwargs, timeout=300))
 
 
 def _admin_route(action: str, summary: str) -> None:
     def route(name: str, caller: Writer) -> Response:
         authorize(caller, Action.PLUGIN_ADMIN)
-        return _answer(call(f"cul8er.plugins.{action}", {"name": name}, timeout=120))
+        kwargs = {"name": name, "actor": caller.subject}
+        return _answer(call(f"cul8er.plugins.{action}", kwargs, timeout=120))
 
     route.__name__ = f"{action}_plugin"
     route.__doc__ = summary

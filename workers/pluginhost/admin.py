@@ -75,18 +75,27 @@ def _emit(name: str, old: str | None, new: str, version: str, error: str | None)
 
 
 def _audit(
-    session: Any, name: str, old: str | None, new: str, version: str, error: str | None
+    session: Any,
+    name: str,
+    old: str | None,
+    new: str,
+    version: str,
+    error: str | None,
+    actor: str | None = None,
 ) -> None:
+    data = {"plugin": name, "from": old, "to": new, "version": version, "error": error}
     session.add(
         AuditEvent(
             tenant_id=None,
             kind="plugin.state_changed",
-            data={"plugin": name, "from": old, "to": new, "version": version, "error": error},
+            data={**data, "actor": actor} if actor else data,
         )
     )
 
 
-def set_enabled(name: str, enabled: bool, *, settings: Settings) -> dict[str, Any]:
+def set_enabled(
+    name: str, enabled: bool, *, settings: Settings, actor: str | None = None
+) -> dict[str, Any]:
     """Enable or disable ``name``; running workers follow without a restart.
 
     Raises:
@@ -111,7 +120,7 @@ def set_enabled(name: str, enabled: bool, *, settings: Settings) -> dict[str, An
         if changed:
             row.enabled, row.state = enabled, new
             row.generation += 1
-            _audit(session, name, old, new, row.version, None)
+            _audit(session, name, old, new, row.version, None, actor)
         version = row.version
     if changed:
         _emit(name, old, new, version, None)
@@ -313,7 +322,12 @@ def _pip(source: str, settings: Settings, sha256: str | None) -> dict[str, Any]:
 
 
 def install(
-    source: str, *, settings: Settings, sha256: str | None = None, switch: bool = True
+    source: str,
+    *,
+    settings: Settings,
+    sha256: str | None = None,
+    switch: bool = True,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     """Install a plugin from a folder, a .zip or .tar.gz, ``git+URL@REF``, the package
     indexes of ``plugin_registries`` (``NAME``, ``NAME==V``), or with pip when none is set.
@@ -348,7 +362,7 @@ def install(
             "switched": False,
             **origin,
         }
-    result = _activate(manifest, target, settings)
+    result = _activate(manifest, target, settings, actor=actor)
     if origin.get("source") and result.get("ok", True):
         _record_source(manifest.name, manifest.version, origin["source"], settings)
     return {**result, **origin}
@@ -396,14 +410,24 @@ def _zip_folder(root: Path, archive: Path) -> None:
             out.write(path, f"{root.name}/{relative.as_posix()}")
 
 
-def _activate(manifest: Manifest, target: Path, settings: Settings) -> dict[str, Any]:
+def _activate(
+    manifest: Manifest, target: Path, settings: Settings, *, actor: str | None = None
+) -> dict[str, Any]:
     """Serve the version just placed: reload onto it, or record a plugin new to the table."""
     with session_scope(settings.sqlalchemy_url) as session:
         known = session.get(Plugin, manifest.name) is not None
     if known:
-        return reload(manifest.name, settings=settings, version=manifest.version)
+        return reload(manifest.name, settings=settings, version=manifest.version, actor=actor)
     registry = PluginRegistry(settings).boot()  # records the new plugin's row
     served, refused = registry.served.get(manifest.name), registry.refused.get(manifest.name)
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.add(
+            AuditEvent(
+                tenant_id=None,
+                kind="plugin.installed",
+                data={"plugin": manifest.name, "version": manifest.version, "actor": actor},
+            )
+        )
     log.info("plugin_installed", plugin=manifest.name, version=manifest.version)
     return {
         "name": manifest.name,
@@ -449,7 +473,9 @@ def _candidate(name: str, settings: Settings, version: str | None) -> Candidate:
     return candidate
 
 
-def reload(name: str, *, settings: Settings, version: str | None = None) -> dict[str, Any]:
+def reload(
+    name: str, *, settings: Settings, version: str | None = None, actor: str | None = None
+) -> dict[str, Any]:
     """Point ``name`` at its newest version found (or ``version``) once that version passed.
 
     On failure the table keeps the version that serves and records why the new one did not.
@@ -485,7 +511,7 @@ def reload(name: str, *, settings: Settings, version: str | None = None) -> dict
         if row.state == "failed":
             row.state = "active" if row.enabled else "disabled"
         row.generation += 1
-        _audit(session, name, old_version, row.state, loaded.version, None)
+        _audit(session, name, old_version, row.state, loaded.version, None, actor)
         state = row.state
     _emit(name, old_version, state, loaded.version, None)
     log.info("plugin_reloaded", plugin=name, old=old_version, new=loaded.version)
