@@ -30,6 +30,8 @@ def create_app() -> FastAPI:
         openapi_url=f"{PREFIX}/openapi.json",
         docs_url=f"{PREFIX}/docs",
         redoc_url=None,
+        # Every error is a problem (RFC 9457); the routes declare their own successes.
+        responses=problems.RESPONSES,
     )
     problems.install(api)
 

@@ -40,6 +40,8 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from workers.api.problems import problem
+
 __all__ = ["REQUEST_ID", "REQUEST_ID_HEADER", "RequestLog"]
 
 log = structlog.get_logger(__name__)
@@ -81,6 +83,11 @@ def _subject(state: dict[str, Any]) -> str | None:
     return nested if isinstance(nested, str) else None
 
 
+def _has_nul(scope: Scope) -> bool:
+    query = scope.get("query_string", b"").lower()
+    return "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query
+
+
 class RequestLog:
     """Request id, contextvars and one ``api_request`` log line per HTTP request."""
 
@@ -96,6 +103,13 @@ class RequestLog:
         state["request_id"] = request_id
         status = 500
         started = time.perf_counter()
+        if _has_nul(scope):
+            # No text column takes a NUL, and no name, id or filter holds one: refused here.
+            inner: ASGIApp = problem(
+                400, "validation_error", "the path or query holds a NUL character"
+            )
+        else:
+            inner = self.app
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -106,7 +120,7 @@ class RequestLog:
 
         try:
             with structlog.contextvars.bound_contextvars(request_id=request_id):
-                await self.app(scope, receive, send_with_id)
+                await inner(scope, receive, send_with_id)
         finally:
             client = scope.get("client")
             log.info(

@@ -37,14 +37,18 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from workers.runtime.errors import Cul8erError
 
 __all__ = [
+    "FieldProblem",
     "MAX_ERRORS",
     "MAX_MESSAGE",
     "MEDIA_TYPE",
+    "Problem",
+    "RESPONSES",
     "STATUS",
     "TYPE_BASE",
     "code_for_status",
@@ -120,6 +124,46 @@ def _title(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+class FieldProblem(BaseModel):
+    """One field a request got wrong, as the public tasks name it."""
+
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: what every error answer of the API is."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    #: The same code a public task answers with (``validation_error``, ``not_found``, …).
+    code: str
+    errors: list[FieldProblem] | None = None
+    instance: str | None = None
+
+
+def _documented(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {MEDIA_TYPE: {"schema": Problem.model_json_schema()}},
+    }
+
+
+#: The problems every route may answer, for the OpenAPI document.
+RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    400: _documented("Bad request (a NUL character, a body that is not JSON)"),
+    401: _documented("No valid bearer token"),
+    403: _documented("The token's role may not do this"),
+    404: _documented("No such resource, or not one the token may see"),
+    409: _documented("The resource is in a state that refuses this"),
+    422: _documented("A field is wrong; ``errors`` names each"),
+    429: _documented("Too many calls; see Retry-After"),
+    503: _documented("No worker or store answered in time; try again"),
+}
 
 
 def problem(

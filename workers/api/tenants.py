@@ -28,6 +28,10 @@ __all__ = ["router", "started"]
 router = APIRouter(prefix="/tenants", tags=["tenants"])
 
 Wait = Annotated[float, Query(ge=0, le=300, description="Seconds to wait for the workflow.")]
+#: A write with ``?wait=`` whose workflow ended in time answers its status with ``200``.
+WAITED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The workflow ended within ?wait= seconds: its status and steps"}
+}
 
 
 class PlanChange(BaseModel):
@@ -58,7 +62,7 @@ def started(answer: dict[str, Any], wait: float) -> Response:
     return JSONResponse(answer, status_code=202, headers=headers)
 
 
-@router.post("", status_code=202, summary="Sign a tenant up and provision it")
+@router.post("", status_code=202, summary="Sign a tenant up and provision it", responses=WAITED)
 def create_tenant(
     body: CreateTenant, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0
 ) -> Response:
@@ -117,7 +121,9 @@ def _summary(tenant: Tenant) -> dict[str, Any]:
     }
 
 
-@router.post("/{tenant_id}/plan", status_code=202, summary="Move a tenant to another plan")
+@router.post(
+    "/{tenant_id}/plan", status_code=202, summary="Move a tenant to another plan", responses=WAITED
+)
 def change_plan(
     tenant_id: str, body: PlanChange, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0
 ) -> Response:
@@ -129,7 +135,12 @@ def change_plan(
     )
 
 
-@router.post("/{tenant_id}/suspend", status_code=202, summary="Stop a tenant, keeping its data")
+@router.post(
+    "/{tenant_id}/suspend",
+    status_code=202,
+    summary="Stop a tenant, keeping its data",
+    responses=WAITED,
+)
 def suspend(
     tenant_id: str, body: Suspension, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0
 ) -> Response:
@@ -139,7 +150,12 @@ def suspend(
     return started(call("cul8er.tenants.suspend", payload, key=key, subject=caller.subject), wait)
 
 
-@router.post("/{tenant_id}/resume", status_code=202, summary="Start a suspended tenant again")
+@router.post(
+    "/{tenant_id}/resume",
+    status_code=202,
+    summary="Start a suspended tenant again",
+    responses=WAITED,
+)
 def resume(tenant_id: str, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0) -> Response:
     """Resume the tenant."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)
@@ -147,7 +163,7 @@ def resume(tenant_id: str, caller: Writer, key: IdempotencyKey = None, wait: Wai
     return started(call("cul8er.tenants.resume", payload, key=key, subject=caller.subject), wait)
 
 
-@router.delete("/{tenant_id}", status_code=202, summary="Deprovision a tenant")
+@router.delete("/{tenant_id}", status_code=202, summary="Deprovision a tenant", responses=WAITED)
 def delete(tenant_id: str, caller: Writer, key: IdempotencyKey = None, wait: Wait = 0) -> Response:
     """Deprovision the tenant: everything goes, its subnet is freed."""
     authorize(caller, Action.TENANT_WRITE, tenant_id=tenant_id)

@@ -316,7 +316,15 @@ def _pip(source: str, settings: Settings, sha256: str | None) -> dict[str, Any]:
             f"--sha256 needs a folder, an archive, git+URL or a registry; not pip ({source!r})",
             errors=[{"field": "sha256", "message": "not checkable through pip"}],
         )
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", source], check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", source],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise PluginError(f"pip could not install {source!r}: {why[0][:300]}", plugin_name=source)
     PluginRegistry(settings).boot()
     return {"installed": source, "via": "pip"}
 
