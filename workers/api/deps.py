@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import Depends, Header, Request, Response
 
-from workers.api.auth import AuthError, TokenVerifier, bearer
+from workers.api.auth import TokenVerifier, bearer
 from workers.api.ratelimit import Decision, RateLimiter
 from workers.api.roles import Principal
 from workers.runtime.settings import get_settings
@@ -20,7 +20,7 @@ from workers.runtime.settings import get_settings
 if TYPE_CHECKING:
     from workers.runtime.settings import Settings
 
-__all__ = ["Caller", "IdempotencyKey", "Limited", "read", "write"]
+__all__ = ["Caller", "IdempotencyKey", "Limited", "Writer", "read", "write"]
 
 
 @dataclass
@@ -76,12 +76,10 @@ def write(request: Request, response: Response) -> Principal:
     return _caller(request, response, "write")
 
 
+#: The caller of a read route, and of a write route (each counted in its own rate limit).
 Caller = Annotated[Principal, Depends(read)]
 Writer = Annotated[Principal, Depends(write)]
 #: ``Idempotency-Key``: the task's idempotency key (a replay answers the first response).
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=100)
 ]
-
-#: Re-exported for the app's exception handler.
-AuthFailed = AuthError
