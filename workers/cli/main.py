@@ -1,104 +1,148 @@
 """The ``cul8er`` command line: run the stack, drive tenants, read the ledger.
 
-Tables for people, ``--json`` for scripts. Commands that change something
-enqueue the public task by name, exactly as another service would. Each group lives in
-its own module; this one puts them together and holds the small ``db``, ``schema`` and
-``platform`` groups.
+Tables for people, ``--json`` for scripts. Commands that change something enqueue the public
+task by name, exactly as another service would. Each command group lives in its own module,
+imported only when that group runs (:class:`LazyGroup`): ``cul8er --help`` imports none of
+them, and ``cul8er tenant list`` imports the tenant commands alone.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import typer
-from rich.table import Table
 
-from workers.cli.api import api_cli
-from workers.cli.client import call
-from workers.cli.console import JsonOpt, add_row, complain, console, emit, line
-from workers.cli.deploy import deploy_cli
-from workers.cli.economics import autoscale_cli, beat_cli, invoice_cli, usage_cli
-from workers.cli.plugins import plugin_cli
-from workers.cli.runs import workflow_cli
-from workers.cli.stack import stack_cli
-from workers.cli.tenants import TimeoutOpt, tenant_cli
-from workers.cli.workers import workers_cli
+# typer (0.29+) builds its commands on the click it ships: the classes a group holds must be
+# those, not the separately installed click's.
+from typer import _click as click
+from typer.core import TyperCommand, TyperGroup
+
 from workers.runtime.errors import Cul8erError
-from workers.runtime.logging import configure_logging
-from workers.runtime.settings import get_settings
 
-__all__ = ["cli", "main"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-cli = typer.Typer(help="cul8er: the tenant control plane on Celery.", no_args_is_help=True)
-db_cli = typer.Typer(help="Database migrations.", no_args_is_help=True)
-schema_cli = typer.Typer(help="JSON Schemas of the public tasks.", no_args_is_help=True)
-platform_cli = typer.Typer(help="Compare platforms with the database.", no_args_is_help=True)
-cli.add_typer(stack_cli)  # adds `up` and `down` themselves
-cli.add_typer(tenant_cli, name="tenant")
-cli.add_typer(deploy_cli, name="deploy")
-cli.add_typer(api_cli, name="api")
-cli.add_typer(workflow_cli, name="workflow")
-cli.add_typer(db_cli, name="db")
-cli.add_typer(schema_cli, name="schema")
-cli.add_typer(platform_cli, name="platform")
-cli.add_typer(plugin_cli, name="plugin")
-cli.add_typer(usage_cli, name="usage")
-cli.add_typer(invoice_cli, name="invoice")
-cli.add_typer(autoscale_cli, name="autoscale")
-cli.add_typer(beat_cli, name="beat")
-cli.add_typer(workers_cli)  # adds the `workers` command itself
+__all__ = ["COMMANDS", "LazyGroup", "cli", "main"]
+
+#: Each command: (module, its Typer app, the command inside that app or ``None`` for the app
+#: itself as a group, the one-line help ``cul8er --help`` shows without importing it).
+COMMANDS: Final[dict[str, tuple[str, str, str | None, str]]] = {
+    "up": (
+        "workers.cli.stack",
+        "stack_cli",
+        "up",
+        "Run a worker and beat (and Flower, and the HTTP API) on the configured broker and "
+        "database.",
+    ),
+    "down": (
+        "workers.cli.stack",
+        "stack_cli",
+        "down",
+        "Stop the embedded broker (workers should be stopped first).",
+    ),
+    "tenant": ("workers.cli.tenants", "tenant_cli", None, "Create and change tenants."),
+    "deploy": ("workers.cli.deploy", "deploy_cli", None, "Roll releases over tenants' instances."),
+    "api": ("workers.cli.api", "api_cli", None, "The HTTP API (/api/v1): serve it, issue tokens."),
+    "workflow": ("workers.cli.runs", "workflow_cli", None, "Read the workflow ledger."),
+    "db": ("workers.cli.maintenance", "db_cli", None, "Database migrations."),
+    "schema": ("workers.cli.maintenance", "schema_cli", None, "JSON Schemas of the public tasks."),
+    "platform": (
+        "workers.cli.maintenance",
+        "platform_cli",
+        None,
+        "Compare platforms with the database.",
+    ),
+    "plugin": (
+        "workers.cli.plugins",
+        "plugin_cli",
+        None,
+        "Plugins: list, validate, install, enable, reload.",
+    ),
+    "usage": ("workers.cli.economics", "usage_cli", None, "Metered usage per tenant."),
+    "invoice": (
+        "workers.cli.economics",
+        "invoice_cli",
+        None,
+        "Invoices of closed billing periods.",
+    ),
+    "autoscale": ("workers.cli.economics", "autoscale_cli", None, "Autoscale decisions and why."),
+    "beat": ("workers.cli.economics", "beat_cli", None, "The beat schedule and its last runs."),
+    "workers": (
+        "workers.cli.workers",
+        "workers_cli",
+        "workers",
+        "Worker processes by node: alive, silent, lost or stopped, and the steps each runs.",
+    ),
+}
 
 
-@db_cli.command("upgrade")
-def db_upgrade(revision: str = "head") -> None:
-    """Migrate the database to the newest schema."""
-    from workers.runtime.migrate import upgrade
+def load_command(name: str) -> click.Command:
+    """The click command ``name``, its module imported now.
+
+    Built as ``add_typer`` on the root always built it: a one-command app stays a group
+    (``cul8er db upgrade``), an app without a name lends its commands (``cul8er up``).
+    """
+    module, attr, inner, _ = COMMANDS[name]
+    app = getattr(importlib.import_module(module), attr)
+    parent = typer.Typer()
+    if inner is None:
+        parent.add_typer(app, name=name)
+    else:
+        parent.add_typer(app)
+    group = typer.main.get_command(parent)
+    assert isinstance(group, TyperGroup)
+    found = group.get_command(click.Context(group), inner or name)
+    assert found is not None, f"{module}.{attr} has no command {inner or name!r}"
+    return found
+
+
+class LazyGroup(TyperGroup):
+    """The root group: each command's module is imported when that command runs."""
+
+    _listing = False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *COMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        if self._listing:
+            # The root's help lists names and one-liners: nothing is imported for it.
+            return TyperCommand(cmd_name, help=COMMANDS[cmd_name][3], callback=lambda: None)
+        return load_command(cmd_name)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def invoke(self, ctx: click.Context) -> Any:
+        _configure_logging()
+        return super().invoke(ctx)
+
+
+cli = typer.Typer(
+    cls=LazyGroup, help="cul8er: the tenant control plane on Celery.", no_args_is_help=True
+)
+
+
+@cli.callback()
+def _root() -> None:
+    """cul8er: the tenant control plane on Celery."""
+
+
+def _configure_logging() -> None:
+    from workers.runtime.logging import configure_logging
+    from workers.runtime.settings import get_settings
 
     settings = get_settings()
-    upgrade(settings.sqlalchemy_url, revision)
-    console.print(line(f"database at {revision}"))
-
-
-@schema_cli.command("export")
-def schema_export(directory: Path) -> None:
-    """Write one JSON Schema per public task into DIRECTORY."""
-    from schemas.tasks import PUBLIC_TASKS
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, model in PUBLIC_TASKS.items():
-        schema = {"$id": name, "title": name, **model.model_json_schema()}
-        (directory / f"{name}.json").write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
-    console.print(line(f"wrote {len(PUBLIC_TASKS)} schemas to {directory}"))
-
-
-@platform_cli.command("reconcile")
-def platform_reconcile(
-    prune: Annotated[bool, typer.Option(help="Destroy orphaned instances.")] = False,
-    as_json: JsonOpt = False,
-    timeout: TimeoutOpt = 300.0,
-) -> None:
-    """Recreate missing instances; report orphans (destroy them with --prune)."""
-    report: dict[str, list[dict[str, Any]]] = call(
-        "cul8er.platforms.reconcile", {"prune": prune}, timeout=timeout
-    )
-    if as_json:
-        emit(report)
-        return
-    table = Table("finding", "platform", "instance", "tenant", "error")
-    for kind, entries in report.items():
-        for e in entries:
-            add_row(
-                table,
-                kind,
-                e.get("platform", "-"),
-                e.get("instance", "-"),
-                e.get("tenant_id") or "-",
-                e.get("error", ""),
-            )
-    console.print(table if table.row_count else "no drift")
+    # Logs go to stderr, so --json output on stdout stays parseable.
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
 
 
 def _hint(exc: Cul8erError) -> str:
@@ -108,15 +152,14 @@ def _hint(exc: Cul8erError) -> str:
     return ""
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    settings = get_settings()
-    # Logs go to stderr, so --json output on stdout stays parseable.
-    configure_logging(fmt=settings.log_format, level=settings.log_level)
     try:
-        cli()
+        cli(args=list(argv) if argv is not None else None)
     except Cul8erError as exc:
+        from workers.cli.console import complain
+
         complain((exc.code, "red"), f": {exc}{_hint(exc)}")
         raise SystemExit(2) from None
 

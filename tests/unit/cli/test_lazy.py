@@ -1,0 +1,39 @@
+"""The root command imports a group's module only when that group runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from workers.cli.main import COMMANDS, load_command
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_each_listed_command_loads_with_the_help_the_root_shows(name: str) -> None:
+    command = load_command(name)
+    assert command.name == name
+    first = " ".join((command.help or "").strip().split("\n\n")[0].split())
+    assert first == COMMANDS[name][3]
+    names = {p.name for p in command.params}
+    assert not names & {"install_completion", "show_completion"}
+
+
+def test_the_root_help_imports_no_command_module() -> None:
+    probe = (
+        "import sys\n"
+        "from workers.cli.main import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('workers.cli.') "
+        "and m != 'workers.cli.main')\n"
+        "heavy = sorted(m for m in ('sqlalchemy', 'celery', 'pydantic_settings') "
+        "if m in sys.modules)\n"
+        "print(loaded, heavy, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "tenant" in done.stdout
+    assert done.stderr.strip().splitlines()[-1] == "[] []", done.stderr
