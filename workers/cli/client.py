@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from workers.cli.console import complain, fail
-from workers.runtime.embedded import EmbeddedRedis
 from workers.runtime.errors import ConfigError
 from workers.runtime.settings import get_settings
 
@@ -26,6 +25,9 @@ ANSWER_TIMEOUT = 30.0
 
 def celery_app() -> Celery:
     """cul8er's Celery app, once its broker is known to answer (exit code 2 otherwise)."""
+    # Imported here: commands that only read the database never load Redis or Celery.
+    from workers.runtime.embedded import EmbeddedRedis
+
     settings = get_settings()
     if settings.embedded_broker:
         try:
