@@ -14,6 +14,7 @@ from tasks import workflows as _declared  # noqa: F401  (registers the workflow 
 from workers.engine import ledger, takeover
 from workers.engine.events import emit
 from workers.engine.public import Outcome, public_task
+from workers.engine.views import describe_run
 from workers.runtime import liveness
 from workers.runtime.app import app
 from workers.runtime.db import session_scope
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 from schemas.states import StepStatus, TenantStatus
 
-__all__ = ["describe_run"]
+__all__: list[str] = []
 
 log = structlog.get_logger(__name__)
 
@@ -105,57 +106,6 @@ def _queue_empty(queue: str) -> bool:
         log.warning("queue_depth_unknown", queue=queue, error=str(exc))
         return False
     return int(declared.message_count) == 0
-
-
-def describe_run(session: Session, run: WorkflowRun) -> dict[str, Any]:
-    """A run and its steps as JSON (shared by the task and the CLI)."""
-    steps = session.scalars(
-        select(StepRun).where(StepRun.run_id == run.id).order_by(StepRun.id)
-    ).all()
-    owner_ids = {s.owner_id for s in steps if s.owner_id}
-    owners = {
-        w.boot_id: w
-        for w in session.scalars(
-            select(WorkerProcess).where(WorkerProcess.boot_id.in_(owner_ids))
-        ).all()
-    }
-    return {
-        "workflow_id": run.id,
-        "kind": run.kind,
-        "tenant_id": run.tenant_id,
-        "status": run.status,
-        "phase": run.phase,
-        "current_step": run.current_step,
-        "error": run.error,
-        "created_at": run.created_at.isoformat(),
-        "updated_at": run.updated_at.isoformat(),
-        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-        "steps": [
-            {
-                "name": s.name,
-                "phase": s.phase,
-                "status": s.status,
-                "attempts": s.attempts,
-                "owner": _owner(s.owner_id, owners.get(s.owner_id or "")),
-                "heartbeat_at": s.heartbeat_at.isoformat() if s.heartbeat_at else None,
-                "takeovers": [h for h in s.history or [] if h.get("event") == "takeover"],
-                "history": s.history or [],
-                "output": s.output,
-                "error": s.error,
-                "started_at": s.started_at.isoformat() if s.started_at else None,
-                "finished_at": s.finished_at.isoformat() if s.finished_at else None,
-            }
-            for s in steps
-        ],
-    }
-
-
-def _owner(boot_id: str | None, worker: WorkerProcess | None) -> dict[str, Any] | None:
-    if boot_id is None:
-        return None
-    if worker is None:
-        return {"boot_id": boot_id, "node": None, "pid": None}
-    return {"boot_id": boot_id, "node": worker.node, "pid": worker.pid}
 
 
 @public_task("cul8er.workflows.status", WorkflowStatus, idempotent=False)

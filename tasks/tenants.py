@@ -21,12 +21,12 @@ from tasks import workflows as wf
 from workers.economics.plans import get_plan
 from workers.engine import ledger
 from workers.engine.public import Outcome, public_task
+from workers.engine.views import describe_tenant
 from workers.pluginhost.handles import plugin_names
 from workers.runtime.errors import ConflictError, NotFoundError, ValidationFailedError
 from workers.runtime.models import (
     AuditEvent,
     Instance,
-    NetworkAllocation,
     PlanPeriod,
     Tenant,
     WorkflowRun,
@@ -202,49 +202,6 @@ def deprovision(session: Session, payload: DeprovisionTenant) -> Outcome:
     )
     tenant.status = TenantStatus.DEPROVISIONING
     return _start(session, tenant, wf.DEPROVISION, {}, actor=payload.actor)
-
-
-def describe_tenant(session: Session, tenant: Tenant) -> dict[str, Any]:
-    """A tenant as JSON: status, plan, instances, subnet (shared by the task and the CLI)."""
-    subnet = session.scalars(
-        select(NetworkAllocation.cidr).where(NetworkAllocation.tenant_id == tenant.id)
-    ).first()
-    instances = session.scalars(
-        select(Instance).where(Instance.tenant_id == tenant.id).order_by(Instance.name)
-    ).all()
-    return {
-        "tenant_id": tenant.id,
-        "name": tenant.name,
-        "plan": tenant.plan,
-        "status": tenant.status,
-        "status_reason": tenant.status_reason,
-        "platform": tenant.platform,
-        "placement": tenant.placement,
-        "environment": tenant.environment,
-        "release": tenant.release or None,
-        #: The stable address of its load-balancer frontend (``None``: reach its instances).
-        "entry": tenant.resources.get("entry"),
-        "subnet": subnet,
-        "generation": tenant.generation,
-        "active_workflow_id": tenant.active_workflow_id,
-        "metadata": tenant.meta,
-        "resources": tenant.resources,
-        "billing_anchor": tenant.billing_anchor.isoformat(),
-        "created_at": tenant.created_at.isoformat(),
-        "updated_at": tenant.updated_at.isoformat(),
-        "instances": [
-            {
-                "name": i.name,
-                "role": i.role,
-                "status": i.status,
-                "endpoint": i.endpoint,
-                "platform": i.platform,
-                "release": i.release,
-                "limits": i.limits,
-            }
-            for i in instances
-        ],
-    }
 
 
 def latest_run(session: Session, tenant_id: str) -> WorkflowRun | None:

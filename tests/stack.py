@@ -286,7 +286,7 @@ class Stack:
 
         Past ``timeout`` it returns the run as it is then, for the test to assert on.
         """
-        from tasks.maintenance import describe_run
+        from workers.engine.views import describe_run
         from workers.runtime.models import WorkflowRun
 
         seen: list[dict[str, Any]] = []

@@ -327,7 +327,7 @@ def wait_runs(stack: Stack, run_ids: list[str], timeout: float) -> Finished:
 
 def describe_unfinished(stack: Stack, finished: Finished) -> str:
     """The ledger's view of every run that did not succeed, with the tail of each log."""
-    from tasks.maintenance import describe_run
+    from workers.engine.views import describe_run
 
     views = []
     with stack.session() as session:

@@ -14,8 +14,11 @@ from typing import Any, Final
 from celery.exceptions import TimeoutError as NoAnswerError
 
 from workers.api.idempotency import task_key
+from workers.engine.views import describe_run
 from workers.runtime.app import app
+from workers.runtime.db import session_scope
 from workers.runtime.errors import TransientError
+from workers.runtime.models import WorkflowRun
 
 __all__ = ["ANSWER_TIMEOUT", "FINISHED", "call", "wait_for_workflow"]
 
@@ -60,8 +63,9 @@ def wait_for_workflow(workflow_id: str, seconds: float) -> dict[str, Any]:
     """The workflow's status once it finished, or after ``seconds`` (whichever comes first)."""
     deadline = time.monotonic() + seconds
     while True:
-        answer = call("cul8er.workflows.status", {"workflow_id": workflow_id})
-        status = answer.get("status") if answer.get("ok") else None
-        if status in FINISHED or time.monotonic() >= deadline:
+        with session_scope() as session:
+            run = session.get(WorkflowRun, workflow_id)
+            answer = {"ok": True, **describe_run(session, run)} if run is not None else {}
+        if answer.get("status") in FINISHED or time.monotonic() >= deadline:
             return answer
         time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))

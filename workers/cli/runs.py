@@ -31,7 +31,7 @@ FOLLOW_INTERVAL = 0.25
 
 def read_run(workflow_id: str) -> dict[str, Any]:
     """The run as ``cul8er.workflows.status`` answers it (exit code 1 if there is none)."""
-    from tasks.maintenance import describe_run
+    from workers.engine.views import describe_run
 
     with session_scope() as session:
         view: dict[str, Any] = describe_run(session, find_run(session, workflow_id))

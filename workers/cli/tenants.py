@@ -203,7 +203,7 @@ def tenant_list(
 @tenant_cli.command("show")
 def tenant_show(tenant_id: str, as_json: JsonOpt = False) -> None:
     """One tenant: status, plan, subnet, instances."""
-    from tasks.tenants import describe_tenant
+    from workers.engine.views import describe_tenant
 
     with session_scope() as session:
         view = describe_tenant(session, find_tenant(session, tenant_id))
