@@ -38,7 +38,14 @@ from workers.runtime.errors import (
 )
 from workers.runtime.settings import Settings
 
-__all__ = ["REQUIRED_CLAIMS", "AuthError", "TokenVerifier", "bearer", "issue_token", "key_id"]
+__all__ = [
+    "AuthError",
+    "REQUIRED_CLAIMS",
+    "TokenVerifier",
+    "bearer",
+    "issue_token",
+    "key_id",
+]
 
 #: Claims every token must carry.
 REQUIRED_CLAIMS: Final = ("exp", "iat", "sub", "role", "iss", "aud")

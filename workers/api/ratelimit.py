@@ -49,8 +49,8 @@ from workers.runtime.errors import ConfigError, TransientError
 from workers.runtime.settings import Settings
 
 __all__ = [
-    "KEY_PREFIX",
     "Decision",
+    "KEY_PREFIX",
     "RateLimiter",
     "RouteClass",
     "default_storage_uri",

@@ -21,12 +21,12 @@ from schemas.states import Environment
 from workers.runtime.errors import NotFoundError, PermanentError
 
 __all__ = [
-    "POLICY",
-    "READS",
     "Action",
     "Forbidden",
     "NotVisible",
+    "POLICY",
     "Principal",
+    "READS",
     "Role",
     "authorize",
     "visible_tenants",

@@ -36,12 +36,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CREDENTIALS",
-    "TIMEOUT",
     "FolderSource",
     "GitSource",
     "PipSource",
     "RegistrySource",
     "Source",
+    "TIMEOUT",
     "file_sha256",
     "git_checkout",
     "parse_source",
