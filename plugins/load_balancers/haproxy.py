@@ -704,7 +704,10 @@ class HAProxy:
     def _apply_weights(
         self, tenant: str, entry: _Tenant, weights: dict[str, int], *groups: Group
     ) -> None:
-        for name, server in entry["backends"].items():
+        # Servers that keep or gain traffic first, those going to 0 last: one at a time, the
+        # backend never passes through a moment where every server weighs 0 (a 503).
+        order = sorted(entry["backends"].items(), key=lambda item: weights[item[0]] == 0)
+        for name, server in order:
             if server["group"] in groups:
                 slot = f"{PREFIXES[server['group']]}{server['slot']}"
                 self._set(f"set server be_{tenant}/{slot} weight {weights[name]}")
