@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from workers.engine.public import field_path
 from workers.runtime.errors import Cul8erError
 
 __all__ = [
@@ -254,30 +255,12 @@ async def _cul8er_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _field_path(data: Any, loc: tuple[int | str, ...] | list[int | str]) -> str:
-    """The path of the offending input, without pydantic's union-member tags (as the tasks)."""
-    parts: list[str] = []
-    current = data
-    for part in loc:
-        if isinstance(current, dict):
-            parts.append(str(part))
-            if part not in current:
-                break  # a missing field: the path ends at its name
-            current = current[part]
-        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
-            parts.append(str(part))
-            current = current[part]
-        else:
-            break  # what follows names a type tried, not a place in the input
-    return ".".join(parts)
-
-
 def _request_field(body: Any, loc: tuple[int | str, ...] | list[int | str]) -> str:
     if not loc:
         return "request"
     where, rest = loc[0], tuple(loc[1:])
     if where == "body":
-        return _field_path(body, rest) or "body"
+        return field_path(body, rest) or "body"
     return ".".join(str(part) for part in loc[:2])  # query.limit, path.tenant_id, header.x
 
 

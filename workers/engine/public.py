@@ -28,7 +28,7 @@ from workers.runtime.errors import (
 from workers.runtime.models import Operation
 from workers.runtime.task import RetryingTask
 
-__all__ = ["Outcome", "PublicTask", "public_task", "rejection"]
+__all__ = ["Outcome", "PublicTask", "field_path", "public_task", "rejection"]
 
 log = structlog.get_logger(__name__)
 
@@ -62,8 +62,11 @@ def rejection(exc: PermanentError) -> dict[str, Any]:
     return {"ok": False, "error": error}
 
 
-def _field_path(data: Any, loc: tuple[int | str, ...]) -> str:
-    """The path of the offending input, without pydantic's union-member tags."""
+def field_path(data: Any, loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """The path of the offending input, without pydantic's union-member tags (``""``: none).
+
+    Shared with the HTTP API, so a field is named alike over Celery and over HTTP.
+    """
     parts: list[str] = []
     current = data
     for part in loc:
@@ -77,13 +80,13 @@ def _field_path(data: Any, loc: tuple[int | str, ...]) -> str:
             current = current[part]
         else:
             break  # what follows names a type tried, not a place in the input
-    return ".".join(parts) or "kwargs"
+    return ".".join(parts)
 
 
 def _validation_error(task_name: str, data: Any, exc: ValidationError) -> ValidationFailedError:
     errors: dict[str, str] = {}
     for err in exc.errors(include_input=False, include_url=False):
-        errors.setdefault(_field_path(data, err["loc"]), err["msg"][:MAX_MESSAGE])
+        errors.setdefault(field_path(data, err["loc"]) or "kwargs", err["msg"][:MAX_MESSAGE])
     listed = [{"field": f, "message": m} for f, m in list(errors.items())[:20]]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in listed)
     return ValidationFailedError(f"invalid arguments for {task_name}: {summary}", errors=listed)
