@@ -21,7 +21,7 @@ from celery import Celery, chain  # noqa: E402
 
 from bench._harness import emit, percentiles, pg_database, wait_ready, workers  # noqa: E402
 
-REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/3")
 
 
 def bare_chain(client: Celery, runs: int) -> list[float]:

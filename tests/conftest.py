@@ -6,10 +6,10 @@ A service that is missing skips its tests on a laptop and fails them in CI.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,11 +30,34 @@ from workers.runtime.settings import Settings, get_settings
 
 IN_CI = bool(os.environ.get("CI"))
 SERVICES = {"postgres": 5432, "redis": 6379, "rabbitmq": 5672}
-#: Redis database indexes the tests own, one per stack (each flushed before use), so the
-#: workers of two stacks never take each other's messages; a random start keeps two test
-#: runs on one machine apart more often than not.
-_first_db = random.randrange(4, 16)
-_redis_dbs = itertools.cycle([*range(_first_db, 16), *range(4, _first_db)])
+#: Redis database indexes the tests own, one per live stack (each flushed before use), so the
+#: workers of two stacks never take each other's messages. A stack claims its index with a
+#: key in database 0 (SET NX with an expiry), so two test runs on one machine never share one.
+_REDIS_DBS = range(4, 16)
+_CLAIM_TTL = 3600
+
+
+def _claim_key(db: int) -> str:
+    return f"cul8er-tests:redis-db:{db}"
+
+
+def claim_redis_db(wait: float = 120.0) -> int:
+    """A Redis database index no other live stack (of this run or another) is using."""
+    claims = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    owner = f"{os.getpid()}:{random.random()}"
+    deadline = time.monotonic() + wait
+    while True:
+        for db in random.sample(list(_REDIS_DBS), len(_REDIS_DBS)):
+            if claims.set(_claim_key(db), owner, nx=True, ex=_CLAIM_TTL):
+                return db
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"every test Redis database {_REDIS_DBS} is claimed")
+        time.sleep(0.5)
+
+
+def release_redis_db(url: str) -> None:
+    db = int(url.rsplit("/", 1)[1])
+    redis.Redis(host="127.0.0.1", port=6379, db=0).delete(_claim_key(db))
 
 
 def require(service: str) -> None:
@@ -67,7 +90,7 @@ def build_stack(kind: str, data_dir: Path) -> Stack:
     elif kind == "redis-postgres":
         require("redis")
         require("postgres")
-        url = REDIS_URL.format(db=next(_redis_dbs))
+        url = REDIS_URL.format(db=claim_redis_db())
         redis.Redis.from_url(url).flushdb()
         stack = Stack(kind, data_dir, create_pg_database(), url)
     elif kind == "rabbitmq":
@@ -91,6 +114,8 @@ def teardown_stack(stack: Stack) -> None:
     if stack.database_url.startswith("postgresql"):
         drop_pg_database(stack.database_url)
     stack.stop_broker()
+    if stack.name == "redis-postgres" and stack.broker_url:
+        release_redis_db(stack.broker_url)
 
 
 @pytest.fixture
