@@ -25,3 +25,9 @@ workflows(NOOP)
 def bare_noop() -> None:
     """A bare Celery task that does nothing, for the baseline chain."""
     return None
+
+
+#: A one-step no-op workflow, for the step throughput bench (bench/throughput.py).
+ONE_STEP_TASK = step("bench.noop_one")(_noop).name
+ONE_STEP = Workflow(kind="bench.noop_one", steps=(Step(ONE_STEP_TASK),))
+workflows(ONE_STEP)
