@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import structlog
 from celery import chain
-from sqlalchemy import JSON, bindparam, case, or_, select, update
+from sqlalchemy import JSON, bindparam, case, exists, or_, select, update
 
 from schemas.states import FINAL_RUN, FINISHED, PHASE_STATUS, Phase, RunStatus, StepStatus
 from workers.engine.events import emit
@@ -185,6 +185,17 @@ _READ_RUN = (
     .order_by(_steps.c.phase, _steps.c.position)
 )
 
+#: What a claim writes: the step runs now, owned by this process, one attempt more.
+_CLAIMED = {
+    "status": StepStatus.RUNNING,
+    "attempts": _steps.c.attempts + 1,
+    "owner_id": bindparam("b_owner"),
+    "heartbeat_at": bindparam("b_now", type_=UTCDateTime()),
+    "lease_until": bindparam("b_lease_until", type_=UTCDateTime()),
+    "task_id": bindparam("b_task_id"),
+    "started_at": bindparam("b_now", type_=UTCDateTime()),
+}
+
 #: Take the step the read found claimable. Every claim bumps ``attempts``, so the
 #: guard on the attempts read is a compare-and-swap: of two deliveries that read
 #: the same row, only one changes it.
@@ -195,15 +206,34 @@ _CLAIM = (
         _steps.c.attempts == bindparam("b_attempts"),
         _steps.c.status == bindparam("b_status"),
     )
-    .values(
-        status=StepStatus.RUNNING,
-        attempts=_steps.c.attempts + 1,
-        owner_id=bindparam("b_owner"),
-        heartbeat_at=bindparam("b_now", type_=UTCDateTime()),
-        lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
-        task_id=bindparam("b_task_id"),
-        started_at=bindparam("b_now", type_=UTCDateTime()),
+    .values(**_CLAIMED)
+)
+
+#: PostgreSQL: the common case, a step nobody has started, in one statement. The claim is
+#: a guarded UPDATE in a CTE (pending or retrying, its run in this phase); the SELECT beside
+#: it reads the run and its steps as they were when the statement began. Of two deliveries
+#: the second's UPDATE waits for the first's row lock, then finds the step running and
+#: changes nothing: ``claimed_id`` is NULL and the delivery decides from the rows it read,
+#: exactly as after :data:`_READ_RUN`.
+_CLAIM_PENDING = (
+    update(_steps)
+    .where(
+        _steps.c.run_id == bindparam("b_run_id"),
+        _steps.c.phase == bindparam("b_phase"),
+        _steps.c.name == bindparam("b_name"),
+        _steps.c.status.in_([StepStatus.PENDING, StepStatus.RETRYING]),
+        exists().where(
+            _runs.c.id == bindparam("b_run_id"),
+            _runs.c.status == bindparam("b_run_status"),
+            _runs.c.phase == bindparam("b_phase"),
+        ),
     )
+    .values(**_CLAIMED)
+    .returning(_steps.c.id)
+    .cte("claimed")
+)
+_READ_AND_CLAIM = _READ_RUN.add_columns(
+    select(_CLAIM_PENDING.c.id).scalar_subquery().label("claimed_id")
 )
 
 #: The same claim as a takeover, which also records it in the step's history.
@@ -256,22 +286,76 @@ _following = (
     .scalar_subquery()
 )
 
+
+def _advanced(following: Any) -> dict[str, Any]:
+    """The run pointed at ``following`` (a scalar subquery), or finished when it is NULL."""
+    return {
+        "current_step": following,
+        "status": case((following.is_(None), bindparam("b_final")), else_=_runs.c.status),
+        "deadline_at": case(
+            (following.is_(None), None), else_=bindparam("b_deadline", type_=UTCDateTime())
+        ),
+        "finished_at": case(
+            (following.is_(None), bindparam("b_now", type_=UTCDateTime())), else_=None
+        ),
+        "updated_at": bindparam("b_now", type_=UTCDateTime()),
+    }
+
+
 #: Point the run at its next step, or finish it after its phase's last step.
 _ADVANCE = (
     update(_runs)
     .where(_runs.c.id == bindparam("b_run_id"))
-    .values(
-        current_step=_following,
-        status=case((_following.is_(None), bindparam("b_final")), else_=_runs.c.status),
-        deadline_at=case(
-            (_following.is_(None), None), else_=bindparam("b_deadline", type_=UTCDateTime())
-        ),
-        finished_at=case(
-            (_following.is_(None), bindparam("b_now", type_=UTCDateTime())), else_=None
-        ),
-        updated_at=bindparam("b_now", type_=UTCDateTime()),
-    )
+    .values(**_advanced(_following))
     .returning(_runs.c.status, _runs.c.kind)
+)
+
+#: PostgreSQL: a completion in one statement. Record the output (fenced), hand the next
+#: step to its message and move the run on, each only if the fenced write changed a row.
+#: All three see the snapshot from before the statement, where this step still runs: the
+#: run's next step is the first unfinished one *other than this one*.
+_DONE = (
+    update(_steps)
+    .where(_FENCE)
+    .values(
+        status=StepStatus.DONE,
+        output=bindparam("b_output"),
+        finished_at=bindparam("b_now", type_=UTCDateTime()),
+        lease_until=None,
+    )
+    .returning(_steps.c.id)
+    .cte("done")
+)
+_HANDED = (
+    update(_steps)
+    .where(
+        _steps.c.run_id == bindparam("b_run_id"),
+        _steps.c.phase == bindparam("b_phase"),
+        _steps.c.name == bindparam("b_next_step"),
+        _steps.c.status == StepStatus.PENDING,
+        exists(select(_DONE.c.id)),
+    )
+    .values(task_id=bindparam("b_task_id"))
+    .cte("handed")
+)
+_NEXT = (
+    select(_steps.c.name)
+    .where(
+        _steps.c.run_id == bindparam("b_run_id"),
+        _steps.c.phase == bindparam("b_phase"),
+        _steps.c.status.not_in(FINISHED),
+        _steps.c.name != bindparam("b_name"),
+    )
+    .order_by(_steps.c.position)
+    .limit(1)
+    .cte("next")
+)
+_COMPLETE_AND_ADVANCE = (
+    update(_runs)
+    .where(_runs.c.id == bindparam("b_run_id"), exists(select(_DONE.c.id)))
+    .values(**_advanced(select(_NEXT.c.name).scalar_subquery()))
+    .returning(_runs.c.status, _runs.c.kind)
+    .add_cte(_DONE, _HANDED, _NEXT)
 )
 
 
@@ -294,11 +378,27 @@ def claim_step(
     """
     now = utcnow()
     conn = session.connection()
-    rows = conn.execute(_READ_RUN, {"b_run_id": run_id}).all()
+    claim = {
+        "b_run_id": run_id,
+        "b_owner": owner.boot_id,
+        "b_now": now,
+        "b_lease_until": now + dt.timedelta(seconds=lease),
+        "b_task_id": task_id,
+    }
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(
+            _READ_AND_CLAIM,
+            {**claim, "b_phase": phase, "b_name": name, "b_run_status": PHASE_STATUS.get(phase)},
+        ).all()
+    else:
+        rows = conn.execute(_READ_RUN, {"b_run_id": run_id}).all()
     phase_rows = [row for row in rows if row.phase == phase]
     mine = next((row for row in phase_rows if row.name == name), None)
     if mine is None:
         return Claim("inactive")
+    if getattr(mine, "claimed_id", None) is not None:
+        context = _claimed_context(rows, phase_rows, mine, run_id=run_id, phase=phase, name=name)
+        return Claim("claimed", context=context, step_id=int(mine.id))
     if mine.status in FINISHED:
         later = [row for row in phase_rows if row.position > mine.position]
         pending = _untouched(later, next_task_id)
@@ -313,13 +413,10 @@ def claim_step(
     claimed = conn.execute(
         _CLAIM if takeover is None else _TAKE,
         {
+            **claim,
             "b_id": mine.id,
             "b_attempts": mine.attempts,
             "b_status": mine.status,
-            "b_owner": owner.boot_id,
-            "b_now": now,
-            "b_lease_until": now + dt.timedelta(seconds=lease),
-            "b_task_id": task_id,
             "b_history": [*(mine.history or []), takeover],
         },
     )
@@ -389,6 +486,22 @@ def complete_step(
     now = utcnow()
     conn = session.connection()
     fence = {"b_run_id": run_id, "b_phase": phase, "b_name": name, "b_attempt": attempt}
+    if conn.dialect.name == "postgresql":
+        advanced = conn.execute(
+            _COMPLETE_AND_ADVANCE,
+            {
+                **fence,
+                **_advance_params(phase, now=now, grace=grace),
+                "b_owner": owner,
+                "b_output": output,
+                "b_next_step": next_step if next_task_id is not None else None,
+                "b_task_id": next_task_id,
+            },
+        ).first()
+        if advanced is None:
+            return _recorded_by(session, run_id, phase, name, attempt=attempt, owner=owner)
+        _advanced_to(session, run_id, status=advanced.status, kind=advanced.kind, now=now)
+        return True
     done = conn.execute(_COMPLETE, {**fence, "b_owner": owner, "b_output": output, "b_now": now})
     if not cast("CursorResult[Any]", done).rowcount:
         # A retried write whose first try did commit finds its own outcome recorded.
@@ -447,22 +560,29 @@ def refuse_late(
     )
 
 
+def _advance_params(phase: str, *, now: dt.datetime, grace: float) -> dict[str, Any]:
+    return {
+        "b_phase": phase,
+        "b_final": RunStatus.SUCCEEDED if phase == Phase.FORWARD else RunStatus.FAILED,
+        "b_deadline": now + dt.timedelta(seconds=grace),
+        "b_now": now,
+    }
+
+
 def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, grace: float) -> None:
     """Point the run at its next step, or finish it after the phase's last step (one UPDATE)."""
     status, kind = (
         session.connection()
-        .execute(
-            _ADVANCE,
-            {
-                "b_run_id": run_id,
-                "b_phase": phase,
-                "b_final": RunStatus.SUCCEEDED if phase == Phase.FORWARD else RunStatus.FAILED,
-                "b_deadline": now + dt.timedelta(seconds=grace),
-                "b_now": now,
-            },
-        )
+        .execute(_ADVANCE, {"b_run_id": run_id, **_advance_params(phase, now=now, grace=grace)})
         .one()
     )
+    _advanced_to(session, run_id, status=status, kind=kind, now=now)
+
+
+def _advanced_to(
+    session: Session, run_id: str, *, status: str, kind: str, now: dt.datetime
+) -> None:
+    """Tell that the run finished, when the step just recorded was its last."""
     if status in FINAL_RUN:
         log.info("workflow_finished", workflow_id=run_id, kind=kind, status=status)
         _finished_event(session, run_id, kind, status, now)

@@ -21,7 +21,7 @@ from workers.engine.events import emit
 from workers.engine.workflow import StepContext
 from workers.runtime import liveness
 from workers.runtime.app import app
-from workers.runtime.db import session_scope
+from workers.runtime.db import session_scope, statement_scope
 from workers.runtime.errors import Cul8erError, TransientError
 from workers.runtime.settings import get_settings
 from workers.runtime.task import Cul8erTask
@@ -90,7 +90,7 @@ class StepTask(Cul8erTask):
             namespace=beat.namespace if settings.owner_exit_check else None,
         )
         try:
-            with session_scope(durable=False) as session:
+            with statement_scope() as session:
                 claim = ledger.claim_step(
                     session,
                     run_id=run_id,
@@ -154,7 +154,7 @@ class StepTask(Cul8erTask):
                 next_step=ctx.next_step,
                 next_task_id=self._next_task_id(ctx.next_step),
             ),
-            durable=False,
+            scope=statement_scope,
         )
         if not recorded:
             self._refused(ctx, owner)
@@ -299,7 +299,11 @@ class StepTask(Cul8erTask):
         self.request.callbacks = None
 
 
-def _ledger_write(write: Callable[[Session], T], *, durable: bool = True) -> T:
+def _ledger_write(
+    write: Callable[[Session], T],
+    *,
+    scope: Callable[[], contextlib.AbstractContextManager[Session]] = session_scope,
+) -> T:
     """Record a step's outcome, retrying a few times over a dropped database connection.
 
     The outcome was earned by side effects already done; losing it to one killed
@@ -313,7 +317,7 @@ def _ledger_write(write: Callable[[Session], T], *, durable: bool = True) -> T:
         wait=tenacity.wait_exponential_jitter(initial=0.2, max=2.0),
         reraise=True,
     ):
-        with attempt, session_scope(durable=durable) as session:
+        with attempt, scope() as session:
             return write(session)
     raise AssertionError("unreachable")  # pragma: no cover
 

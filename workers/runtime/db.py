@@ -17,7 +17,7 @@ from workers.runtime.errors import TransientError
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-__all__ = ["dispose_engines", "get_engine", "session_scope"]
+__all__ = ["dispose_engines", "get_engine", "session_scope", "statement_scope"]
 
 #: How long SQLite waits for a writer lock before reporting "database is locked" (ms).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -25,6 +25,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
 _makers: dict[tuple[int, str], sessionmaker[Session]] = {}
+#: PostgreSQL only: sessions whose every statement commits on its own, without waiting for
+#: the WAL flush (see :func:`statement_scope`).
+_statement_makers: dict[tuple[int, str], sessionmaker[Session]] = {}
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -75,6 +78,27 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
+def _statement_maker(url: str) -> sessionmaker[Session]:
+    """Sessions on an autocommit pool of ``url`` whose commits skip the WAL flush wait."""
+    key = (os.getpid(), url)
+    maker = _statement_makers.get(key)
+    if maker is not None:
+        return maker
+    with _lock:
+        maker = _statement_makers.get(key)
+        if maker is None:
+            engine = create_engine(
+                url,
+                pool_size=5,
+                max_overflow=5,
+                pool_recycle=1800,
+                isolation_level="AUTOCOMMIT",
+                connect_args={"options": "-c synchronous_commit=off"},
+            )
+            maker = _statement_makers[key] = sessionmaker(engine, expire_on_commit=False)
+    return maker
+
+
 def dispose_engines() -> None:
     """Forget engines inherited from a parent process without closing its connections."""
     for (pid, _url), engine in list(_engines.items()):
@@ -82,6 +106,10 @@ def dispose_engines() -> None:
             engine.dispose(close=False)
             del _engines[(pid, _url)]
             _makers.pop((pid, _url), None)
+    for (pid, _url), maker in list(_statement_makers.items()):
+        if pid != os.getpid():
+            maker.kw["bind"].dispose(close=False)
+            del _statement_makers[(pid, _url)]
 
 
 @contextmanager
@@ -90,11 +118,10 @@ def session_scope(url: str | None = None, *, durable: bool = True) -> Iterator[S
 
     A lost or locked database surfaces as ``TransientError`` so the step retries.
 
-    ``durable=False`` is for the ledger's own bookkeeping (claims, completions):
-    on PostgreSQL the commit does not wait for the WAL flush. A crash of the
-    database server can then forget the last few hundred milliseconds of step
-    records, never half of one, and a forgotten record only makes an idempotent
-    step run again. It saves an fsync per step on the hot path.
+    ``durable=False`` is for bookkeeping that may be lost in a database crash (heartbeats,
+    call tallies): on PostgreSQL the commit does not wait for the WAL flush. A crash of the
+    database server can then forget the last few hundred milliseconds of those records,
+    never half of one.
     """
     if url is None:
         from workers.runtime.settings import get_settings
@@ -102,10 +129,42 @@ def session_scope(url: str | None = None, *, durable: bool = True) -> Iterator[S
         url = get_settings().sqlalchemy_url
     get_engine(url)
     session = _makers[(os.getpid(), url)]()
-    try:
+    with _guarded(session):
         if not durable and url.startswith("postgresql"):
             session.execute(text("SET LOCAL synchronous_commit TO OFF"))
         yield session
+
+
+@contextmanager
+def statement_scope(url: str | None = None) -> Iterator[Session]:
+    """A session for writes that are each one statement: the ledger's claims and completions.
+
+    On PostgreSQL every statement commits by itself (autocommit), without waiting for the
+    WAL flush: no BEGIN, SET or COMMIT round trips, so a claim or a completion costs one
+    round trip. A caller that needs two statements to hold together must not use this.
+    A crash of the database server can forget the last few hundred milliseconds of step
+    records, never half of one, and a forgotten record only makes an idempotent step run
+    again. On SQLite (in-process, no round trips) it is one transaction, as
+    :func:`session_scope` with ``durable=False``.
+    """
+    if url is None:
+        from workers.runtime.settings import get_settings
+
+        url = get_settings().sqlalchemy_url
+    if not url.startswith("postgresql"):
+        with session_scope(url, durable=False) as session:
+            yield session
+        return
+    session = _statement_maker(url)()
+    with _guarded(session):
+        yield session
+
+
+@contextmanager
+def _guarded(session: Session) -> Iterator[None]:
+    """Commit ``session`` after the block, roll back on error; a lost database is transient."""
+    try:
+        yield
         session.commit()
     except DBAPIError as exc:
         session.rollback()
