@@ -33,23 +33,28 @@ instances through their platform and pool shares and datastores through their pr
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import datetime as dt
 import http.client
 import itertools
 import json
+import time
 import urllib.request
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import structlog
-from sqlalchemy import Table, select, text
+from sqlalchemy import Table, exists, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from schemas.states import TenantStatus
+from workers.economics._usage_sql import write_window
 from workers.runtime.errors import Cul8erError, NotFoundError
 from workers.runtime.models import Base, Instance, MeterReading, Tenant, UsageRecord, utcnow
 from workers.runtime.schedule import slot_start
@@ -117,6 +122,12 @@ DATASTORE_SOURCE: Final = "datastore"
 PLACEMENT_SOURCE: Final = "placement"
 #: The source name of a tenant's entry point on the load balancer (its requests).
 ENTRY_SOURCE: Final = "entry"
+#: Sources of a chunk read at once, at most, once reads turn out slow (an engine that
+#: samples before it answers, a plugin behind a queue).
+READ_THREADS: Final = 32
+#: A read slower than this (seconds) sends the chunk's remaining reads to threads; quicker
+#: ones stay in this thread, where a hand-off would cost more than the read.
+SLOW_READ_SECONDS: Final = 0.02
 
 #: An opener that never sends loopback requests through an HTTP proxy.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -346,6 +357,61 @@ def active_tenant_ids(session: Session) -> list[str]:
     return list(session.scalars(query))
 
 
+def _chunk_state(
+    session: Session, tenant_ids: Sequence[str], window: Window
+) -> tuple[dict[str, TenantSources], set[str]]:
+    """:func:`load_sources` and :func:`metered_tenants` of a chunk in one query (one row
+    per instance, or per tenant without one)."""
+    claimed = (
+        exists()
+        .where(
+            UsageRecord.tenant_id == Tenant.id,
+            UsageRecord.metric == CLAIM_METRIC,
+            UsageRecord.window_start == window.start,
+        )
+        .label("claimed")
+    )
+    query = (
+        select(
+            Tenant.id,
+            Tenant.platform,
+            Tenant.placement,
+            Tenant.resources,
+            Tenant.status,
+            claimed,
+            Instance.name,
+            Instance.platform,
+            Instance.endpoint,
+        )
+        .outerjoin(Instance, Instance.tenant_id == Tenant.id)
+        .where(Tenant.id.in_(tenant_ids))
+        .order_by(Tenant.id, Instance.name)
+    )
+    tenants: dict[str, TenantSources] = {}
+    instances: dict[str, list[tuple[str, str, str | None]]] = defaultdict(list)
+    done: set[str] = set()
+    for tid, platform, placement, resources, status, is_done, name, on, endpoint in session.execute(
+        query
+    ):
+        if is_done:
+            done.add(tid)
+        if status != TenantStatus.ACTIVE:
+            continue
+        if name is not None:
+            instances[tid].append((name, on, endpoint))
+        tenants[tid] = TenantSources(
+            tenant_id=tid,
+            platform=platform,
+            placement=placement,
+            has_datastore=bool((resources or {}).get("datastore")),
+            entry=bool((resources or {}).get("entry")),
+        )
+    return {
+        tid: dataclasses.replace(tenant, instances=tuple(instances.get(tid, ())))
+        for tid, tenant in tenants.items()
+    }, done
+
+
 def load_sources(session: Session, tenant_ids: Sequence[str]) -> dict[str, TenantSources]:
     """The sources of each of ``tenant_ids`` that is still active."""
     # By primary key alone (the status is checked below): an index on the status would
@@ -507,20 +573,45 @@ def _source_reads(
 
 
 def read_samples(
-    sources: Iterable[TenantSources], settings: Settings, reader: SourceReader
+    sources: Iterable[TenantSources],
+    settings: Settings,
+    reader: SourceReader,
+    *,
+    threads: int = READ_THREADS,
 ) -> list[Sample]:
     """Read every source of every tenant now; a source that cannot be read is left out.
 
     A source left out keeps its last reading, so its usage is counted by the next window
-    that reads it: late, never lost.
+    that reads it: late, never lost. Reads run here one by one while they are quick; once
+    one is slow, the rest are read at once, ``threads`` at a time.
     """
-    samples: list[Sample] = []
-    for tenant in sources:
-        for source, read in _source_reads(tenant, reader, settings.data_provisioner):
-            sample = _guarded(tenant.tenant_id, source, read)
-            if sample is not None:
-                samples.append(sample)
-    return samples
+    reads = [
+        (tenant.tenant_id, source, read)
+        for tenant in sources
+        for source, read in _source_reads(tenant, reader, settings.data_provisioner)
+    ]
+    found: list[Sample | None] = []
+    for index, (tenant_id, source, read) in enumerate(reads):
+        started = time.perf_counter()
+        found.append(_guarded(tenant_id, source, read))
+        if time.perf_counter() - started > SLOW_READ_SECONDS and threads > 1:
+            found.extend(_read_at_once(reads[index + 1 :], threads))
+            break
+    return [sample for sample in found if sample is not None]
+
+
+def _read_at_once(
+    reads: Sequence[tuple[str, str, Callable[[], Sample | None]]], threads: int
+) -> list[Sample | None]:
+    """Each of ``reads`` in a bounded pool of threads, each under this thread's log context."""
+    if not reads:
+        return []
+    # A copy of the context per read: one context cannot be entered by two threads at once.
+    jobs = [(contextvars.copy_context(), item) for item in reads]
+    with ThreadPoolExecutor(
+        max_workers=min(threads, len(jobs)), thread_name_prefix="cul8er-meter"
+    ) as pool:
+        return list(pool.map(lambda job: job[0].run(_guarded, *job[1]), jobs))
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -553,6 +644,7 @@ def _lock_tenants(session: Session, tenant_ids: Iterable[str]) -> None:
 
     Two runs of different windows for the same tenant would otherwise both count the usage
     since the same reading. The keys are taken in one sorted order, so runs never deadlock.
+    The same round trip sets what :func:`_by_key` sets, for the reads and writes after it.
     """
     if session.get_bind().dialect.name != "postgresql":
         return
@@ -560,7 +652,9 @@ def _lock_tenants(session: Session, tenant_ids: Iterable[str]) -> None:
     if keys:
         session.execute(
             text(
-                "SELECT count(pg_advisory_xact_lock(:ns, k)) FROM unnest(CAST(:keys AS int[])) AS k"
+                "SELECT set_config('enable_seqscan', 'off', true), "
+                "(SELECT count(pg_advisory_xact_lock(:ns, k)) "
+                "FROM unnest(CAST(:keys AS int[])) AS k)"
             ),
             {"ns": LOCK_NAMESPACE, "keys": keys},
         )
@@ -592,6 +686,30 @@ def record(
     _lock_tenants(session, tenant_ids)
     usage, kept = aggregate(tenant_ids, samples, _readings(session, tenant_ids), window)
     now = utcnow()
+    won: set[str] | None = None
+    if session.get_bind().dialect.name == "postgresql":
+        won = write_window(
+            session,
+            (window.start, window.end),
+            usage,
+            AGGREGATIONS,
+            kept,
+            claim=CLAIM_METRIC,
+            now=now,
+        )
+    if won is None:
+        won = _write_rows(session, window, usage, kept, now)
+    return won, len(won) * len(AGGREGATIONS)
+
+
+def _write_rows(
+    session: Session,
+    window: Window,
+    usage: Mapping[str, Mapping[str, float]],
+    kept: Sequence[dict[str, Any]],
+    now: dt.datetime,
+) -> set[str]:
+    """The write of :func:`record` row by row (SQLite): the claims, then the winners' rest."""
 
     def row(tenant_id: str, metric: str) -> dict[str, Any]:
         return {
@@ -611,9 +729,8 @@ def record(
     )
     won = set(session.scalars(claims, [row(t, CLAIM_METRIC) for t in sorted(usage)]).all())
     if not won:
-        return won, 0
+        return won
     rest = [row(t, m) for t in sorted(won) for m in AGGREGATIONS if m != CLAIM_METRIC]
-    # executemany: SQLAlchemy caches the compiled statement, psycopg pipelines the rows.
     session.execute(
         _insert(session, UsageRecord).on_conflict_do_nothing(
             index_elements=["tenant_id", "metric", "window_start"]
@@ -628,7 +745,7 @@ def record(
     mine = [reading for reading in kept if reading["tenant_id"] in won]
     if mine:
         session.execute(upsert, mine)
-    return won, len(won) + len(rest)
+    return won
 
 
 def usage_of(session: Session, tenant_id: str, window: Window) -> dict[str, float]:
@@ -660,8 +777,7 @@ def meter_chunk(
     ids = sorted(set(tenant_ids))
     with session_scope(url) as session:
         _by_key(session)
-        sources = load_sources(session, ids)
-        done = metered_tenants(session, ids, window)
+        sources, done = _chunk_state(session, ids, window)
     result.already = sorted(done)
     result.skipped = sorted(set(ids) - set(sources) - done)
     todo = [sources[t] for t in ids if t in sources and t not in done]
@@ -669,7 +785,7 @@ def meter_chunk(
         return result
     samples = read_samples(todo, settings, reader)
     with session_scope(url) as session:
-        _by_key(session)
+        # record() takes the tenants' locks first, which also reads by key (_lock_tenants).
         won, rows = record(session, [t.tenant_id for t in todo], samples, window)
     result.metered = sorted(won)
     result.already = sorted(done | {t.tenant_id for t in todo} - won)
