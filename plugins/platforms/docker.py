@@ -14,14 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 import structlog
 from pydantic import ValidationError
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
+from plugins.platforms.docker_cgroups import HostCgroups
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
 from workers.plugin_api import (
     ConflictError,
@@ -35,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     import docker
+    from tenacity import RetryCallState
 
     from workers.plugin_api import PluginContext, Settings
 
@@ -117,6 +112,7 @@ class DockerPlatform:
         self._client_obj: docker.DockerClient | None = None
         self._host_cpus: int | None = None
         self._host_memory: int | None = None
+        self._host_cgroups = HostCgroups()
 
     @classmethod
     def from_plugin(cls, _config: None, context: PluginContext) -> DockerPlatform:
@@ -203,11 +199,35 @@ class DockerPlatform:
         )
 
     def stats(self, name: str) -> InstanceStats:
-        """CPU seconds, memory without page cache, writable-layer bytes and network bytes."""
-        container = self._get(name)
+        """CPU seconds, memory without page cache, writable-layer bytes and network bytes.
+
+        One inspect gives the container's id, main process and writable-layer size; the
+        counters come from this host's cgroup files when the engine runs here, else from
+        the engine's ``stats`` (which waits for its collector's next sample).
+        """
+        attrs = self._inspect_size(name)
+        container_id = str(attrs.get("Id") or "")
+        state = attrs.get("State") or {}
+        local = (
+            self._host_cgroups.read(container_id, int(state.get("Pid") or 0))
+            if state.get("Running")
+            else None
+        )
+        if local is None:
+            return self._engine_stats(name, container_id, attrs.get("SizeRw"))
+        return InstanceStats(
+            cpu_seconds=local.cpu_ns / NANO,
+            memory_bytes=local.memory_bytes,
+            disk_bytes=self._disk_bytes(name, attrs.get("SizeRw")),
+            rx_bytes=local.rx_bytes,
+            tx_bytes=local.tx_bytes,
+        )
+
+    def _engine_stats(self, name: str, container_id: str, size_rw: Any) -> InstanceStats:
+        """:meth:`stats` as the engine reports them (one sample, without the pre-sample)."""
         raw: dict[str, Any] = self._call(
             "read stats",
-            lambda client: client.api.stats(container.id, stream=False, one_shot=True),
+            lambda client: client.api.stats(container_id, stream=False, one_shot=True),
             subject=name,
         )
         cpu_usage = (raw.get("cpu_stats") or {}).get("cpu_usage") or {}
@@ -220,7 +240,7 @@ class DockerPlatform:
         return InstanceStats(
             cpu_seconds=int(cpu_usage.get("total_usage", 0)) / NANO,
             memory_bytes=memory_bytes,
-            disk_bytes=self._disk_bytes(name, container.id),
+            disk_bytes=self._disk_bytes(name, size_rw),
             rx_bytes=sum(int(net.get("rx_bytes", 0)) for net in networks.values()),
             tx_bytes=sum(int(net.get("tx_bytes", 0)) for net in networks.values()),
         )
@@ -314,6 +334,12 @@ class DockerPlatform:
         """
         import docker.errors
         import requests.exceptions
+        from tenacity import (
+            Retrying,
+            retry_if_exception_type,
+            stop_after_attempt,
+            wait_exponential_jitter,
+        )
 
         about = f"{what} {subject}" if subject else what
         not_retried = _errors_not_retried()
@@ -553,16 +579,20 @@ class DockerPlatform:
         )
         return int(state["ExitCode"])
 
-    def _disk_bytes(self, name: str, container_id: str) -> int:
-        """Bytes in the container's writable layer (``SizeRw``); 0 if the engine won't say."""
+    def _inspect_size(self, name: str) -> dict[str, Any]:
+        """The container's inspect document with its writable-layer size (``SizeRw``)."""
 
         def inspect_size(client: docker.DockerClient) -> Any:
             api = client.api
-            url = api._url("/containers/{0}/json", container_id)
+            url = api._url("/containers/{0}/json", name)
             return api._result(api._get(url, params={"size": 1}), True)
 
         attrs: dict[str, Any] = self._call("inspect size", inspect_size, subject=name)
-        size = attrs.get("SizeRw")
+        return attrs
+
+    def _disk_bytes(self, name: str, size: Any) -> int:
+        """Bytes in the container's writable layer: the inspected ``SizeRw``, else the
+        container list's; 0 if the engine won't say."""
         if size is None:
             rows: list[dict[str, Any]] = self._call(
                 "list sizes",

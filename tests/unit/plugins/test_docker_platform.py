@@ -369,6 +369,42 @@ def test_stats_count_the_writable_layer(
     assert stats.disk_bytes >= MIB
 
 
+def test_stats_from_this_hosts_cgroups_match_the_engines(
+    platform: DockerPlatform, make_spec: Callable[..., InstanceSpec]
+) -> None:
+    # Given a running instance on an engine of this host
+    spec = make_spec()
+    platform.create_instance(spec)
+    attrs = platform._inspect_size(spec.name)
+    local = platform._host_cgroups.read(attrs["Id"], int(attrs["State"]["Pid"]))
+    if local is None:
+        pytest.skip("the engine's cgroups are not readable from here")
+    # When its stats are read from the files, then from the engine
+    first = platform.stats(spec.name)
+    engine = platform._engine_stats(spec.name, attrs["Id"], attrs.get("SizeRw"))
+    last = platform.stats(spec.name)
+    # Then the engine's counters lie between two readings of the files
+    assert first.cpu_seconds <= engine.cpu_seconds <= last.cpu_seconds
+    assert first.rx_bytes <= engine.rx_bytes <= last.rx_bytes
+    assert first.tx_bytes <= engine.tx_bytes <= last.tx_bytes
+    assert engine.disk_bytes == first.disk_bytes
+    assert first.memory_bytes > 0 and engine.memory_bytes > 0
+
+
+def test_stats_of_a_stopped_instance_come_from_the_engine(
+    platform: DockerPlatform, make_spec: Callable[..., InstanceSpec]
+) -> None:
+    # Given a stopped instance (no process, no cgroup)
+    spec = make_spec()
+    platform.create_instance(spec)
+    platform.stop_instance(spec.name)
+    # When its stats are read
+    stats = platform.stats(spec.name)
+    # Then they are read anyway: nothing running, nothing counted in memory
+    assert stats.memory_bytes == 0
+    assert stats.disk_bytes >= 0
+
+
 def test_exec_returns_exit_code_and_output(
     platform: DockerPlatform, make_spec: Callable[..., InstanceSpec]
 ) -> None:
