@@ -54,6 +54,20 @@ def _wanted(request: ProvisionRequest) -> int:
     return count
 
 
+def _settled(info: InstanceInfo, tenant_id: str) -> bool:
+    """Whether a listed instance needs no create: the tenant's, running, listening, limited.
+
+    Anything less (stopped, still booting, limits never recorded after a killed create)
+    goes through ``create_instance``, which starts, waits for or finishes it.
+    """
+    return (
+        info.tenant_id == tenant_id
+        and info.status == "running"
+        and info.endpoint is not None
+        and bool(info.limits_applied)
+    )
+
+
 class ContainerPerTenant:
     """Each tenant gets ``instances`` dedicated instances under its plan's limits."""
 
@@ -137,7 +151,8 @@ class ContainerPerTenant:
         tenant_id = check_tenant_id(request.tenant_id)
         platform = self._platform(request.platform)
         count = _wanted(request)
-        before = {info.name for info in platform.list_instances(tenant_id)}
+        listed = {info.name: info for info in platform.list_instances(tenant_id)}
+        before = set(listed)
         destroyed = []
         if shrink:
             extra = [
@@ -149,7 +164,7 @@ class ContainerPerTenant:
             for _n, name in sorted(extra, reverse=True):
                 platform.destroy_instance(name)
                 destroyed.append(name)
-        infos = self._ensure(platform, request, count)
+        infos = self._ensure(platform, request, count, listed)
         created = [info.name for info in infos if info.name not in before]
         log.info(
             "tenant_instances_converged",
@@ -174,9 +189,19 @@ class ContainerPerTenant:
         )
 
     def _ensure(
-        self, platform: Platform, request: ProvisionRequest, count: int
+        self,
+        platform: Platform,
+        request: ProvisionRequest,
+        count: int,
+        listed: dict[str, InstanceInfo],
     ) -> list[InstanceInfo]:
-        """Instances ``0..count-1`` exist and run under the plan's limits."""
+        """Instances ``0..count-1`` exist and run under the plan's limits.
+
+        ``listed`` is what the platform listed for the tenant just before: an instance
+        running there, booted and limited, is not asked for again (a create of an existing
+        instance costs a platform a lookup of its own, and a scale right after a provision
+        would pay it for every instance).
+        """
         limits = request.plan.instance_limits()
         infos = []
         for ordinal in range(count):
@@ -188,7 +213,9 @@ class ContainerPerTenant:
                 port=self.settings.instance_port,
                 release=request.release,
             )
-            info = platform.create_instance(spec)
+            info = listed.get(spec.name)
+            if info is None or not _settled(info, request.tenant_id):
+                info = platform.create_instance(spec)
             if info.tenant_id != request.tenant_id:
                 # Another owner holds the name (a shared pool, say): never adopt it.
                 raise ConflictError(f"instance {spec.name} belongs to {info.tenant_id!r}")

@@ -388,6 +388,40 @@ def test_container_scale_applies_limits_live_and_matches_the_count(data_dir: Pat
         provisioner.scale(ProvisionRequest(tenant_id=tenant, plan=BIG, instances=4))
 
 
+def test_container_scale_right_after_provision_creates_nothing_again(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tenant provisioned on the small plan (two running instances)
+    settings = make_settings(data_dir)
+    provisioner = ContainerPerTenant(None, make_context(settings, "container_per_tenant"))
+    tenant = new_tenant()
+    first = provisioner.provision(ProvisionRequest(tenant_id=tenant, plan=SMALL))
+    asked: list[str] = []
+    create = LocalPlatform.create_instance
+
+    def counted(self: LocalPlatform, spec: Any) -> Any:
+        asked.append(spec.name)
+        return create(self, spec)
+
+    monkeypatch.setattr(LocalPlatform, "create_instance", counted)
+
+    # When it is scaled to the same plan, as the provision workflow's apply_limits does
+    again = provisioner.scale(ProvisionRequest(tenant_id=tenant, plan=SMALL))
+
+    # Then the platform is asked to create nothing: the listed running instances are the answer
+    assert asked == []
+    assert [i.provider_id for i in again.instances] == [i.provider_id for i in first.instances]
+    assert again.detail["created"] == [] and again.detail["destroyed"] == []
+
+    # When one instance is stopped and the tenant is provisioned again
+    local(settings).stop_instance(f"t-{tenant}-app-1")
+    restarted = provisioner.provision(ProvisionRequest(tenant_id=tenant, plan=SMALL))
+
+    # Then only the stopped one goes through a create, which starts it again
+    assert asked == [f"t-{tenant}-app-1"]
+    assert all(i.endpoint and get(i.endpoint) == 200 for i in restarted.instances)
+
+
 def test_container_meter_usage_sums_the_instances(data_dir: Path) -> None:
     # Given a tenant with two instances that served a request each
     settings = make_settings(data_dir)
