@@ -302,12 +302,15 @@ def _advanced(following: Any) -> dict[str, Any]:
     }
 
 
+#: What a run's advance returns: enough to tell that it finished, with no second read.
+_ADVANCED = (_runs.c.status, _runs.c.kind, _runs.c.tenant_id, _runs.c.created_at)
+
 #: Point the run at its next step, or finish it after its phase's last step.
 _ADVANCE = (
     update(_runs)
     .where(_runs.c.id == bindparam("b_run_id"))
     .values(**_advanced(_following))
-    .returning(_runs.c.status, _runs.c.kind)
+    .returning(*_ADVANCED)
 )
 
 #: PostgreSQL: a completion in one statement. Record the output (fenced), hand the next
@@ -354,7 +357,7 @@ _COMPLETE_AND_ADVANCE = (
     update(_runs)
     .where(_runs.c.id == bindparam("b_run_id"), exists(select(_DONE.c.id)))
     .values(**_advanced(select(_NEXT.c.name).scalar_subquery()))
-    .returning(_runs.c.status, _runs.c.kind)
+    .returning(*_ADVANCED)
     .add_cte(_DONE, _HANDED, _NEXT)
 )
 
@@ -500,7 +503,7 @@ def complete_step(
         ).first()
         if advanced is None:
             return _recorded_by(session, run_id, phase, name, attempt=attempt, owner=owner)
-        _advanced_to(session, run_id, status=advanced.status, kind=advanced.kind, now=now)
+        _advanced_to(run_id, advanced, now=now)
         return True
     done = conn.execute(_COMPLETE, {**fence, "b_owner": owner, "b_output": output, "b_now": now})
     if not cast("CursorResult[Any]", done).rowcount:
@@ -571,34 +574,35 @@ def _advance_params(phase: str, *, now: dt.datetime, grace: float) -> dict[str, 
 
 def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, grace: float) -> None:
     """Point the run at its next step, or finish it after the phase's last step (one UPDATE)."""
-    status, kind = (
+    advanced = (
         session.connection()
         .execute(_ADVANCE, {"b_run_id": run_id, **_advance_params(phase, now=now, grace=grace)})
         .one()
     )
-    _advanced_to(session, run_id, status=status, kind=kind, now=now)
+    _advanced_to(run_id, advanced, now=now)
 
 
-def _advanced_to(
-    session: Session, run_id: str, *, status: str, kind: str, now: dt.datetime
-) -> None:
-    """Tell that the run finished, when the step just recorded was its last."""
-    if status in FINAL_RUN:
-        log.info("workflow_finished", workflow_id=run_id, kind=kind, status=status)
-        _finished_event(session, run_id, kind, status, now)
+def _advanced_to(run_id: str, advanced: Any, *, now: dt.datetime) -> None:
+    """Tell that the run finished, when the step just recorded was its last (a row of _ADVANCED)."""
+    if advanced.status in FINAL_RUN:
+        log.info(
+            "workflow_finished", workflow_id=run_id, kind=advanced.kind, status=advanced.status
+        )
+        _finished_event(run_id, advanced, now=now)
 
 
-def _finished_event(
-    session: Session, run_id: str, kind: str, status: str, now: dt.datetime
-) -> None:
-    run = session.get(WorkflowRun, run_id)
-    duration = (now - run.created_at).total_seconds() if run is not None else None
+def _finished_event(run_id: str, run: Any, *, now: dt.datetime) -> None:
+    """``workflow.succeeded`` or ``workflow.failed`` for a run (kind, status, tenant, start)."""
     emit(
-        "workflow.succeeded" if status == RunStatus.SUCCEEDED else "workflow.failed",
-        tenant_id=run.tenant_id if run is not None else None,
+        "workflow.succeeded" if run.status == RunStatus.SUCCEEDED else "workflow.failed",
+        tenant_id=run.tenant_id,
         workflow_id=run_id,
-        subject=kind,
-        data={"kind": kind, "status": status, "duration_seconds": duration},
+        subject=run.kind,
+        data={
+            "kind": run.kind,
+            "status": run.status,
+            "duration_seconds": (now - run.created_at).total_seconds(),
+        },
     )
 
 
@@ -659,7 +663,7 @@ def _compensate(session: Session, run: WorkflowRun, *, now: dt.datetime, grace: 
     if not tasks:
         run.status, run.finished_at = RunStatus.FAILED, now
         run.current_step, run.deadline_at = None, None
-        _finished_event(session, run.id, run.kind, RunStatus.FAILED, now)
+        _finished_event(run.id, run, now=now)
         return []
     session.add_all(
         StepRun(

@@ -6,7 +6,9 @@ workers.app`` process and the ``cul8er`` CLI import. Nothing here runs at import
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
+
+from celery import signals
 
 from workers.engine import events
 from workers.pluginhost import calls
@@ -25,4 +27,10 @@ def bootstrap() -> None:
     it imports its task modules (``import_modules``), elsewhere on first use.
     """
     calls.connect_worker_signals()
+    signals.worker_process_shutdown.connect(_drain_bus, weak=False)
     events.subscribe(BUS)
+
+
+def _drain_bus(**_: Any) -> None:
+    """A pool child about to exit lets the local observers see what it emitted."""
+    BUS.drain()

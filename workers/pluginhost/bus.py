@@ -6,10 +6,18 @@ in ``CUL8ER_INLINE_OBSERVERS`` (``log``, ``prometheus``), and as one ``cul8er.ev
 message to the others (a webhook, an untrusted observer); that task calls each in turn, so
 a failing observer is logged and retried on its own while the others carry on. Nothing is
 sent when no observer is active.
+
+The local observers are called on one daemon thread per process, in the order the events
+were emitted, so a step does not wait for its log line and its counters: the thread runs
+while the step waits on the database or the broker. :meth:`ObserverBus.drain` waits for
+what was handed over (a worker child drains before it exits).
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 from typing import Final
 
 import structlog
@@ -24,6 +32,9 @@ from workers.runtime.settings import get_settings
 __all__ = ["DELIVER_TASK", "ObserverBus", "active_observers"]
 
 log = structlog.get_logger(__name__)
+
+#: What the local observers' thread takes: an event for some observers, or a drain's flag.
+_Item = tuple[list[str], Event] | threading.Event
 
 #: The task that fans an event out to the observers.
 DELIVER_TASK: Final = "cul8er.events.deliver"
@@ -53,16 +64,21 @@ def active_observers(*, refresh: bool = True) -> list[str]:
 class ObserverBus:
     """The engine's listener that hands events to observer plugins."""
 
+    def __init__(self) -> None:
+        self._pid = 0
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
     def listening(self) -> bool:
         return bool(active_observers(refresh=False))
 
     def publish(self, event: Event) -> None:
         observers = active_observers(refresh=False)
         inline = set(get_settings().inline_observers)
+        here = [name for name in observers if name in inline]
         remote = [name for name in observers if name not in inline]
-        for name in observers:
-            if name in inline:
-                _observe_here(name, event)
+        if here:
+            self._local().put((here, event))
         if not remote:
             return
         try:
@@ -71,6 +87,37 @@ class ObserverBus:
             )
         except (KombuError, OSError) as exc:
             log.warning("event_not_published", event_type=event.event_type, error=str(exc))
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Wait until the local observers have seen every event handed over so far."""
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            return
+        seen = threading.Event()
+        self._queue.put(seen)
+        seen.wait(timeout)
+
+    def _local(self) -> queue.SimpleQueue[_Item]:
+        """This process's queue to the local observers' thread (a forked child starts its own)."""
+        if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=_deliver_here, args=(self._queue,), name="cul8er-observers", daemon=True
+            )
+            self._thread.start()
+        return self._queue
+
+
+def _deliver_here(items: queue.SimpleQueue[_Item]) -> None:
+    """The local observers' thread: each event to each of its observers, in order."""
+    while True:
+        item = items.get()
+        if isinstance(item, threading.Event):
+            item.set()  # a drain: everything before it has been seen
+            continue
+        names, event = item
+        for name in names:
+            _observe_here(name, event)
 
 
 def _observe_here(name: str, event: Event) -> None:
