@@ -137,12 +137,13 @@ def _root() -> None:
 
 
 def _configure_logging() -> None:
+    from workers.runtime.essentials import essentials
     from workers.runtime.logging import configure_logging
-    from workers.runtime.settings import get_settings
 
-    settings = get_settings()
-    # Logs go to stderr, so --json output on stdout stays parseable.
-    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    settings = essentials()
+    # Logs go to stderr, so --json output on stdout stays parseable. Lazily: most commands
+    # log nothing, and structlog is imported only once something needs it.
+    configure_logging(fmt=settings.log_format, level=settings.log_level, lazy=True)
 
 
 def _hint(exc: Cul8erError) -> str:
