@@ -241,7 +241,16 @@ def destroy_instances(ctx: StepContext) -> dict[str, Any]:
 
 @step("cul8er.tenants.apply_limits")
 def apply_limits(ctx: StepContext) -> dict[str, Any]:
-    """Bring the instances to the plan: CPU and memory limits live, the instance count."""
+    """Bring the instances to the plan: CPU and memory limits live, the instance count.
+
+    At sign-up ``create_instances`` of this run made them on this plan a moment before,
+    and the run has owned the tenant since, so nothing can have moved them: the provisioner
+    is not asked again (a scale lists every instance of the platform, which grows with the
+    number of tenants). The health check that follows still finds an instance that died.
+    """
+    created = ctx.output_of("cul8er.tenants.create_instances")
+    if created.get("plan") == ctx.input["plan"]:
+        return {**created, "unchanged": True}
     return _provision(ctx, ctx.input["plan"], scale=True)
 
 

@@ -67,6 +67,10 @@ def test_tenant_lifecycle_end_to_end(running_stack: Stack) -> None:
         "sync_entry",
         "activate",
     ]
+    # and apply_limits left the instances create_instances had just made on the same plan
+    outputs = {s["name"].rsplit(".", 1)[1]: s["output"] for s in run["steps"]}
+    assert outputs["apply_limits"]["unchanged"] is True
+    assert outputs["apply_limits"]["instances"] == outputs["create_instances"]["instances"]
     # and the tenant is active with a /24 of the pool and a data store
     got = start(stack, "cul8er.tenants.get", tenant_id=tenant_id)
     assert got["status"] == "active" and got["plan"] == "starter"
