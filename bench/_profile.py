@@ -24,6 +24,8 @@ import psutil
 RATE = 97
 #: A frame is the platform's when it is a method of the platform's class.
 PLATFORM_FRAME = re.compile(r"^LocalPlatform\.(\w+) ")
+#: The provisioner method that made a platform call.
+PROVISIONER_FRAME = re.compile(r"^\w+Per\w+\.\w+ |^SharedCluster\.\w+ ")
 #: A sample is inside a task when Celery's tracer is on its stack.
 TASK_FRAME = "trace_task ("
 #: Frames of cul8er's task and plugin modules.
@@ -118,7 +120,7 @@ def _top(counter: collections.Counter[str]) -> dict[str, int]:
 
 def split_samples(outputs: list[Path]) -> dict[str, Any]:
     """Task samples split: the platform's (by method and caller) and cul8er's (top frames)."""
-    total = in_task = platform = 0
+    total = in_task = platform = create = 0
     methods: collections.Counter[str] = collections.Counter()
     callers: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -134,8 +136,13 @@ def split_samples(outputs: list[Path]) -> dict[str, Any]:
             platform += count
             method = _function(frames[hit])
             methods[method] += count
-            caller = _function(frames[hit - 1]) if hit else "?"
+            caller = next(
+                (_function(f) for f in frames[:hit] if PROVISIONER_FRAME.match(f)),
+                _function(frames[hit - 1]) if hit else "?",
+            )
             callers[f"{caller} -> {method}"] += count
+            if method.startswith("LocalPlatform.create_instance "):
+                create += count
             continue
         below = frames[next(i for i, f in enumerate(frames) if TASK_FRAME in f) + 1 :]
         for function in {_function(frame) for frame in below}:
@@ -148,7 +155,10 @@ def split_samples(outputs: list[Path]) -> dict[str, Any]:
         "samples_in_tasks": in_task,
         "samples_platform": platform,
         "samples_cul8er": cul8er,
+        "samples_platform_create": create,
         "cul8er_share_of_task_time": round(cul8er / in_task, 3) if in_task else None,
+        # What is not the platform's own create: cul8er, and the other platform calls it makes.
+        "not_create_share_of_task_time": round(1 - create / in_task, 3) if in_task else None,
         "platform_by_method": _top(methods),
         "platform_by_caller": _top(callers),
         "cul8er_by_place": _top(where),
