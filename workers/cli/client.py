@@ -12,7 +12,6 @@ import typer
 
 from workers.cli.console import complain, fail
 from workers.runtime.errors import ConfigError
-from workers.runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -25,8 +24,10 @@ ANSWER_TIMEOUT = 30.0
 
 def celery_app() -> Celery:
     """cul8er's Celery app, once its broker is known to answer (exit code 2 otherwise)."""
-    # Imported here: commands that only read the database never load Redis or Celery.
+    # Imported here: commands that only read the database never load Redis, Celery or the
+    # full settings.
     from workers.runtime.embedded import EmbeddedRedis
+    from workers.runtime.settings import get_settings
 
     settings = get_settings()
     if settings.embedded_broker:

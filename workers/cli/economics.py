@@ -11,21 +11,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import typer
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import select
 
 from workers.cli.console import JsonOpt, add_row, complain, console, emit, fail, line
-from workers.cli.lookups import find_invoice, find_tenant
-from workers.economics.views import (
-    autoscale_decisions,
-    invoice_view,
-    metric_views,
-    money,
-    usage_rows,
-)
-from workers.runtime.db import session_scope
-from workers.runtime.models import Invoice, Operation, utcnow
-from workers.runtime.settings import get_settings
+from workers.cli.reads import reader
 
+# The invoice commands read through workers.cli.reads; the others import the models, the
+# economics views and the full settings when they run.
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
@@ -120,7 +111,12 @@ def usage_show(
     as_json: JsonOpt = False,
 ) -> None:
     """A tenant's usage rows grouped per metric, with each metric's total."""
+    from workers.cli.lookups import find_tenant
     from workers.economics.quotas import period_start
+    from workers.economics.views import metric_views, usage_rows
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import utcnow
+    from workers.runtime.settings import get_settings
 
     settings = get_settings()
     now = utcnow()
@@ -153,11 +149,10 @@ def invoice_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Invoices, newest period first."""
-    with session_scope() as session:
-        query = select(Invoice).order_by(Invoice.period_start.desc(), Invoice.id).limit(limit)
-        if tenant:
-            query = query.where(Invoice.tenant_id == tenant)
-        views = [invoice_view(i, lines=False) for i in session.scalars(query)]
+    from workers.cli.views import list_invoices
+
+    with reader() as read:
+        views = list_invoices(read, tenant=tenant, limit=limit)
     if as_json:
         emit(views)
         return
@@ -179,8 +174,10 @@ def invoice_list(
 @invoice_cli.command("show")
 def invoice_show(invoice_id: str, as_json: JsonOpt = False) -> None:
     """One invoice with its lines."""
-    with session_scope() as session:
-        view = invoice_view(find_invoice(session, invoice_id), lines=True)
+    from workers.cli.views import find_invoice, invoice_view, money
+
+    with reader() as read:
+        view = invoice_view(read, find_invoice(read, invoice_id), lines=True)
     if as_json:
         emit(view)
         return
@@ -267,6 +264,11 @@ def autoscale_explain(
     as_json: JsonOpt = False,
 ) -> None:
     """A tenant's autoscale rules and its last decisions, with their inputs and reasons."""
+    from workers.cli.lookups import find_tenant
+    from workers.economics.views import autoscale_decisions
+    from workers.runtime.db import session_scope
+    from workers.runtime.settings import get_settings
+
     settings = get_settings()
     with session_scope() as session:
         tenant = find_tenant(session, tenant_id)
@@ -294,6 +296,10 @@ def autoscale_explain(
 
 def _last_slot(session: Session, task: str) -> dt.datetime | None:
     """The newest slot ``task`` claimed (keys ``<task>:<slot>`` in ``operations``)."""
+    from sqlalchemy import select
+
+    from workers.runtime.models import Operation
+
     keys = session.scalars(
         select(Operation.key)
         .where(Operation.key.like(f"{task}:%"))
@@ -342,6 +348,9 @@ def _entry_status(
 def beat_status(as_json: JsonOpt = False) -> None:
     """Each beat entry: task, schedule, the last slot it claimed, and whether it is overdue."""
     from beat_schedule import build_beat_schedule
+    from workers.runtime.db import session_scope
+    from workers.runtime.models import utcnow
+    from workers.runtime.settings import get_settings
 
     settings = get_settings()
     now = utcnow()
@@ -373,6 +382,7 @@ def beat_status(as_json: JsonOpt = False) -> None:
 def main() -> None:
     """Run the four groups on their own: ``python -m workers.cli.economics autoscale …``."""
     from workers.runtime.logging import configure_logging
+    from workers.runtime.settings import get_settings
 
     settings = get_settings()
     # Logs go to stderr, so --json output on stdout stays parseable.

@@ -1,16 +1,20 @@
-"""The rows commands are about, by id: found, or ``not_found`` on stderr and exit code 1."""
+"""The rows commands that read the models are about, by id: found, or ``not_found`` and exit 1.
+
+The read commands that print tenants, runs and invoices find them in :mod:`workers.cli.views`,
+with the same message.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from workers.cli.console import fail
-from workers.runtime.models import Invoice, Tenant, WorkflowRun
+from workers.runtime.models import Tenant
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-__all__ = ["find_invoice", "find_run", "find_tenant"]
+__all__ = ["find_tenant"]
 
 
 def find_tenant(session: Session, tenant_id: str) -> Tenant:
@@ -19,19 +23,3 @@ def find_tenant(session: Session, tenant_id: str) -> Tenant:
     if tenant is None:
         raise fail("not_found", f"tenant {tenant_id!r} does not exist")
     return tenant
-
-
-def find_run(session: Session, workflow_id: str) -> WorkflowRun:
-    """The workflow run ``workflow_id``, or exit saying it does not exist."""
-    run = session.get(WorkflowRun, workflow_id)
-    if run is None:
-        raise fail("not_found", f"workflow {workflow_id} does not exist")
-    return run
-
-
-def find_invoice(session: Session, invoice_id: str) -> Invoice:
-    """The invoice ``invoice_id``, or exit saying it does not exist."""
-    invoice = session.get(Invoice, invoice_id)
-    if invoice is None:
-        raise fail("not_found", f"invoice {invoice_id!r} does not exist")
-    return invoice

@@ -10,15 +10,12 @@ import contextlib
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
-from sqlalchemy import select
 
 from schemas.states import FINAL_RUN, FINISHED, RunStatus
 from workers.cli.console import JsonOpt, add_row, console, emit, err, line
-from workers.cli.lookups import find_run
-from workers.runtime.db import session_scope
-from workers.runtime.models import WorkflowRun
+from workers.cli.reads import reader
+from workers.cli.views import describe_run, list_runs
 from workers.runtime.waiting import wait_until
 
 __all__ = ["follow", "print_run", "read_run", "succeeded", "workflow_cli"]
@@ -31,15 +28,14 @@ FOLLOW_INTERVAL = 0.25
 
 def read_run(workflow_id: str) -> dict[str, Any]:
     """The run as ``cul8er.workflows.status`` answers it (exit code 1 if there is none)."""
-    from workers.engine.views import describe_run
-
-    with session_scope() as session:
-        view: dict[str, Any] = describe_run(session, find_run(session, workflow_id))
-    return view
+    with reader() as read:
+        return describe_run(read, workflow_id)
 
 
 def follow(run_id: str, *, as_json: bool, timeout: float) -> dict[str, Any]:
     """Read the run until it ends or ``timeout`` passes; its last view. A bar for people."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
     progress = Progress(
         SpinnerColumn(),
         # The label holds data (the status in brackets): shown as it is, not as markup.
@@ -192,24 +188,8 @@ def workflow_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Workflow runs, newest first."""
-    with session_scope() as session:
-        query = select(WorkflowRun).order_by(WorkflowRun.created_at.desc()).limit(limit)
-        if tenant:
-            query = query.where(WorkflowRun.tenant_id == tenant)
-        if status:
-            query = query.where(WorkflowRun.status == status.value)
-        rows: list[dict[str, Any]] = [
-            {
-                "workflow_id": r.id,
-                "kind": r.kind,
-                "tenant_id": r.tenant_id,
-                "status": r.status,
-                "current_step": r.current_step,
-                "created_at": r.created_at.isoformat(),
-                "error": (r.error or {}).get("message"),
-            }
-            for r in session.scalars(query)
-        ]
+    with reader() as read:
+        rows = list_runs(read, tenant=tenant, status=status.value if status else None, limit=limit)
     if as_json:
         emit(rows)
         return

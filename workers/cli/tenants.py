@@ -11,15 +11,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
 from schemas.states import Environment, TenantStatus
 from workers.cli.client import call
 from workers.cli.console import JsonOpt, add_row, console, emit, fail, line
-from workers.cli.lookups import find_tenant
+from workers.cli.reads import reader
 from workers.cli.runs import follow, print_run, succeeded
-from workers.runtime.db import session_scope
-from workers.runtime.models import Tenant
 
 __all__ = ["TimeoutOpt", "WaitOpt", "tenant_cli"]
 
@@ -166,22 +163,10 @@ def tenant_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Every tenant, newest first."""
-    with session_scope() as session:
-        query = select(Tenant).order_by(Tenant.created_at.desc())
-        if status:
-            query = query.where(Tenant.status == status.value)
-        rows: list[dict[str, Any]] = [
-            {
-                "tenant_id": t.id,
-                "name": t.name,
-                "plan": t.plan,
-                "status": t.status,
-                "platform": t.platform,
-                "subnet": t.resources.get("subnet"),
-                "created_at": t.created_at.isoformat(),
-            }
-            for t in session.scalars(query)
-        ]
+    from workers.cli.views import list_tenants
+
+    with reader() as read:
+        rows = list_tenants(read, status.value if status else None)
     if as_json:
         emit(rows)
         return
@@ -203,10 +188,10 @@ def tenant_list(
 @tenant_cli.command("show")
 def tenant_show(tenant_id: str, as_json: JsonOpt = False) -> None:
     """One tenant: status, plan, subnet, instances."""
-    from workers.engine.views import describe_tenant
+    from workers.cli.views import describe_tenant
 
-    with session_scope() as session:
-        view = describe_tenant(session, find_tenant(session, tenant_id))
+    with reader() as read:
+        view = describe_tenant(read, tenant_id)
     if as_json:
         emit(view)
         return
@@ -240,8 +225,10 @@ def tenant_show(tenant_id: str, as_json: JsonOpt = False) -> None:
 @tenant_cli.command("plugins")
 def tenant_plugins(tenant_id: str, as_json: JsonOpt = False) -> None:
     """Which version of each plugin the tenant runs, and its own config overrides."""
+    from workers.cli.lookups import find_tenant
     from workers.pluginhost.registry import PluginRegistry
     from workers.pluginhost.tenancy import choices_of
+    from workers.runtime.db import session_scope
     from workers.runtime.settings import get_settings
 
     registry = PluginRegistry(get_settings()).boot()

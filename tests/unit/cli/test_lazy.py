@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from workers.cli.main import COMMANDS, load_command
+from workers.runtime.migrate import upgrade
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -37,3 +40,36 @@ def test_the_root_help_imports_no_command_module() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert "tenant" in done.stdout
     assert done.stderr.strip().splitlines()[-1] == "[] []", done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["tenant", "list", "--json"],
+        ["tenant", "show", "nope", "--json"],
+        ["workflow", "list", "--json"],
+        ["workflow", "show", "nope"],
+        ["invoice", "list", "--json"],
+    ],
+)
+def test_a_read_command_imports_no_orm_celery_structlog_or_full_settings(
+    args: list[str], tmp_path: Path
+) -> None:
+    # Given a migrated data dir and nothing else configured
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUL8ER_")}
+    env["CUL8ER_DATA_DIR"] = str(tmp_path)
+    upgrade(f"sqlite:///{tmp_path / 'cul8er.db'}")
+    probe = (
+        "import sys\n"
+        "from workers.cli.main import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('sqlalchemy', 'celery', 'pydantic_settings', 'structlog',"
+        " 'workers.runtime.models', 'workers.runtime.settings') if m in sys.modules)\n"
+        "print(heavy, file=sys.stderr)\n"
+    )
+    # When the command runs
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    # Then it answered from the database without loading any of them
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr

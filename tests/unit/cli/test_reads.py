@@ -1,0 +1,320 @@
+"""The read commands' driver-level views answer what the model views answer, on the same rows.
+
+``workers/cli/views.py`` rebuilds ``describe_tenant``, ``describe_run`` and ``invoice_view``
+from plain rows so a read command imports neither SQLAlchemy nor the models. These tests
+seed rows through the models and hold both to the same JSON, on SQLite and PostgreSQL,
+through the driver and through SQLAlchemy's fallback for URLs the driver path leaves alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import typer
+from sqlalchemy import select
+
+from workers.cli import reads, views
+from workers.economics.views import invoice_view as model_invoice_view
+from workers.economics.views import money as model_money
+from workers.engine.views import describe_run as model_describe_run
+from workers.engine.views import describe_tenant as model_describe_tenant
+from workers.runtime.db import session_scope
+from workers.runtime.errors import TransientError
+from workers.runtime.models import (
+    Instance,
+    Invoice,
+    NetworkAllocation,
+    StepRun,
+    Tenant,
+    WorkerProcess,
+    WorkflowRun,
+)
+from workers.runtime.settings import Settings
+
+T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
+#: Totals whose rounding to 4 places depends on how the stored number is read back.
+TOTALS = [Decimal("12.3457"), Decimal("12"), Decimal("1.00005"), Decimal("1.0001"), Decimal("0")]
+
+
+def as_json(value: Any) -> str:
+    """What ``cul8er … --json`` prints of ``value`` (before rich indents it)."""
+    return json.dumps(value, default=str)
+
+
+def seed(url: str) -> None:
+    """Two tenants (one with instances, a subnet, a release), runs with owners and takeovers."""
+    with session_scope(url) as session:
+        for n, status in enumerate(("active", "suspended")):
+            session.add(
+                Tenant(
+                    id=f"t{n}",
+                    name=f"[bold]Co {n}[/]",
+                    plan="starter",
+                    status=status,
+                    status_reason="unpaid" if n else None,
+                    platform="local",
+                    resources={"subnet": f"10.0.{n}.0/24", "entry": "127.0.0.1:21000"}
+                    if n == 0
+                    else {},
+                    meta={"owner": "ops"},
+                    release={"version": "1.2.0"} if n == 0 else {},
+                    billing_anchor=dt.date(2026, 2, 28),
+                    created_at=T0 + dt.timedelta(minutes=n),
+                    updated_at=T0 + dt.timedelta(minutes=n, microseconds=1),
+                )
+            )
+        session.flush()
+        session.add(NetworkAllocation(cidr="10.0.0.0/24", tenant_id="t0"))
+        for name in ("t0-web-1", "t0-web-0"):
+            session.add(
+                Instance(
+                    tenant_id="t0",
+                    name=name,
+                    platform="local",
+                    role="web",
+                    ordinal=int(name[-1]),
+                    status="running",
+                    endpoint=None if name.endswith("1") else "127.0.0.1:21001",
+                    limits={"applied": {"cpus": 0.5}},
+                    release="1.2.0",
+                )
+            )
+        session.add(
+            WorkerProcess(
+                boot_id="boot-alive",
+                node="w1@host",
+                host="host",
+                pid=4242,
+                namespace="ns",
+                beat_at=T0,
+            )
+        )
+        seed_runs(session)
+        for n, total in enumerate(TOTALS):
+            session.add(
+                Invoice(
+                    id=f"inv{n}",
+                    tenant_id=f"t{n % 2}",
+                    period_start=T0 - dt.timedelta(days=30 * (n + 1)),
+                    period_end=T0 - dt.timedelta(days=30 * n),
+                    currency="EUR",
+                    total=total,
+                    status="finalized",
+                    lines=[{"kind": "plan", "amount": 9.5}] if n else [],
+                    created_at=T0,
+                )
+            )
+
+
+def seed_runs(session: Any) -> None:
+    takeover = {
+        "event": "takeover",
+        "reason": "owner_exited",
+        "attempt": 1,
+        "previous_owner": {"boot_id": "boot-gone", "node": "w0@host", "pid": 7},
+        "at": "2026-03-01T12:00:05+00:00",
+    }
+    for n, (tenant, status) in enumerate(
+        (("t0", "succeeded"), ("t1", "failed"), (None, "running"))
+    ):
+        session.add(
+            WorkflowRun(
+                id=f"run{n}",
+                kind="tenant.provision",
+                tenant_id=tenant,
+                status=status,
+                current_step=None if n == 0 else "cul8er.tenants.create_instances",
+                error={"step": "x", "code": "boom", "message": "it broke"} if n == 1 else None,
+                created_at=T0 + dt.timedelta(seconds=n),
+                updated_at=T0 + dt.timedelta(seconds=n),
+                finished_at=T0 + dt.timedelta(seconds=9) if n == 0 else None,
+            )
+        )
+    session.flush()
+    for position, (owner, history) in enumerate(
+        (("boot-alive", [takeover, {"event": "claimed", "attempt": 2}]), ("boot-gone", None))
+    ):
+        session.add(
+            StepRun(
+                run_id="run0",
+                phase="forward",
+                position=position,
+                name=f"cul8er.tenants.step{position}",
+                status="done",
+                attempts=2,
+                owner_id=owner,
+                heartbeat_at=T0,
+                history=history,
+                output={"n": position},
+                started_at=T0,
+                finished_at=T0 + dt.timedelta(seconds=1),
+            )
+        )
+
+
+Opener = Callable[[str], AbstractContextManager[reads.Reader]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, process_settings: Callable[..., Settings]) -> str:
+    """A migrated, seeded database of the test's own, on each backend."""
+    settings = process_settings(database=request.param)
+    seed(settings.sqlalchemy_url)
+    return settings.sqlalchemy_url
+
+
+@pytest.fixture(params=["driver", "sqlalchemy"])
+def opener(request: pytest.FixtureRequest) -> Opener:
+    """The way ``reader`` reads: the driver itself, or SQLAlchemy's engine (other URLs)."""
+    return reads.reader if request.param == "driver" else reads._sqlalchemy
+
+
+def model_list_tenants(url: str, status: str | None) -> list[dict[str, Any]]:
+    """What ``cul8er tenant list`` printed when it read the models."""
+    with session_scope(url) as session:
+        query = select(Tenant).order_by(Tenant.created_at.desc())
+        if status:
+            query = query.where(Tenant.status == status)
+        return [
+            {
+                "tenant_id": t.id,
+                "name": t.name,
+                "plan": t.plan,
+                "status": t.status,
+                "platform": t.platform,
+                "subnet": t.resources.get("subnet"),
+                "created_at": t.created_at.isoformat(),
+            }
+            for t in session.scalars(query)
+        ]
+
+
+def model_list_runs(
+    url: str, tenant: str | None, status: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """What ``cul8er workflow list`` printed when it read the models."""
+    with session_scope(url) as session:
+        query = select(WorkflowRun).order_by(WorkflowRun.created_at.desc()).limit(limit)
+        if tenant:
+            query = query.where(WorkflowRun.tenant_id == tenant)
+        if status:
+            query = query.where(WorkflowRun.status == status)
+        return [
+            {
+                "workflow_id": r.id,
+                "kind": r.kind,
+                "tenant_id": r.tenant_id,
+                "status": r.status,
+                "current_step": r.current_step,
+                "created_at": r.created_at.isoformat(),
+                "error": (r.error or {}).get("message"),
+            }
+            for r in session.scalars(query)
+        ]
+
+
+def test_tenants_read_as_the_models_read_them(url: str, opener: Opener) -> None:
+    for status in (None, "active", "suspended", "terminated"):
+        with opener(url) as read:
+            listed = views.list_tenants(read, status)
+        assert as_json(listed) == as_json(model_list_tenants(url, status)), status
+    for tenant_id in ("t0", "t1"):
+        with opener(url) as read:
+            shown = views.describe_tenant(read, tenant_id)
+        with session_scope(url) as session:
+            expected = model_describe_tenant(session, session.get(Tenant, tenant_id))
+        assert as_json(shown) == as_json(expected), tenant_id
+
+
+def test_runs_read_as_the_models_read_them(url: str, opener: Opener) -> None:
+    for tenant, status, limit in (
+        (None, None, 50),
+        ("t0", None, 50),
+        (None, "failed", 50),
+        ("t1", "failed", 50),
+        (None, None, 1),
+    ):
+        with opener(url) as read:
+            listed = views.list_runs(read, tenant=tenant, status=status, limit=limit)
+        assert as_json(listed) == as_json(model_list_runs(url, tenant, status, limit))
+    for run_id in ("run0", "run1", "run2"):
+        with opener(url) as read:
+            shown = views.describe_run(read, run_id)
+        with session_scope(url) as session:
+            expected = model_describe_run(session, session.get(WorkflowRun, run_id))
+        assert as_json(shown) == as_json(expected), run_id
+    # and what they hold is there: both owners (one whose process row is gone), the takeover
+    with opener(url) as read:
+        steps = views.describe_run(read, "run0")["steps"]
+    assert [s["owner"] for s in steps] == [
+        {"boot_id": "boot-alive", "node": "w1@host", "pid": 4242},
+        {"boot_id": "boot-gone", "node": None, "pid": None},
+    ]
+    assert [t["reason"] for t in steps[0]["takeovers"]] == ["owner_exited"]
+
+
+def test_invoices_read_as_the_models_read_them(url: str, opener: Opener) -> None:
+    for tenant, limit in ((None, 50), ("t1", 50), (None, 2)):
+        with opener(url) as read:
+            listed = views.list_invoices(read, tenant=tenant, limit=limit)
+        with session_scope(url) as session:
+            query = select(Invoice).order_by(Invoice.period_start.desc(), Invoice.id).limit(limit)
+            if tenant:
+                query = query.where(Invoice.tenant_id == tenant)
+            expected = [model_invoice_view(i, lines=False) for i in session.scalars(query)]
+        assert as_json(listed) == as_json(expected)
+    for n in range(len(TOTALS)):
+        with opener(url) as read:
+            shown = views.invoice_view(read, views.find_invoice(read, f"inv{n}"), lines=True)
+        with session_scope(url) as session:
+            expected = model_invoice_view(session.get(Invoice, f"inv{n}"), lines=True)
+        assert as_json(shown) == as_json(expected)
+
+
+@pytest.mark.parametrize("value", [None, 0, 12, 12.34565, 0.1 + 0.2, Decimal("7.00005"), "3.5"])
+def test_money_is_the_economics_money(value: Any) -> None:
+    assert views.money(value) == model_money(value)
+
+
+def test_a_missing_row_is_not_found(
+    process_settings: Callable[..., Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    process_settings()
+    capsys.readouterr()  # the migration's log lines
+    with reads.reader() as read:
+        for find, what in (
+            (views.describe_tenant, "tenant 'nope'"),
+            (views.describe_run, "workflow nope"),
+            (views.find_invoice, "invoice 'nope'"),
+        ):
+            with pytest.raises(typer.Exit) as exited:
+                find(read, "nope")
+            assert exited.value.exit_code == 1
+            assert capsys.readouterr().err == f"not_found: {what} does not exist\n"
+
+
+def test_an_unmigrated_sqlite_file_is_a_transient_error(tmp_path: Any) -> None:
+    # Given a data dir that does not exist yet
+    url = f"sqlite:///{tmp_path / 'none' / 'cul8er.db'}"
+    # When a tenant list reads it
+    with pytest.raises(TransientError) as raised, reads.reader(url) as read:
+        views.list_tenants(read, None)
+    # Then it says so as session_scope did, the folder made on the way
+    assert str(raised.value) == "database unavailable: no such table: tenants"
+    assert (tmp_path / "none").is_dir()
+
+
+def test_the_driver_path_takes_plain_urls_only() -> None:
+    assert reads._SQLITE.match("sqlite:////srv/var/cul8er.db")
+    assert reads._SQLITE.match("sqlite+pysqlite:///var/cul8er.db")
+    assert not reads._SQLITE.match("sqlite:///var/c%20d.db")
+    assert not reads._SQLITE.match("sqlite:///var/cul8er.db?timeout=5")
+    assert reads._POSTGRES.match("postgresql+psycopg://u:p@h:5432/db")
+    assert not reads._POSTGRES.match("postgresql+psycopg://u@h/db?sslmode=require")
+    assert not reads._POSTGRES.match("postgresql://u@h/db")
