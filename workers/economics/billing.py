@@ -29,20 +29,24 @@ from typing import TYPE_CHECKING, Any, Final, get_args
 
 import structlog
 from sqlalchemy import (
+    ARRAY,
     Column,
     Integer,
     MetaData,
     String,
     Table,
     and_,
+    any_,
+    cast,
     func,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
 from schemas.states import TenantStatus
+from workers.economics._billing_sql import fill_parts, insert_invoices
 from workers.economics.periods import MAX_PERIODS_PER_RUN, PeriodKind, due_periods
 from workers.economics.plans import get_plan
 from workers.economics.pricing import (
@@ -64,6 +68,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Select
     from sqlalchemy.engine import Row
     from sqlalchemy.orm import Session
+
+    from schemas.plans import Plan
 
     #: A tenant as closing reads it: id, billing anchor, status, last update.
     _TenantRow = Row[str, dt.date, str, dt.datetime]
@@ -88,6 +94,17 @@ _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: Invoice ids and event ids are uuid5 in these namespaces: the same close, the same ids.
 _INVOICE_NS: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://cul8er.dev/billing/invoice")
 _EVENT_NS: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://cul8er.dev/billing/invoice-event")
+#: The columns of an invoice its ``invoice.finalized`` event is made of.
+_EVENT_COLUMNS: Final = (
+    "id",
+    "tenant_id",
+    "period_start",
+    "period_end",
+    "currency",
+    "total",
+    "lines",
+    "created_at",
+)
 #: ``pg_advisory_xact_lock`` key of billing closes ("cul8erb1").
 _PG_LOCK_KEY: Final = 0x6375_6C38_6572_6231
 
@@ -210,7 +227,7 @@ def close_periods(
             _lock(session)
             last, finalized = _close_chunk(session, after, run, summary)
         if finalized:
-            summary.published += publish_pending(url=url, chunk_size=chunk_size)
+            summary.published += _publish_inserted(finalized, url=url)
         if last is None:
             break
         after = last
@@ -244,6 +261,35 @@ def publish_pending(*, url: str | None = None, chunk_size: int = DEFAULT_CHUNK_S
                 .values(published_at=utcnow())
             )
         published += len(pending)
+
+
+def _publish_inserted(rows: Sequence[Mapping[str, Any]], *, url: str | None) -> int:
+    """:func:`publish_pending` for the invoices this close just committed, from their rows
+    in memory (not read back); those another close published meanwhile are left out.
+
+    The rows are marked and their events emitted in one transaction under the close lock:
+    a kill before its commit leaves them unpublished, for the next close to emit again.
+    """
+    ids = [str(row["id"]) for row in rows]
+    with session_scope(url) as session:
+        _lock(session)
+        if session.get_bind().dialect.name == "postgresql":
+            # One array parameter, not an IN list of thousands of placeholders.
+            chosen: Any = Invoice.id == any_(cast(ids, ARRAY(String)))
+        else:
+            chosen = Invoice.id.in_(ids)
+        marked = set(
+            session.scalars(
+                update(Invoice)
+                .where(chosen, Invoice.published_at.is_(None))
+                .values(published_at=utcnow())
+                .returning(Invoice.id)
+            )
+        )
+        for row in rows:
+            if row["id"] in marked:
+                _emit(row)
+    return len(marked)
 
 
 def _lock(session: Session) -> None:
@@ -385,6 +431,14 @@ def _invoice_rows(
     first one its plans cannot price (counted in ``summary.failed``)."""
     rows: list[dict[str, Any]] = []
     unpriced: set[str] = set()
+    plans: dict[str, Plan] = {}
+
+    def plan_of(name: str) -> Plan:
+        # Each plan once per chunk (an unknown one raises every time it is asked for).
+        if name not in plans:
+            plans[name] = get_plan(name, catalog)
+        return plans[name]
+
     for position, item in enumerate(due):
         if item.tenant_id in unpriced:
             continue  # its periods are closed in order: none after one left open
@@ -394,7 +448,7 @@ def _invoice_rows(
                 item.end,
                 item.parts,
                 usage[position],
-                lambda name: get_plan(name, catalog),
+                plan_of,
                 late=late.get(position, ()),
             )
         except Cul8erError as exc:
@@ -476,7 +530,10 @@ def _fill_parts(session: Session, due: Sequence[DuePeriod]) -> list[tuple[int, i
     )
     session.execute(_PARTS.delete())
     rows, owners = _part_rows(due)
-    session.execute(_PARTS.insert(), rows)
+    if dialect == "postgresql":
+        fill_parts(session, rows)
+    else:
+        session.execute(_PARTS.insert(), rows)
     if dialect == "postgresql":
         # Row counts for the planner: an index walk per part for a few tenants, a hash
         # join over the usage table for a fleet.
@@ -521,31 +578,36 @@ def _insert_invoices(session: Session, rows: list[dict[str, Any]]) -> list[str]:
         return []
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        statement: Any = postgresql.insert(Invoice).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        statement = sqlite.insert(Invoice).on_conflict_do_nothing()
+        return insert_invoices(session, rows)
+    if dialect == "sqlite":
+        statement: Any = sqlite.insert(Invoice).on_conflict_do_nothing()
     else:  # pragma: no cover - cul8er runs on PostgreSQL and SQLite
         raise ConfigError(f"billing does not support the {dialect} database")
     inserted = session.execute(statement.returning(Invoice.id), rows).scalars().all()
     return [str(value) for value in inserted]
 
 
-def _emit(invoice: Invoice) -> None:
-    """``invoice.finalized`` for a committed invoice."""
+def _emit(invoice: Invoice | Mapping[str, Any]) -> None:
+    """``invoice.finalized`` for a committed invoice (its row, or its columns by name)."""
+    row: Mapping[str, Any] = (
+        {name: getattr(invoice, name) for name in _EVENT_COLUMNS}
+        if isinstance(invoice, Invoice)
+        else invoice
+    )
     emit(
         "invoice.finalized",
-        tenant_id=invoice.tenant_id,
-        subject=invoice.id,
-        event_id=invoice_event_id(invoice.id),
-        occurred_at=invoice.created_at,
+        tenant_id=row["tenant_id"],
+        subject=row["id"],
+        event_id=invoice_event_id(row["id"]),
+        occurred_at=row["created_at"],
         data={
-            "invoice_id": invoice.id,
-            "tenant_id": invoice.tenant_id,
-            "period_start": invoice.period_start.isoformat(),
-            "period_end": invoice.period_end.isoformat(),
-            "currency": invoice.currency,
-            "total": str(invoice.total),
-            "lines": invoice.lines,
-            "created_at": invoice.created_at.isoformat(),
+            "invoice_id": row["id"],
+            "tenant_id": row["tenant_id"],
+            "period_start": row["period_start"].isoformat(),
+            "period_end": row["period_end"].isoformat(),
+            "currency": row["currency"],
+            "total": str(row["total"]),
+            "lines": row["lines"],
+            "created_at": row["created_at"].isoformat(),
         },
     )

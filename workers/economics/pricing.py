@@ -146,12 +146,15 @@ def _quota(plan: Plan, metric: str) -> Decimal | None:
     return None if quota is None else Decimal(str(quota))
 
 
+def _iso(moment: dt.datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
 def _line(
     kind: str,
     plan: str,
     metric: str | None,
-    start: dt.datetime | None,
-    end: dt.datetime | None,
+    span: tuple[str | None, str | None],
     quantity: str,
     included: Decimal | None,
     unit_price: Decimal,
@@ -163,8 +166,8 @@ def _line(
         "kind": kind,
         "plan": plan,
         "metric": metric,
-        "from": start.isoformat() if start else None,
-        "to": end.isoformat() if end else None,
+        "from": span[0],
+        "to": span[1],
         "quantity": quantity,
         "included": None if included is None else _quantity(included),
         "unit_price": str(unit_price),
@@ -178,14 +181,13 @@ def _share(part: Part, length: Decimal) -> Decimal:
     return Decimal((part.end - part.start) // dt.timedelta(microseconds=1)) / length
 
 
-def _base_line(plan: Plan, part: Part, share: Decimal) -> dict[str, Any]:
+def _base_line(plan: Plan, span: tuple[str | None, str | None], share: Decimal) -> dict[str, Any]:
     """The part's base line: the plan's monthly price times the part's share of the period."""
     return _line(
         "base",
         plan.name,
         None,
-        part.start,
-        part.end,
+        span,
         _quantity(share),
         None,
         plan.monthly_price,
@@ -193,7 +195,9 @@ def _base_line(plan: Plan, part: Part, share: Decimal) -> dict[str, Any]:
     )
 
 
-def _usage_line(plan: Plan, part: Part, share: Decimal, used: Usage) -> dict[str, Any]:
+def _usage_line(
+    plan: Plan, span: tuple[str | None, str | None], share: Decimal, used: Usage
+) -> dict[str, Any]:
     """One metric's line of a part: an ``overage`` line where the plan prices the metric,
     an informative ``usage`` line (nothing billed) where it does not."""
     quantity = used.value if used.aggregation == "sum" else used.value * share
@@ -205,8 +209,7 @@ def _usage_line(plan: Plan, part: Part, share: Decimal, used: Usage) -> dict[str
             "usage",
             plan.name,
             used.metric,
-            part.start,
-            part.end,
+            span,
             _quantity(quantity),
             included,
             ZERO,
@@ -218,8 +221,7 @@ def _usage_line(plan: Plan, part: Part, share: Decimal, used: Usage) -> dict[str
         "overage",
         plan.name,
         used.metric,
-        part.start,
-        part.end,
+        span,
         _quantity(quantity),
         included,
         price,
@@ -235,8 +237,7 @@ def _late_line(plan: Plan, used: Usage) -> dict[str, Any]:
         "overage" if billed else "usage",
         plan.name,
         used.metric,
-        used.first,
-        used.last,
+        (_iso(used.first), _iso(used.last)),
         _quantity(used.value),
         ZERO if billed else None,
         price if billed and price is not None else ZERO,
@@ -281,9 +282,11 @@ def price_period(
         plan = plans(part.plan)
         currency = plan.currency
         share = _share(part, length)
-        lines.append(_base_line(plan, part, share))
+        # Every line of a part shows its bounds: written out once.
+        span = (part.start.isoformat(), part.end.isoformat())
+        lines.append(_base_line(plan, span, share))
         lines.extend(
-            _usage_line(plan, part, share, used) for used in _by_metric(usage.get(position, ()))
+            _usage_line(plan, span, share, used) for used in _by_metric(usage.get(position, ()))
         )
     if late and parts:
         plan = plans(parts[-1].plan)

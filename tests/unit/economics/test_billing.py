@@ -721,3 +721,32 @@ def test_events_a_killed_close_left_unpublished_go_out_with_the_next_close(db: s
     assert second.inserted == [] and second.published == 2
     assert all(i.published_at is not None for i in invoices(db))
     assert billing.close_periods(at(2026, 5, 1), url=db).published == 0
+
+
+def test_the_event_a_close_publishes_is_the_stored_invoice(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tenant with an upgrade and priced usage in a period that ended
+    add_tenant(
+        db,
+        "event",
+        dt.date(2026, 4, 1),
+        [("starter", at(2026, 4, 1), at(2026, 4, 11)), ("pro", at(2026, 4, 11), None)],
+    )
+    add_usage(db, "event", [("requests", at(2026, 4, 3), 150_001.0)])
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(billing, "emit", lambda *args, **kwargs: sent.append(kwargs))
+
+    # When the close publishes its invoice from the rows it inserted
+    summary = billing.close_periods(at(2026, 5, 1), url=db)
+    # And the same invoice is published again from the table (as a later close would)
+    with session_scope(db) as session:
+        session.execute(update(Invoice).values(published_at=None))
+    assert billing.publish_pending(url=db) == 1
+
+    # Then both events are the same, to the last digit of every amount
+    assert summary.published == 1 and len(sent) == 2
+    assert sent[0] == sent[1]
+    (invoice,) = invoices(db)
+    assert sent[0]["data"]["total"] == str(invoice.total)
+    assert sent[0]["event_id"] == billing.invoice_event_id(invoice.id)
