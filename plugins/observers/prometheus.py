@@ -33,7 +33,11 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from schemas.plugins import Ack, HealthStatus
-from workers.plugin_api import PermanentError, get_settings, metrics
+
+# ``plugin_api.metrics`` (and with it prometheus_client) is imported on its first use, when
+# the observer is built, not when the plugin loads.
+from workers import plugin_api
+from workers.plugin_api import PermanentError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -57,15 +61,17 @@ UNKNOWN: Final = "unknown"
 
 
 def _events() -> Counter:
-    return metrics.counter("cul8er_events", "Events observed, by type.", ("event_type",))
+    return plugin_api.metrics.counter("cul8er_events", "Events observed, by type.", ("event_type",))
 
 
 def _step_failures() -> Counter:
-    return metrics.counter("cul8er_step_failures", "Steps that failed, by step.", ("step",))
+    return plugin_api.metrics.counter(
+        "cul8er_step_failures", "Steps that failed, by step.", ("step",)
+    )
 
 
 def _workflow_duration() -> Histogram:
-    return metrics.histogram(
+    return plugin_api.metrics.histogram(
         "cul8er_workflow_duration_seconds",
         "Time from a workflow's creation to its end, by kind and final status.",
         ("kind", "status"),
@@ -74,7 +80,7 @@ def _workflow_duration() -> Histogram:
 
 
 def _tenant_transitions() -> Counter:
-    return metrics.counter(
+    return plugin_api.metrics.counter(
         "cul8er_tenant_transitions", "Tenant status changes, by new status.", ("to",)
     )
 
@@ -82,7 +88,7 @@ def _tenant_transitions() -> Counter:
 def _metric_gauge() -> Gauge:
     # mostrecent: a sample may be reported from any process; the latest one is the value,
     # and it stays after that process exits.
-    return metrics.gauge(
+    return plugin_api.metrics.gauge(
         "cul8er_metric",
         "Reported gauge samples: the most recent value.",
         ("name", "labels"),
@@ -91,13 +97,13 @@ def _metric_gauge() -> Gauge:
 
 
 def _metric_counter() -> Counter:
-    return metrics.counter(
+    return plugin_api.metrics.counter(
         "cul8er_metric_counter", "Reported counter samples, summed.", ("name", "labels")
     )
 
 
 def _metric_histogram() -> Histogram:
-    return metrics.histogram(
+    return plugin_api.metrics.histogram(
         "cul8er_metric_histogram", "Reported histogram samples.", ("name", "labels")
     )
 
@@ -137,10 +143,10 @@ class PrometheusObserver:
     def __init__(self, config: None = None, context: PluginContext | None = None) -> None:
         # The plugin has no config model: the folder comes from the settings.
         self.context = context
-        settings = context.settings if context is not None else get_settings()
-        self.directory: Path = metrics.metrics_directory(settings)
+        settings = context.settings if context is not None else plugin_api.get_settings()
+        self.directory: Path = plugin_api.metrics.metrics_directory(settings)
         # Before any metric of this process exists; a no-op when the worker did it already.
-        metrics.configure(self.directory)
+        plugin_api.metrics.configure(self.directory)
 
     def self_test(self) -> None:
         """Refuse the plugin when its metrics folder cannot be written."""
@@ -187,7 +193,7 @@ class PrometheusObserver:
 
     def health_status(self) -> HealthStatus:
         """Healthy while this process writes its metrics to a writable folder."""
-        if metrics.configured_directory() != self.directory:
+        if plugin_api.metrics.configured_directory() != self.directory:
             detail = f"this process does not write its metrics to {self.directory}"
             return HealthStatus(healthy=False, detail=detail)
         if not os.access(self.directory, os.W_OK):

@@ -11,6 +11,7 @@ signing key never leaves :class:`WebhookConfig`'s ``SecretStr`` except into the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -20,22 +21,17 @@ import threading
 from typing import TYPE_CHECKING, Annotated, Any, Final
 from urllib.parse import urlsplit
 
-import requests
 import structlog
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
-from requests.structures import CaseInsensitiveDict
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from schemas.plugins import Ack, HealthStatus
 from workers.plugin_api import PermanentError, TransientError, remember
 
 if TYPE_CHECKING:
+    import requests
+    from requests.structures import CaseInsensitiveDict
+    from tenacity import RetryCallState
+
     from schemas.events import Event
     from schemas.plugins import MetricSample
     from workers.plugin_api import PluginContext
@@ -58,16 +54,25 @@ RETRY_MAX_WAIT: Final = 2.0
 #: ``sha256=<hex HMAC-SHA256 of the body>`` when a signing key is configured.
 SIGNATURE_HEADER: Final = "X-Cul8er-Signature"
 
-#: requests errors about our own request (bad URL or header): retrying cannot help.
-_NOT_RETRIED: Final = (
-    requests.exceptions.InvalidURL,
-    requests.exceptions.InvalidHeader,
-    requests.exceptions.InvalidSchema,
-    requests.exceptions.MissingSchema,
-    requests.exceptions.InvalidJSONError,
-)
 #: RFC 9110 token characters: what a header name may be made of.
 _HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+@functools.cache
+def _not_retried() -> tuple[type[Exception], ...]:
+    """requests errors about our own request (bad URL or header): retrying cannot help.
+
+    requests is imported at the first delivery, not when the plugin loads.
+    """
+    import requests.exceptions
+
+    return (
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidHeader,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidJSONError,
+    )
 
 
 def _http_url(value: str) -> str:
@@ -218,6 +223,8 @@ class WebhookObserver:
         self, body: bytes, *, idempotency_key: str, event_type: str
     ) -> CaseInsensitiveDict[str]:
         """The configured headers, then ours: content type, idempotency key, event, signature."""
+        from requests.structures import CaseInsensitiveDict
+
         headers: CaseInsensitiveDict[str] = CaseInsensitiveDict(self.config.headers)
         headers["Content-Type"] = "application/json"
         headers["Idempotency-Key"] = idempotency_key
@@ -233,7 +240,16 @@ class WebhookObserver:
             TransientError: the last attempt still failed in a way that may pass.
             PermanentError: the request cannot be sent as it is (bad URL or header).
         """
+        import requests.exceptions
+        from tenacity import (
+            Retrying,
+            retry_if_exception_type,
+            stop_after_attempt,
+            wait_exponential_jitter,
+        )
+
         made = 0
+        not_retried = _not_retried()
 
         def attempt() -> int:
             nonlocal made
@@ -247,7 +263,7 @@ class WebhookObserver:
                     # A redirected POST comes back as a GET: the event would be lost.
                     allow_redirects=False,
                 )
-            except _NOT_RETRIED as exc:
+            except not_retried as exc:
                 raise PermanentError(
                     f"webhook {self.host}: request refused before sending ({type(exc).__name__})"
                 ) from exc
@@ -296,6 +312,8 @@ class WebhookObserver:
 
     def _http(self) -> requests.Session:
         """This process's session (keep-alive connections), made anew after a fork."""
+        import requests
+
         pid = os.getpid()
         with self._lock:
             if self._session is None or self._session_pid != pid:

@@ -20,17 +20,8 @@ import threading
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 from urllib.parse import quote
 
-import pylxd
-import requests
 import structlog
 from pydantic import ValidationError
-from pylxd.exceptions import ClientConnectionFailed, LXDAPIException, NotFound
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
 from workers.plugin_api import (
@@ -43,6 +34,9 @@ from workers.plugin_api import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from pylxd.exceptions import LXDAPIException
+    from tenacity import wait_exponential_jitter
 
     from workers.plugin_api import PluginContext, Settings
 
@@ -70,12 +64,22 @@ CPU_PERIOD_MS: Final = 100
 RUNNING_STATES: Final = frozenset({"Running", "Frozen"})
 #: How often waits for a concurrent operation poll (seconds).
 POLL_SECONDS: Final = 0.2
-#: Exceptions that mean the daemon could not be reached or did not answer in time.
-_UNREACHABLE: Final = (
-    ClientConnectionFailed,
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-)
+
+
+@functools.cache
+def _unreachable() -> tuple[type[Exception], ...]:
+    """Exceptions that mean the daemon could not be reached or did not answer in time.
+
+    pylxd and requests are imported here, at the first daemon call, not when the plugin loads.
+    """
+    import requests.exceptions
+    from pylxd.exceptions import ClientConnectionFailed
+
+    return (
+        ClientConnectionFailed,
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+    )
 
 
 class _DaemonFailedError(Exception):
@@ -88,6 +92,8 @@ class _DaemonFailedError(Exception):
 
 def _backoff() -> wait_exponential_jitter:
     """0.2 s doubling up to 2 s, with up to 0.2 s of jitter, between attempts."""
+    from tenacity import wait_exponential_jitter
+
     return wait_exponential_jitter(multiplier=0.2, max=2, jitter=0.2)
 
 
@@ -292,6 +298,8 @@ class IncusPlatform:
     def _api(self) -> Any:
         """The pylxd client, connected on first use (a connection failure is retried)."""
         if self._client is None:
+            import pylxd
+
             with self._client_lock:
                 if self._client is None:
                     self._client = pylxd.Client(
@@ -313,9 +321,13 @@ class IncusPlatform:
         failed operations (a bad image, an invalid config) ``PermanentError``. An unreachable
         daemon, a timeout or a 5xx answer is retried, then becomes ``TransientError``.
         """
-        retryable: tuple[type[BaseException], ...] = _UNREACHABLE
+        from pylxd.exceptions import LXDAPIException, NotFound
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
+        unreachable = _unreachable()
+        retryable: tuple[type[BaseException], ...] = unreachable
         if retry_failed:
-            retryable = (*_UNREACHABLE, _DaemonFailedError)
+            retryable = (*unreachable, _DaemonFailedError)
 
         def attempt() -> T:
             self._api()
@@ -343,7 +355,7 @@ class IncusPlatform:
             raise NotFoundError(f"no incus instance named {name!r}: {exc}") from exc
         except _DaemonFailedError as exc:
             raise TransientError(f"incus daemon unavailable ({action} {name}): {exc}") from exc
-        except _UNREACHABLE as exc:
+        except unreachable as exc:
             # A fresh client on the next call: the daemon may come back at another socket.
             self._client = None
             raise TransientError(

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import fcntl
 import functools
-import http.client
 import json
 import os
 import re
@@ -22,11 +21,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Final
 
-import psutil
 import structlog
 from pydantic import ValidationError
 
@@ -34,8 +31,13 @@ from plugins.platforms._cgroups import CFS_PERIOD_US, Cgroups
 from schemas.platform import ExecResult, InstanceInfo, InstanceSpec, InstanceStats, Limits
 from workers.plugin_api import NotFoundError, PermanentError, TransientError, wait_until
 
+# psutil and urllib are imported by the methods that use them: loading the plugin (every
+# worker does, at boot) need not pay for them before the first instance call.
 if TYPE_CHECKING:
+    import urllib.request
     from collections.abc import Iterator
+
+    import psutil
 
     from workers.plugin_api import PluginContext, Settings
 
@@ -70,8 +72,14 @@ PROJECT_ROOT: Final = Path(__file__).resolve().parents[2]
 
 #: Processes this worker spawned, kept so they can be reaped instead of lingering as zombies.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-#: An opener that never sends loopback requests through an HTTP proxy.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@functools.cache
+def _direct() -> urllib.request.OpenerDirector:
+    """An opener that never sends loopback requests through an HTTP proxy (made on first use)."""
+    import urllib.request
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _check_name(name: str) -> None:
@@ -92,6 +100,8 @@ def _reap(pid: int) -> None:
 
 def _alive(proc: psutil.Process) -> bool:
     """Whether ``proc`` still runs; a zombie does not."""
+    import psutil
+
     _reap(proc.pid)
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -309,6 +319,8 @@ class LocalPlatform:
 
     def _scan(self, name: str | None = None) -> dict[str, list[psutil.Process]]:
         """Live instance processes of this state dir, by instance name."""
+        import psutil
+
         state = str(self.state_dir)
         found: dict[str, list[psutil.Process]] = {}
         # A crashed child's environment can no longer be read, so the scan below
@@ -384,6 +396,8 @@ class LocalPlatform:
 
     def _wait_port(self, name: str, pid: int) -> int:
         """The port the instance wrote; it may be booting still, or die trying."""
+        import psutil
+
         # Kept before polling: reaping drops the child from _CHILDREN, with its exit code.
         child = _CHILDREN.get(pid)
         try:
@@ -446,6 +460,8 @@ class LocalPlatform:
     @staticmethod
     def _usage(proc: psutil.Process) -> tuple[float, int]:
         """CPU seconds (with reaped children) and RSS bytes of the process tree."""
+        import psutil
+
         cpu_seconds, rss = 0.0, 0
         try:
             times = proc.cpu_times()
@@ -464,9 +480,11 @@ class LocalPlatform:
     @staticmethod
     def _traffic(name: str, port: int) -> tuple[int, int]:
         """Bytes in and out as the instance's ``/metrics`` counts them; 0 if it won't say."""
+        import http.client
+
         url = f"http://{HOST}:{port}/metrics"
         try:
-            with _DIRECT.open(url, timeout=METRICS_TIMEOUT) as response:
+            with _direct().open(url, timeout=METRICS_TIMEOUT) as response:
                 data = json.load(response)
             return int(data.get("rx_bytes", 0)), int(data.get("tx_bytes", 0))
         except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
@@ -497,6 +515,8 @@ class LocalPlatform:
 
     def _enforce(self, name: str, limits: Limits, pid: int | None) -> None:
         """Write the limits to the cgroups (and move ``pid`` in), or set RLIMIT_AS on ``pid``."""
+        import psutil
+
         memory_bytes = None if limits.memory_mb is None else limits.memory_mb * 1024 * 1024
         try:
             if self._cgroups.mode != "none":

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import structlog
-from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
 
 from schemas.plugins import Ack, SecretValue
@@ -64,6 +63,8 @@ _STORE: Final = TypeAdapter(dict[str, _Entry])
 
 def generate_key() -> str:
     """A fresh Fernet key, as ``CUL8ER_SECRETS_KEY`` takes it."""
+    from cryptography.fernet import Fernet
+
     return Fernet.generate_key().decode()
 
 
@@ -71,6 +72,9 @@ class FileSecrets:
     """Secrets in a local file, each value encrypted with the key from settings."""
 
     def __init__(self, config: FileSecretsConfig | None, context: PluginContext) -> None:
+        # Imported when the plugin is built, not when it loads: its ciphers are not free.
+        from cryptography.fernet import Fernet
+
         settings = context.settings
         path = (config or FileSecretsConfig()).path or settings.secrets_file
         self.path: Path = (path or settings.data_dir / "secrets.json").expanduser().resolve()
@@ -127,6 +131,8 @@ class FileSecrets:
         return version
 
     def _decrypt(self, path: str, entry: _Entry) -> str:
+        from cryptography.fernet import InvalidToken
+
         try:
             return self._fernet.decrypt(entry.token.encode()).decode()
         except InvalidToken:
