@@ -102,6 +102,7 @@ class DockerPlatform:
         port: int = 8080,
         attempts: int = 3,
         timeout: float = 30.0,
+        read_cgroups: bool = True,
     ) -> None:
         self.base_url = base_url
         self.image = image
@@ -112,7 +113,9 @@ class DockerPlatform:
         self._client_obj: docker.DockerClient | None = None
         self._host_cpus: int | None = None
         self._host_memory: int | None = None
-        self._host_cgroups = HostCgroups()
+        #: Where counters are read from when the engine runs on this host (``None``: the
+        #: engine's ``stats`` only).
+        self._host_cgroups = HostCgroups() if read_cgroups else None
 
     @classmethod
     def from_plugin(cls, _config: None, context: PluginContext) -> DockerPlatform:
@@ -210,7 +213,7 @@ class DockerPlatform:
         state = attrs.get("State") or {}
         local = (
             self._host_cgroups.read(container_id, int(state.get("Pid") or 0))
-            if state.get("Running")
+            if state.get("Running") and self._host_cgroups is not None
             else None
         )
         if local is None:
