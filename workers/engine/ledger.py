@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import structlog
 from celery import chain
 from sqlalchemy import JSON, bindparam, case, exists, or_, select, update
+from sqlalchemy.orm import Session
 
 from schemas.states import FINAL_RUN, FINISHED, PHASE_STATUS, Phase, RunStatus, StepStatus
 from workers.engine.events import emit
@@ -37,8 +38,7 @@ if TYPE_CHECKING:
 
     from celery import Celery
     from celery.result import AsyncResult
-    from sqlalchemy import CursorResult, Table, Update
-    from sqlalchemy.orm import Session
+    from sqlalchemy import Connection, CursorResult, Table, Update
 
 __all__ = [
     "Claim",
@@ -57,6 +57,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+
+def _connection(db: Session | Connection) -> Connection:
+    """The Core connection under ``db``: the hot path passes one, tools and tests a session."""
+    return db.connection() if isinstance(db, Session) else db
 
 
 def _rowcount(session: Session, statement: Update) -> int:
@@ -221,7 +226,8 @@ _CLAIM_PENDING = (
         _steps.c.run_id == bindparam("b_run_id"),
         _steps.c.phase == bindparam("b_phase"),
         _steps.c.name == bindparam("b_name"),
-        _steps.c.status.in_([StepStatus.PENDING, StepStatus.RETRYING]),
+        # Plain comparisons, not IN: an expanding IN is rendered again at every execution.
+        or_(_steps.c.status == StepStatus.PENDING, _steps.c.status == StepStatus.RETRYING),
         exists().where(
             _runs.c.id == bindparam("b_run_id"),
             _runs.c.status == bindparam("b_run_status"),
@@ -279,7 +285,7 @@ _following = (
     .where(
         _steps.c.run_id == bindparam("b_run_id"),
         _steps.c.phase == bindparam("b_phase"),
-        _steps.c.status.not_in(FINISHED),
+        *(_steps.c.status != status for status in sorted(FINISHED)),
     )
     .order_by(_steps.c.position)
     .limit(1)
@@ -346,7 +352,7 @@ _NEXT = (
     .where(
         _steps.c.run_id == bindparam("b_run_id"),
         _steps.c.phase == bindparam("b_phase"),
-        _steps.c.status.not_in(FINISHED),
+        *(_steps.c.status != status for status in sorted(FINISHED)),
         _steps.c.name != bindparam("b_name"),
     )
     .order_by(_steps.c.position)
@@ -363,7 +369,7 @@ _COMPLETE_AND_ADVANCE = (
 
 
 def claim_step(
-    session: Session,
+    db: Session | Connection,
     *,
     run_id: str,
     phase: str,
@@ -380,7 +386,7 @@ def claim_step(
     one delivery can win. This is the ledger's hot path.
     """
     now = utcnow()
-    conn = session.connection()
+    conn = _connection(db)
     claim = {
         "b_run_id": run_id,
         "b_owner": owner.boot_id,
@@ -467,7 +473,7 @@ def _untouched(later: list[Any], next_task_id: str | None) -> bool:
 
 
 def complete_step(
-    session: Session,
+    db: Session | Connection,
     *,
     run_id: str,
     phase: str,
@@ -487,7 +493,7 @@ def complete_step(
     the next step is noted as handed to that message.
     """
     now = utcnow()
-    conn = session.connection()
+    conn = _connection(db)
     fence = {"b_run_id": run_id, "b_phase": phase, "b_name": name, "b_attempt": attempt}
     if conn.dialect.name == "postgresql":
         advanced = conn.execute(
@@ -502,26 +508,26 @@ def complete_step(
             },
         ).first()
         if advanced is None:
-            return _recorded_by(session, run_id, phase, name, attempt=attempt, owner=owner)
+            return _recorded_by(conn, run_id, phase, name, attempt=attempt, owner=owner)
         _advanced_to(run_id, advanced, now=now)
         return True
     done = conn.execute(_COMPLETE, {**fence, "b_owner": owner, "b_output": output, "b_now": now})
     if not cast("CursorResult[Any]", done).rowcount:
         # A retried write whose first try did commit finds its own outcome recorded.
-        return _recorded_by(session, run_id, phase, name, attempt=attempt, owner=owner)
+        return _recorded_by(conn, run_id, phase, name, attempt=attempt, owner=owner)
     if next_step is not None and next_task_id is not None:
         conn.execute(
             _HAND_OVER,
             {"b_run_id": run_id, "b_phase": phase, "b_name": next_step, "b_task_id": next_task_id},
         )
-    _advance(session, run_id=run_id, phase=phase, now=now, grace=grace)
+    _advance(conn, run_id=run_id, phase=phase, now=now, grace=grace)
     return True
 
 
 def _recorded_by(
-    session: Session, run_id: str, phase: str, name: str, *, attempt: int, owner: str
+    conn: Connection, run_id: str, phase: str, name: str, *, attempt: int, owner: str
 ) -> bool:
-    row = session.execute(
+    row = conn.execute(
         select(StepRun.status, StepRun.attempts, StepRun.owner_id).where(
             StepRun.run_id == run_id, StepRun.phase == phase, StepRun.name == name
         )
@@ -572,13 +578,11 @@ def _advance_params(phase: str, *, now: dt.datetime, grace: float) -> dict[str, 
     }
 
 
-def _advance(session: Session, *, run_id: str, phase: str, now: dt.datetime, grace: float) -> None:
+def _advance(conn: Connection, *, run_id: str, phase: str, now: dt.datetime, grace: float) -> None:
     """Point the run at its next step, or finish it after the phase's last step (one UPDATE)."""
-    advanced = (
-        session.connection()
-        .execute(_ADVANCE, {"b_run_id": run_id, **_advance_params(phase, now=now, grace=grace)})
-        .one()
-    )
+    advanced = conn.execute(
+        _ADVANCE, {"b_run_id": run_id, **_advance_params(phase, now=now, grace=grace)}
+    ).one()
     _advanced_to(run_id, advanced, now=now)
 
 
@@ -643,7 +647,7 @@ def fail_step(
     if phase == Phase.COMPENSATE:
         errors = [*(run.error or {}).get("compensation_errors", []), {"step": name, **error}]
         run.error = {**(run.error or {}), "compensation_errors": errors}
-        _advance(session, run_id=run_id, phase=phase, now=now, grace=grace)
+        _advance(session.connection(), run_id=run_id, phase=phase, now=now, grace=grace)
         return []
     run.error = {"step": name, **error}
     log.warning("workflow_compensating", workflow_id=run_id, step=name, error=error)

@@ -27,11 +27,14 @@ from workers.runtime.settings import get_settings
 from workers.runtime.task import Cul8erTask
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
     from sqlalchemy.orm import Session
 
     from schemas.events import EventType
 
 T = TypeVar("T")
+#: A session, or on the hot path a bare connection (:func:`statement_scope`).
+S = TypeVar("S", "Session", "Connection")
 
 __all__ = ["Park", "StepFunction", "StepTask", "backoff", "step"]
 
@@ -300,9 +303,9 @@ class StepTask(Cul8erTask):
 
 
 def _ledger_write(
-    write: Callable[[Session], T],
+    write: Callable[[S], T],
     *,
-    scope: Callable[[], contextlib.AbstractContextManager[Session]] = session_scope,
+    scope: Callable[[], contextlib.AbstractContextManager[S]] = session_scope,  # type: ignore[assignment]
 ) -> T:
     """Record a step's outcome, retrying a few times over a dropped database connection.
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.runtime.errors import TransientError
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import Connection, Engine
 
 __all__ = ["dispose_engines", "get_engine", "session_scope", "statement_scope"]
 
@@ -25,9 +25,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
 _makers: dict[tuple[int, str], sessionmaker[Session]] = {}
-#: PostgreSQL only: sessions whose every statement commits on its own, without waiting for
-#: the WAL flush (see :func:`statement_scope`).
-_statement_makers: dict[tuple[int, str], sessionmaker[Session]] = {}
+#: PostgreSQL only: pools whose every statement commits on its own, without waiting for the
+#: WAL flush (see :func:`statement_scope`).
+_statement_engines: dict[tuple[int, str], Engine] = {}
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -78,16 +78,16 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
-def _statement_maker(url: str) -> sessionmaker[Session]:
-    """Sessions on an autocommit pool of ``url`` whose commits skip the WAL flush wait."""
+def _statement_engine(url: str) -> Engine:
+    """An autocommit pool of ``url`` whose commits skip the WAL flush wait (PostgreSQL)."""
     key = (os.getpid(), url)
-    maker = _statement_makers.get(key)
-    if maker is not None:
-        return maker
+    engine = _statement_engines.get(key)
+    if engine is not None:
+        return engine
     with _lock:
-        maker = _statement_makers.get(key)
-        if maker is None:
-            engine = create_engine(
+        engine = _statement_engines.get(key)
+        if engine is None:
+            engine = _statement_engines[key] = create_engine(
                 url,
                 pool_size=5,
                 max_overflow=5,
@@ -95,8 +95,7 @@ def _statement_maker(url: str) -> sessionmaker[Session]:
                 isolation_level="AUTOCOMMIT",
                 connect_args={"options": "-c synchronous_commit=off"},
             )
-            maker = _statement_makers[key] = sessionmaker(engine, expire_on_commit=False)
-    return maker
+    return engine
 
 
 def dispose_engines() -> None:
@@ -106,10 +105,10 @@ def dispose_engines() -> None:
             engine.dispose(close=False)
             del _engines[(pid, _url)]
             _makers.pop((pid, _url), None)
-    for (pid, _url), maker in list(_statement_makers.items()):
+    for (pid, _url), engine in list(_statement_engines.items()):
         if pid != os.getpid():
-            maker.kw["bind"].dispose(close=False)
-            del _statement_makers[(pid, _url)]
+            engine.dispose(close=False)
+            del _statement_engines[(pid, _url)]
 
 
 @contextmanager
@@ -136,28 +135,29 @@ def session_scope(url: str | None = None, *, durable: bool = True) -> Iterator[S
 
 
 @contextmanager
-def statement_scope(url: str | None = None) -> Iterator[Session]:
-    """A session for writes that are each one statement: the ledger's claims and completions.
+def statement_scope(url: str | None = None) -> Iterator[Connection]:
+    """A Core connection for writes that are each one statement: the ledger's hot path.
 
     On PostgreSQL every statement commits by itself (autocommit), without waiting for the
     WAL flush: no BEGIN, SET or COMMIT round trips, so a claim or a completion costs one
     round trip. A caller that needs two statements to hold together must not use this.
     A crash of the database server can forget the last few hundred milliseconds of step
     records, never half of one, and a forgotten record only makes an idempotent step run
-    again. On SQLite (in-process, no round trips) it is one transaction, as
-    :func:`session_scope` with ``durable=False``.
+    again. On SQLite (in-process, no round trips to save) it is one transaction. No ORM
+    session: its bookkeeping costs more than the statement on this path.
     """
     if url is None:
         from workers.runtime.settings import get_settings
 
         url = get_settings().sqlalchemy_url
-    if not url.startswith("postgresql"):
-        with session_scope(url, durable=False) as session:
-            yield session
-        return
-    session = _statement_maker(url)()
-    with _guarded(session):
-        yield session
+    engine = _statement_engine(url) if url.startswith("postgresql") else get_engine(url)
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except DBAPIError as exc:
+        if _lost(exc):
+            raise TransientError(f"database unavailable: {exc.orig!s}") from exc
+        raise
 
 
 @contextmanager
@@ -168,9 +168,7 @@ def _guarded(session: Session) -> Iterator[None]:
         session.commit()
     except DBAPIError as exc:
         session.rollback()
-        # A lost connection (a killed backend, a restarted server) is worth retrying;
-        # psycopg reports some of those as InterfaceError, flagged as a disconnect.
-        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+        if _lost(exc):
             raise TransientError(f"database unavailable: {exc.orig!s}") from exc
         raise
     except BaseException:
@@ -178,3 +176,11 @@ def _guarded(session: Session) -> Iterator[None]:
         raise
     finally:
         session.close()
+
+
+def _lost(exc: DBAPIError) -> bool:
+    """Whether the database was away (a killed backend, a restarted server): worth retrying.
+
+    psycopg reports some of those as InterfaceError, flagged as a disconnect.
+    """
+    return isinstance(exc, OperationalError) or exc.connection_invalidated
