@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from tests.stack import create_pg_database, drop_pg_database
 from workers.economics import metering
 from workers.economics.metering import Reading, Sample, Window
 from workers.runtime.db import session_scope
+from workers.runtime.errors import TransientError
 from workers.runtime.migrate import upgrade
 from workers.runtime.models import Instance, MeterReading, Tenant, UsageRecord, utcnow
 from workers.runtime.settings import Settings
@@ -433,3 +435,70 @@ def test_a_tenant_with_an_entry_point_is_billed_the_requests_its_users_sent_ther
     assert by_source["entry"] == {"requests": 42.0}
     assert "requests" not in by_source["t-acme-app-0"]
     assert by_source["t-acme-app-0"]["cpu_seconds"] == 1.0
+
+
+class _SlowSources(_Sources):
+    """An engine that samples before it answers: every read takes ``delay`` seconds."""
+
+    def __init__(self, delay: float, broken: str) -> None:
+        self.delay = delay
+        self.broken = broken
+        self.threads: set[str] = set()
+        self.context: set[object] = set()
+        self._lock = threading.Lock()
+
+    def instance_stats(self, platform: str, instance: str):  # noqa: ANN201
+        import structlog
+
+        with self._lock:
+            self.threads.add(threading.current_thread().name)
+            self.context.add(structlog.contextvars.get_contextvars().get("task_id"))
+        time.sleep(self.delay)
+        if instance == self.broken:
+            raise TransientError("engine busy")
+        return super().instance_stats(platform, instance)
+
+
+def test_slow_sources_are_read_at_once_in_a_bounded_pool_and_a_failure_is_left_out(
+    tmp_path: Path,
+) -> None:
+    import structlog
+
+    # Given 40 tenants whose platform takes 0.2 s per read, one of them failing
+    settings = Settings(data_dir=tmp_path)
+    tenants = [
+        metering.TenantSources(f"s{i:02d}", "docker", ((f"t-s{i:02d}-app-0", "docker", None),))
+        for i in range(40)
+    ]
+    reader = _SlowSources(0.2, broken="t-s07-app-0")
+    # When the chunk's sources are read, at most 8 at a time, under a task's log context
+    structlog.contextvars.bind_contextvars(task_id="chunk-1")
+    try:
+        started = time.monotonic()
+        samples = metering.read_samples(tenants, settings, reader, threads=8)
+        took = time.monotonic() - started
+    finally:
+        structlog.contextvars.clear_contextvars()
+    # Then every readable source is read once, the failing one left out (read next window)
+    assert sorted(s.tenant_id for s in samples) == [f"s{i:02d}" for i in range(40) if i != 7]
+    # And after the first slow read the rest ran 8 at a time: 0.2 + 39 / 8 rounds of 0.2 s
+    assert took < 0.2 * 40 / 2
+    assert 1 < len(reader.threads) <= 9  # the pool's 8 and the caller's own
+    # And each read ran under the caller's log context
+    assert reader.context == {"chunk-1"}
+
+
+def test_quick_sources_are_read_in_the_callers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given tenants whose platform answers at once (quick: under a second, on a busy machine)
+    monkeypatch.setattr(metering, "SLOW_READ_SECONDS", 1.0)
+    settings = Settings(data_dir=tmp_path)
+    tenants = [
+        metering.TenantSources(f"q{i}", "local", ((f"t-q{i}-app-0", "local", None),))
+        for i in range(20)
+    ]
+    reader = _SlowSources(0.0, broken="")
+    # When they are read, then no thread is started: a hand-off costs more than the read
+    assert len(metering.read_samples(tenants, settings, reader)) == 20
+    assert reader.threads == {threading.current_thread().name}
