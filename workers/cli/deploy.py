@@ -10,20 +10,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
 from schemas.states import DEPLOYMENT_FINAL, DeploymentStatus
+from workers.cli import deployment_views
 from workers.cli.client import call
 from workers.cli.console import JsonOpt, add_row, console, emit, fail, line
-from workers.runtime.db import session_scope
-from workers.runtime.models import Deployment
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+from workers.cli.reads import reader
 
 __all__ = ["deploy_cli"]
 
@@ -46,20 +42,9 @@ def _actor(actor: str | None) -> str:
     return actor or os.environ.get("USER") or "cli"
 
 
-def _find(session: Session, prefix: str) -> Deployment:
-    row = session.get(Deployment, prefix)
-    if row is not None:
-        return row
-    rows = session.scalars(select(Deployment).where(Deployment.id.startswith(prefix))).all()
-    if len(rows) != 1:
-        what = "no deployment" if not rows else f"{len(rows)} deployments"
-        raise fail("not_found", f"{what} matching {prefix!r}")
-    return rows[0]
-
-
 def _resolve(prefix: str) -> str:
-    with session_scope() as session:
-        return _find(session, prefix).id
+    with reader() as read:
+        return deployment_views.find_id(read, prefix)
 
 
 def _answer(result: dict[str, Any], as_json: bool) -> dict[str, Any]:
@@ -73,10 +58,8 @@ def _answer(result: dict[str, Any], as_json: bool) -> dict[str, Any]:
 
 
 def _describe(deployment_id: str) -> dict[str, Any]:
-    from workers.delivery.commands import describe
-
-    with session_scope() as session:
-        return describe(session, _find(session, deployment_id))
+    with reader() as read:
+        return deployment_views.describe(read, deployment_views.find_id(read, deployment_id))
 
 
 def _print(view: dict[str, Any]) -> None:
@@ -330,14 +313,20 @@ def deploy_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Deployments, newest first."""
+    # The public task's payload model checks the filters as ``cul8er.deployments.list`` does.
     from schemas.tasks import ListDeployments
-    from workers.delivery.commands import list_deployments
 
     payload = ListDeployments(
         tenant_id=tenant_id, plugin=plugin, status=status.value if status else None
     )
-    with session_scope() as session:
-        rows = list_deployments(session, payload)
+    with reader() as read:
+        rows = deployment_views.list_deployments(
+            read,
+            tenant_id=payload.tenant_id,
+            plugin=payload.plugin,
+            status=payload.status,
+            limit=payload.limit,
+        )
     if as_json:
         emit(rows)
         return

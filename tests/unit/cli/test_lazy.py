@@ -50,6 +50,8 @@ def test_the_root_help_imports_no_command_module() -> None:
         ["workflow", "list", "--json"],
         ["workflow", "show", "nope"],
         ["invoice", "list", "--json"],
+        ["deploy", "show", "nope", "--json"],
+        ["deploy", "list", "--json"],
     ],
 )
 def test_a_read_command_imports_no_orm_celery_structlog_or_full_settings(

@@ -19,7 +19,7 @@ import pytest
 import typer
 from sqlalchemy import select
 
-from workers.cli import reads, views
+from workers.cli import deployment_views, reads, views
 from workers.economics.views import invoice_view as model_invoice_view
 from workers.economics.views import money as model_money
 from workers.engine.views import describe_run as model_describe_run
@@ -27,11 +27,14 @@ from workers.engine.views import describe_tenant as model_describe_tenant
 from workers.runtime.db import session_scope
 from workers.runtime.errors import TransientError
 from workers.runtime.models import (
+    Approval,
+    Deployment,
     Instance,
     Invoice,
     NetworkAllocation,
     StepRun,
     Tenant,
+    TenantPlugin,
     WorkerProcess,
     WorkflowRun,
 )
@@ -53,7 +56,7 @@ def seed(url: str) -> None:
         for n, status in enumerate(("active", "suspended")):
             session.add(
                 Tenant(
-                    id=f"t{n}",
+                    id=f"ten{n}",
                     name=f"[bold]Co {n}[/]",
                     plan="starter",
                     status=status,
@@ -70,11 +73,11 @@ def seed(url: str) -> None:
                 )
             )
         session.flush()
-        session.add(NetworkAllocation(cidr="10.0.0.0/24", tenant_id="t0"))
-        for name in ("t0-web-1", "t0-web-0"):
+        session.add(NetworkAllocation(cidr="10.0.0.0/24", tenant_id="ten0"))
+        for name in ("ten0-web-1", "ten0-web-0"):
             session.add(
                 Instance(
-                    tenant_id="t0",
+                    tenant_id="ten0",
                     name=name,
                     platform="local",
                     role="web",
@@ -96,11 +99,12 @@ def seed(url: str) -> None:
             )
         )
         seed_runs(session)
+        seed_deployments(session)
         for n, total in enumerate(TOTALS):
             session.add(
                 Invoice(
                     id=f"inv{n}",
-                    tenant_id=f"t{n % 2}",
+                    tenant_id=f"ten{n % 2}",
                     period_start=T0 - dt.timedelta(days=30 * (n + 1)),
                     period_end=T0 - dt.timedelta(days=30 * n),
                     currency="EUR",
@@ -121,7 +125,7 @@ def seed_runs(session: Any) -> None:
         "at": "2026-03-01T12:00:05+00:00",
     }
     for n, (tenant, status) in enumerate(
-        (("t0", "succeeded"), ("t1", "failed"), (None, "running"))
+        (("ten0", "succeeded"), ("ten1", "failed"), (None, "running"))
     ):
         session.add(
             WorkflowRun(
@@ -156,6 +160,69 @@ def seed_runs(session: Any) -> None:
                 finished_at=T0 + dt.timedelta(seconds=1),
             )
         )
+
+
+def seed_deployments(session: Any) -> None:
+    """A release deployment awaiting approvals, and a plugin deployment over two tenants."""
+    stages = [{"name": "canary", "action": "weight", "weight": 10}, {"name": "all"}]
+    common: dict[str, Any] = {
+        "strategy": "canary",
+        "environment": "production",
+        "stages": stages,
+        "created_at": T0,
+        "updated_at": T0,
+    }
+    session.add(
+        Deployment(
+            id="dep-release-1",
+            tenant_id="ten0",
+            status="awaiting_approval",
+            release={"version": "1.3.0"},
+            previous_release={"version": "1.2.0"},
+            stage_state={"before": {"w": 1}, "weight": 10},
+            measurements=[{"stage": "canary", "n": 3, "metrics": {"error_rate": 0.0}}],
+            timeline=[{"at": "2026-03-01T12:00:00+00:00", "event": "created"}],
+            approvals_required=2,
+            approval_expires_at=T0 + dt.timedelta(days=1),
+            reason={"message": "why not"},
+            actor="ops",
+            **common,
+        )
+    )
+    session.add(
+        Deployment(
+            id="dep-plugin-1",
+            plugin="log",
+            targets=["ten1", "ten0"],
+            status="succeeded",
+            release={"version": "2.0.0"},
+            stage_index=2,
+            finished_at=T0 + dt.timedelta(hours=1),
+            **common,
+        )
+    )
+    session.flush()
+    now = dt.datetime.now(dt.UTC)
+    for actor, decision, expires in (
+        ("ann", "approve", now - dt.timedelta(hours=1)),
+        ("bob", "approve", now + dt.timedelta(days=1)),
+        ("cy", "reject", now - dt.timedelta(hours=1)),
+    ):
+        session.add(
+            Approval(
+                deployment_id="dep-release-1",
+                actor=actor,
+                decision=decision,
+                created_at=T0 + dt.timedelta(seconds=len(actor)),
+                expires_at=expires,
+            )
+        )
+    session.add(
+        TenantPlugin(tenant_id="ten1", plugin="log", version="2.0.0", deployment_id="dep-plugin-1")
+    )
+    session.add(
+        TenantPlugin(tenant_id="ten0", plugin="log", version="1.0.0", deployment_id="dep-plugin-1")
+    )
 
 
 Opener = Callable[[str], AbstractContextManager[reads.Reader]]
@@ -224,7 +291,7 @@ def test_tenants_read_as_the_models_read_them(url: str, opener: Opener) -> None:
         with opener(url) as read:
             listed = views.list_tenants(read, status)
         assert as_json(listed) == as_json(model_list_tenants(url, status)), status
-    for tenant_id in ("t0", "t1"):
+    for tenant_id in ("ten0", "ten1"):
         with opener(url) as read:
             shown = views.describe_tenant(read, tenant_id)
         with session_scope(url) as session:
@@ -235,9 +302,9 @@ def test_tenants_read_as_the_models_read_them(url: str, opener: Opener) -> None:
 def test_runs_read_as_the_models_read_them(url: str, opener: Opener) -> None:
     for tenant, status, limit in (
         (None, None, 50),
-        ("t0", None, 50),
+        ("ten0", None, 50),
         (None, "failed", 50),
-        ("t1", "failed", 50),
+        ("ten1", "failed", 50),
         (None, None, 1),
     ):
         with opener(url) as read:
@@ -260,7 +327,7 @@ def test_runs_read_as_the_models_read_them(url: str, opener: Opener) -> None:
 
 
 def test_invoices_read_as_the_models_read_them(url: str, opener: Opener) -> None:
-    for tenant, limit in ((None, 50), ("t1", 50), (None, 2)):
+    for tenant, limit in ((None, 50), ("ten1", 50), (None, 2)):
         with opener(url) as read:
             listed = views.list_invoices(read, tenant=tenant, limit=limit)
         with session_scope(url) as session:
@@ -275,6 +342,46 @@ def test_invoices_read_as_the_models_read_them(url: str, opener: Opener) -> None
         with session_scope(url) as session:
             expected = model_invoice_view(session.get(Invoice, f"inv{n}"), lines=True)
         assert as_json(shown) == as_json(expected)
+
+
+def test_deployments_read_as_the_models_read_them(url: str, opener: Opener) -> None:
+    from schemas.tasks import ListDeployments
+    from workers.delivery.commands import describe, list_deployments
+
+    for filters in ({}, {"tenant_id": "ten0"}, {"plugin": "log"}, {"status": "succeeded"}):
+        payload = ListDeployments(**filters)
+        with opener(url) as read:
+            listed = deployment_views.list_deployments(
+                read,
+                tenant_id=payload.tenant_id,
+                plugin=payload.plugin,
+                status=payload.status,
+                limit=payload.limit,
+            )
+        with session_scope(url) as session:
+            expected = list_deployments(session, payload)
+        assert as_json(listed) == as_json(expected), filters
+    for deployment_id in ("dep-release-1", "dep-plugin-1"):
+        with opener(url) as read:
+            shown = deployment_views.describe(read, deployment_id)
+        with session_scope(url) as session:
+            expected = describe(session, session.get(Deployment, deployment_id))
+        assert as_json(shown) == as_json(expected), deployment_id
+    # with what the release one waits for, and the plugin one's tenant on its version
+    assert [a["expired"] for a in shown["approvals"]] == [] or shown["moved"] == ["ten1"]
+
+
+def test_a_deployment_is_found_by_its_id_or_a_unique_prefix(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    with reads.reader(url) as read:
+        assert deployment_views.find_id(read, "dep-plugin-1") == "dep-plugin-1"
+        assert deployment_views.find_id(read, "dep-r") == "dep-release-1"
+        for prefix, what in (("dep-", "2 deployments"), ("nope", "no deployment")):
+            with pytest.raises(typer.Exit):
+                deployment_views.find_id(read, prefix)
+            assert capsys.readouterr().err == f"not_found: {what} matching {prefix!r}\n"
 
 
 @pytest.mark.parametrize("value", [None, 0, 12, 12.34565, 0.1 + 0.2, Decimal("7.00005"), "3.5"])
