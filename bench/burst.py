@@ -119,6 +119,27 @@ def burst_figures(sent: dict[str, dt.datetime], ended: dict[str, Any]) -> dict[s
     return figures
 
 
+def worker_events(data: Path) -> dict[str, int]:
+    """What the worker logged besides the work: runs reconcile resumed, steps taken over."""
+    import json
+
+    counts = {"runs_resumed_by_reconcile": 0, "steps_taken_over": 0, "step_ownership_lost": 0}
+    log = data / "worker.log"
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            event = entry.get("event")
+            if event == "workflows_resumed":
+                counts["runs_resumed_by_reconcile"] += int(entry.get("count", 0))
+            elif event == "step_taken_over":
+                counts["steps_taken_over"] += 1
+            elif event == "step_ownership_lost":
+                counts["step_ownership_lost"] += 1
+    return counts
+
+
 @contextlib.contextmanager
 def burst_stack(data: Path, with_profile: bool) -> Iterator[tuple[Celery, str, Procs, Profiler]]:
     """Redis + scratch PostgreSQL + worker + beat; the client, database URL and processes."""
@@ -171,7 +192,7 @@ def run_burst(count: int, with_profile: bool, timeout: float) -> dict[str, Any]:
         with profiler:
             sent = send_burst(client, ids)
             ended = wait_active(database_url, count, timeout)
-        figures = burst_figures(sent, ended)
+        figures = {**burst_figures(sent, ended), **worker_events(data)}
         emit(f"signup burst: {count} tenants.create at once, local platform, -c 2", figures)
         split = split_samples(profiler.outputs) if with_profile else {}
     return {**figures, "profile": split}
