@@ -481,7 +481,7 @@ def test_slow_sources_are_read_at_once_in_a_bounded_pool_and_a_failure_is_left_o
         structlog.contextvars.clear_contextvars()
     # Then every readable source is read once, the failing one left out (read next window)
     assert sorted(s.tenant_id for s in samples) == [f"s{i:02d}" for i in range(40) if i != 7]
-    # And after the first slow read the rest ran 8 at a time: 0.2 + 39 / 8 rounds of 0.2 s
+    # And after two slow reads the rest ran 8 at a time: 0.4 + 38 / 8 rounds of 0.2 s
     assert took < 0.2 * 40 / 2
     assert 1 < len(reader.threads) <= 9  # the pool's 8 and the caller's own
     # And each read ran under the caller's log context
