@@ -111,22 +111,16 @@ def usage_show(
     as_json: JsonOpt = False,
 ) -> None:
     """A tenant's usage rows grouped per metric, with each metric's total."""
-    from workers.cli.lookups import find_tenant
+    from workers.cli.views import metric_views, tenant_anchor, usage_rows
     from workers.economics.quotas import period_start
-    from workers.economics.views import metric_views, usage_rows
-    from workers.runtime.db import session_scope
-    from workers.runtime.models import utcnow
     from workers.runtime.settings import get_settings
 
-    settings = get_settings()
-    now = utcnow()
-    with session_scope() as session:
-        tenant = find_tenant(session, tenant_id)
-        since = _moment(start, "--from") or period_start(
-            tenant.billing_anchor, settings.billing_period, now
-        )
+    now = dt.datetime.now(dt.UTC)
+    with reader() as read:
+        anchor = tenant_anchor(read, tenant_id)
+        since = _moment(start, "--from") or period_start(anchor, get_settings().billing_period, now)
         until = _moment(end, "--to") or now
-        rows = usage_rows(session, tenant_id, since, until, metric)
+        rows = usage_rows(read, tenant_id, since, until, metric)
     view = {
         "tenant_id": tenant_id,
         "from": since.isoformat(),

@@ -76,6 +76,11 @@ class Reader:
         assert isinstance(day, dt.date)
         return day
 
+    def moment(self, value: dt.datetime) -> Any:
+        """An aware datetime as a ``UTCDateTime`` parameter: naive UTC, as SQLite stores it."""
+        naive = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else naive
+
     def decimal(self, value: Any, scale: int) -> Any:
         """A ``Numeric(…, scale)`` column's value: SQLite hands a number SQLAlchemy rounds so."""
         if self.sqlite and isinstance(value, int | float):

@@ -1,8 +1,9 @@
-"""Tenants, runs and invoices as JSON for the read commands, from :mod:`workers.cli.reads` rows.
+"""Tenants, runs, usage and invoices as JSON for the read commands, from driver rows.
 
-``describe_tenant``, ``describe_run``, ``invoice_view`` and ``money`` answer what their
-namesakes in ``workers/engine/views.py`` and ``workers/economics/views.py`` answer (the
-tasks and the HTTP API use those), without the models; ``tests/unit/cli/test_reads.py``
+``describe_tenant``, ``describe_run``, ``usage_rows``, ``metric_views``, ``invoice_view`` and
+``money`` answer what their namesakes in ``workers/engine/views.py`` and
+``workers/economics/views.py`` answer (the tasks and the HTTP API use those), from
+:mod:`workers.cli.reads` rows instead of the models; ``tests/unit/cli/test_reads.py``
 holds each pair to the same output. A row that does not exist is ``not_found`` on stderr
 and exit code 1, as :mod:`workers.cli.lookups` says it.
 """
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Final
 from workers.cli.console import fail
 
 if TYPE_CHECKING:
+    import datetime as dt
+
     from workers.cli.reads import Reader, Row
 
 __all__ = [
@@ -25,7 +28,11 @@ __all__ = [
     "list_invoices",
     "list_runs",
     "list_tenants",
+    "metric_views",
     "money",
+    "tenant_anchor",
+    "usage_rows",
+    "usage_total",
 ]
 
 _TENANT: Final = (
@@ -111,6 +118,14 @@ def describe_tenant(read: Reader, tenant_id: str) -> dict[str, Any]:
             for i in instances
         ],
     }
+
+
+def tenant_anchor(read: Reader, tenant_id: str) -> dt.date:
+    """The billing anchor of the tenant ``tenant_id`` (exit if there is no such tenant)."""
+    found = read.rows("SELECT billing_anchor FROM tenants WHERE id = :id", id=tenant_id)
+    if not found:
+        raise fail("not_found", f"tenant {tenant_id!r} does not exist")
+    return read.date(found[0]["billing_anchor"])
 
 
 def list_runs(
@@ -202,6 +217,63 @@ def _owner(boot_id: str | None, worker: Row | None) -> dict[str, Any] | None:
     if worker is None:
         return {"boot_id": boot_id, "node": None, "pid": None}
     return {"boot_id": boot_id, "node": worker["node"], "pid": worker["pid"]}
+
+
+def usage_rows(
+    read: Reader, tenant_id: str, since: dt.datetime, until: dt.datetime, metric: str | None
+) -> list[Row]:
+    """The tenant's usage rows whose window starts in [since, until), by metric and time."""
+    sql = (
+        "SELECT metric, aggregation, value, window_start, window_end FROM usage_records"
+        " WHERE tenant_id = :tenant AND window_start >= :since AND window_start < :until"
+        + (" AND metric = :metric" if metric else "")
+        + " ORDER BY metric, window_start"
+    )
+    rows = read.rows(
+        sql, tenant=tenant_id, since=read.moment(since), until=read.moment(until), metric=metric
+    )
+    for row in rows:
+        row["window_start"] = read.utc(row["window_start"])
+        row["window_end"] = read.utc(row["window_end"])
+    return rows
+
+
+def usage_total(aggregation: str, rows: list[Row]) -> float:
+    """The rows' total as their aggregation reads: a sum, a peak or a time-weighted mean."""
+    values: list[float] = [r["value"] for r in rows]
+    if aggregation == "max":
+        return max(values)
+    if aggregation == "avg":
+        seconds: list[float] = [(r["window_end"] - r["window_start"]).total_seconds() for r in rows]
+        covered = sum(seconds)
+        if covered <= 0:
+            return sum(values) / len(values)
+        return sum(v * s for v, s in zip(values, seconds, strict=True)) / covered
+    return sum(values)
+
+
+def metric_views(rows: list[Row]) -> list[dict[str, Any]]:
+    """One entry per metric of :func:`usage_rows`: its aggregation, total, windows and rows."""
+    grouped: dict[str, list[Row]] = {}
+    for row in rows:
+        grouped.setdefault(row["metric"], []).append(row)
+    return [
+        {
+            "metric": name,
+            "aggregation": group[0]["aggregation"],
+            "total": usage_total(group[0]["aggregation"], group),
+            "windows": len(group),
+            "rows": [
+                {
+                    "window_start": r["window_start"].isoformat(),
+                    "window_end": r["window_end"].isoformat(),
+                    "value": r["value"],
+                }
+                for r in group
+            ],
+        }
+        for name, group in grouped.items()
+    ]
 
 
 def list_invoices(read: Reader, *, tenant: str | None, limit: int) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from workers.runtime.models import (
     StepRun,
     Tenant,
     TenantPlugin,
+    UsageRecord,
     WorkerProcess,
     WorkflowRun,
 )
@@ -100,6 +101,7 @@ def seed(url: str) -> None:
         )
         seed_runs(session)
         seed_deployments(session)
+        seed_usage(session)
         for n, total in enumerate(TOTALS):
             session.add(
                 Invoice(
@@ -225,6 +227,38 @@ def seed_deployments(session: Any) -> None:
     )
 
 
+def seed_usage(session: Any) -> None:
+    """Ten minute-windows of three metrics (sum, avg, max) for one tenant, one for another."""
+    for minute in range(10):
+        start = T0 + dt.timedelta(minutes=minute)
+        for metric, aggregation, value in (
+            ("requests", "sum", 100.0 + minute),
+            ("cpu_seconds", "avg", 0.25 * minute),
+            ("memory_bytes", "max", 1e9 / (minute + 1)),
+        ):
+            session.add(
+                UsageRecord(
+                    tenant_id="ten0",
+                    metric=metric,
+                    aggregation=aggregation,
+                    value=value,
+                    window_start=start,
+                    # One window shorter than the others: the mean is weighted by time.
+                    window_end=start + dt.timedelta(seconds=30 if minute == 3 else 60),
+                )
+            )
+    session.add(
+        UsageRecord(
+            tenant_id="ten1",
+            metric="requests",
+            aggregation="sum",
+            value=1.0,
+            window_start=T0,
+            window_end=T0 + dt.timedelta(minutes=1),
+        )
+    )
+
+
 Opener = Callable[[str], AbstractContextManager[reads.Reader]]
 
 
@@ -326,6 +360,33 @@ def test_runs_read_as_the_models_read_them(url: str, opener: Opener) -> None:
     assert [t["reason"] for t in steps[0]["takeovers"]] == ["owner_exited"]
 
 
+def test_usage_reads_as_the_models_read_it(url: str, opener: Opener) -> None:
+    from workers.economics.views import metric_views, usage_rows
+
+    minute = dt.timedelta(minutes=1)
+    for tenant_id, since, until, metric in (
+        ("ten0", T0, T0 + 10 * minute, None),
+        # Bounds on window starts: the first one included, the last one not
+        ("ten0", T0 + 2 * minute, T0 + 5 * minute, None),
+        ("ten0", T0 + 2 * minute + dt.timedelta(microseconds=1), T0 + 5 * minute, "cpu_seconds"),
+        (
+            "ten0",
+            (T0 + 3 * minute).astimezone(dt.timezone(dt.timedelta(hours=2))),
+            T0 + 9 * minute,
+            None,
+        ),
+        ("ten1", T0 - minute, T0 + minute, "requests"),
+        ("ten1", T0 + minute, T0 + 2 * minute, None),
+    ):
+        with opener(url) as read:
+            shown = views.metric_views(views.usage_rows(read, tenant_id, since, until, metric))
+        with session_scope(url) as session:
+            expected = metric_views(usage_rows(session, tenant_id, since, until, metric))
+        assert as_json(shown) == as_json(expected), (tenant_id, since, until, metric)
+    with opener(url) as read:
+        assert views.tenant_anchor(read, "ten0") == dt.date(2026, 2, 28)
+
+
 def test_invoices_read_as_the_models_read_them(url: str, opener: Opener) -> None:
     for tenant, limit in ((None, 50), ("ten1", 50), (None, 2)):
         with opener(url) as read:
@@ -398,6 +459,7 @@ def test_a_missing_row_is_not_found(
         for find, what in (
             (views.describe_tenant, "tenant 'nope'"),
             (views.describe_run, "workflow nope"),
+            (views.tenant_anchor, "tenant 'nope'"),
             (views.find_invoice, "invoice 'nope'"),
         ):
             with pytest.raises(typer.Exit) as exited:
