@@ -62,6 +62,8 @@ STOP_TIMEOUT_SECONDS: Final = 5
 POLL_SECONDS: Final = 0.1
 #: Lines of the container log quoted when a container fails to come up.
 LOG_TAIL_LINES: Final = 20
+#: Engine connections kept open for calls at once (metering reads a chunk's stats at once).
+MAX_POOL_SIZE: Final = 32
 
 
 def _errors_not_retried() -> tuple[type[Exception], ...]:
@@ -314,10 +316,12 @@ class DockerPlatform:
         with self._client_lock:
             if self._client_obj is None:
                 if self.base_url is None:
-                    self._client_obj = docker.from_env(timeout=self.timeout)
+                    self._client_obj = docker.from_env(
+                        timeout=self.timeout, max_pool_size=MAX_POOL_SIZE
+                    )
                 else:
                     self._client_obj = docker.DockerClient(
-                        base_url=self.base_url, timeout=self.timeout
+                        base_url=self.base_url, timeout=self.timeout, max_pool_size=MAX_POOL_SIZE
                     )
             return self._client_obj
 
