@@ -18,7 +18,13 @@ Prints figures, never fails on timing::
    temporary ``CUL8ER_DATA_DIR`` (the generated folder plugin on ``CUL8ER_PLUGIN_PATH``).
 3. Time from spawning ``celery -A workers.app worker`` (every built-in active) to its first
    ``control.ping`` reply, against the same for a bare Celery app; interleaved, same run.
-   Needs Redis on 127.0.0.1:6379 (db 14 is flushed); skipped with a note when unreachable.
+   Needs Redis on 127.0.0.1:6379 (a database claimed as the tests claim theirs, flushed);
+   skipped with a note when unreachable.
+   ``bench/worker_start.py`` measures the same on PostgreSQL, with memory, over more starts.
+
+Python writes no bytecode when ``PYTHONDONTWRITEBYTECODE`` is set, and every fresh process
+would then compile the plugins from source (an installed cul8er ships them compiled): the
+bench clears it for its processes, unless ``--no-bytecode-cache``.
 
 Built-ins that cannot be loaded yet are shown as "unavailable" with the reason.
 """
@@ -49,8 +55,7 @@ from plugins.builtin import BUILTIN_MANIFESTS  # noqa: E402
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 if not Path(PYTHON).exists():  # pragma: no cover - another layout: use whatever runs us
     PYTHON = sys.executable
-REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 14
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 TARGET_MS = 20.0
 #: Name of the generated third-party plugin (must match the manifest's name pattern).
 THIRD_PARTY = "bench_observer"
@@ -191,8 +196,14 @@ def _progress(text: str) -> None:
         print(f"  {text:<38}", end="\r", flush=True, file=sys.stderr)
 
 
+#: Whether the fresh processes write and use bytecode caches (``--no-bytecode-cache``: as set).
+_options = {"bytecode": True}
+
+
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUL8ER_")}
+    if _options["bytecode"]:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(CUL8ER_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT), **extra)
     return env
 
@@ -408,12 +419,12 @@ def measure_boot(runs: int, data: Path, plugin_folder: Path, key: str) -> None:
 # --- part 3: worker start ---------------------------------------------------------------------
 
 _BARE_APP = textwrap.dedent(
-    f"""\
+    """\
     \"\"\"A bare Celery app for bench/plugin_load.py: same broker, no cul8er.\"\"\"
 
     from celery import Celery
 
-    app = Celery("bare", broker="{REDIS_URL}", backend="{REDIS_URL}")
+    app = Celery("bare", broker="{url}", backend="{url}")
     app.conf.task_default_queue = "lifecycle"
 
 
@@ -428,9 +439,8 @@ def _redis_reachable() -> bool:
     import redis
 
     try:
-        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB, socket_timeout=1)
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=1)
         client.ping()
-        client.flushdb()
         client.close()
     except redis.RedisError:
         return False
@@ -495,6 +505,15 @@ def measure_workers(runs: int, work: Path) -> None:
     if not _redis_reachable():
         print(f"  skipped: Redis not reachable at {REDIS_HOST}:{REDIS_PORT}")
         return
+    # Never a fixed database: other benchmarks' workers would take this one's messages.
+    from bench.worker_start import _claimed_broker
+
+    with _claimed_broker() as broker:
+        print(f"  broker {broker}")
+        _measure_workers(runs, work, broker)
+
+
+def _measure_workers(runs: int, work: Path, broker: str) -> None:
     from celery import Celery
 
     from workers.runtime.migrate import upgrade
@@ -504,14 +523,14 @@ def measure_workers(runs: int, work: Path) -> None:
     url = f"sqlite:///{data / 'cul8er.db'}"
     upgrade(url)
     cul8er_env = _clean_env(
-        CUL8ER_DATA_DIR=str(data), CUL8ER_BROKER_URL=REDIS_URL, CUL8ER_DATABASE_URL=url
+        CUL8ER_DATA_DIR=str(data), CUL8ER_BROKER_URL=broker, CUL8ER_DATABASE_URL=url
     )
     bare_dir = work / "bare"
     bare_dir.mkdir()
-    (bare_dir / "bench_bare_app.py").write_text(_BARE_APP)
+    (bare_dir / "bench_bare_app.py").write_text(_BARE_APP.format(url=broker))
     bare_env = _clean_env()
     bare_env["PYTHONPATH"] = str(bare_dir)
-    client = Celery("bench-client", broker=REDIS_URL)
+    client = Celery("bench-client", broker=broker)
     client.control.ping(timeout=0.2)  # connect now, so no start pays for the client's setup
     samples: dict[str, list[float]] = {"cul8er": [], "bare": []}
     try:
@@ -553,7 +572,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="fresh processes per load figure")
     parser.add_argument("--worker-runs", type=int, default=5, help="worker starts per app")
+    parser.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="keep PYTHONDONTWRITEBYTECODE as it is (every process compiles from source)",
+    )
     args = parser.parse_args()
+    _options["bytecode"] = not args.no_bytecode_cache
     work = Path(tempfile.mkdtemp(prefix="cul8er-bench-plugins-"))
     try:
         plugin_folder = work / "plugin-path"
@@ -565,7 +590,11 @@ def main() -> None:
             "third_party": str(third_root),
             "third_party_name": THIRD_PARTY,
         }
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; work dir {work}")
+        cache = "on" if _options["bytecode"] else "off"
+        print(
+            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; bytecode cache {cache}; "
+            f"work dir {work}"
+        )
         samples, errors, libraries = measure_loads(names, args.runs, spec)
         print_loads(names, samples, errors, libraries, args.runs)
         boot_data = work / "boot-data"
