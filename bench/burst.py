@@ -263,7 +263,8 @@ def main() -> None:
     burst = run_burst(args.count, not args.no_profile, args.timeout)
     if burst["profile"]:
         emit("profile of the worker's pool processes during the burst", burst["profile"])
-    if args.skip_alone or "wall_s" not in burst:
+    if args.skip_alone or "wall_s" not in burst or burst["not_ended"]:
+        # An unfinished burst has no wall time to set the platform's against.
         return
     alone = platform_alone(args.count)
     emit("the platform alone: create_instance from 2 processes, no cul8er", alone)
