@@ -502,3 +502,50 @@ def test_quick_sources_are_read_in_the_callers_thread(
     # When they are read, then no thread is started: a hand-off costs more than the read
     assert len(metering.read_samples(tenants, settings, reader)) == 20
     assert reader.threads == {threading.current_thread().name}
+
+
+def test_a_chunk_meters_its_active_tenants_once_and_says_what_it_left(
+    db: str, tmp_path: Path
+) -> None:
+    # Given a chunk of an active tenant metered already, an active one with two instances,
+    # a suspended one and an id no tenant has
+    for tenant_id, status in (("a", TenantStatus.ACTIVE), ("b", TenantStatus.ACTIVE)):
+        add_tenant(db, tenant_id, status=status)
+    add_tenant(db, "c", status=TenantStatus.SUSPENDED)
+    with session_scope(db) as session:
+        for tenant_id, n in (("a", 0), ("b", 0), ("b", 1)):
+            session.add(
+                Instance(
+                    tenant_id=tenant_id,
+                    name=f"t-{tenant_id}-app-{n}",
+                    platform="local",
+                    role="app",
+                    ordinal=n,
+                    status="running",
+                    limits={},
+                )
+            )
+    write(db, ["a"], [cpu("a", 2.0, at(61))], window(0))
+    settings = Settings(data_dir=tmp_path)
+
+    # When the chunk is metered, and then delivered again
+    first = metering.meter_chunk(["d", "c", "b", "a"], window(0), settings, _Sources(), url=db)
+    again = metering.meter_chunk(["d", "c", "b", "a"], window(0), settings, _Sources(), url=db)
+
+    # Then b is metered from both its instances, a is left as it was, c and d are skipped
+    assert (first.metered, first.already, first.skipped, first.rows) == (
+        ["b"],
+        ["a"],
+        ["c", "d"],
+        5,
+    )
+    assert usage(db, "b")[(at(0), "cpu_seconds")] == 2.0
+    assert set(readings(db, "b")) >= {("t-b-app-0", "cpu_seconds"), ("t-b-app-1", "cpu_seconds")}
+    assert usage(db, "a")[(at(0), "cpu_seconds")] == 2.0
+    # And the second delivery writes nothing
+    assert (again.metered, again.already, again.skipped, again.rows) == (
+        [],
+        ["a", "b"],
+        ["c", "d"],
+        0,
+    )
