@@ -111,14 +111,18 @@ def usage_show(
     as_json: JsonOpt = False,
 ) -> None:
     """A tenant's usage rows grouped per metric, with each metric's total."""
+    # The billing periods themselves (periods.py), not quotas.period_start over them: quotas
+    # imports every public task's payload model. Both give the same start (a test says so).
     from workers.cli.views import metric_views, tenant_anchor, usage_rows
-    from workers.economics.quotas import period_start
+    from workers.economics.periods import period_bounds
     from workers.runtime.settings import get_settings
 
     now = dt.datetime.now(dt.UTC)
     with reader() as read:
         anchor = tenant_anchor(read, tenant_id)
-        since = _moment(start, "--from") or period_start(anchor, get_settings().billing_period, now)
+        since = (
+            _moment(start, "--from") or period_bounds(anchor, get_settings().billing_period, now)[0]
+        )
         until = _moment(end, "--to") or now
         rows = usage_rows(read, tenant_id, since, until, metric)
     view = {

@@ -387,6 +387,17 @@ def test_usage_reads_as_the_models_read_it(url: str, opener: Opener) -> None:
         assert views.tenant_anchor(read, "ten0") == dt.date(2026, 2, 28)
 
 
+@pytest.mark.parametrize("period", ["month", "day", "hour", "minute"])
+def test_usage_show_starts_where_quotas_start_the_period(period: Any) -> None:
+    # usage show takes the period's start from periods.period_bounds, as quotas does
+    from workers.economics.periods import period_bounds
+    from workers.economics.quotas import period_start
+
+    for anchor in (dt.date(2026, 1, 31), dt.date(2025, 2, 28), dt.date(2026, 3, 1)):
+        for now in (T0, T0 + dt.timedelta(days=40, hours=5, minutes=7, seconds=3)):
+            assert period_bounds(anchor, period, now)[0] == period_start(anchor, period, now)
+
+
 def test_invoices_read_as_the_models_read_them(url: str, opener: Opener) -> None:
     for tenant, limit in ((None, 50), ("ten1", 50), (None, 2)):
         with opener(url) as read:
