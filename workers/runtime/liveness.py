@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import psutil
 import structlog
 from sqlalchemy import insert, update
 
@@ -69,6 +68,8 @@ def exited(pid: int, started_at: dt.datetime) -> bool:
     Only meaningful in the process's own :func:`namespace`. A pid taken since by a
     younger process counts as exited; a zombie (killed, not yet reaped) too.
     """
+    import psutil  # only takeovers ask: a worker need not import it at boot
+
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:

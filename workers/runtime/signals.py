@@ -1,8 +1,10 @@
-"""Celery signal handlers: logging set-up, per-task log context, fork safety."""
+"""Celery signal handlers: logging set-up, per-task log context, fork safety and sharing."""
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from typing import Any
 
 import structlog
@@ -49,6 +51,34 @@ def _child_gone(pid: int | None = None, **_kwargs: Any) -> None:
 
     liveness.stop_current()
     metrics.mark_process_dead(pid or os.getpid(), metrics.metrics_directory(get_settings()))
+
+
+#: Whether this process has frozen its objects before forking its first pool child.
+_frozen = False
+
+
+@signals.worker_before_create_process.connect
+def _before_fork(**_kwargs: Any) -> None:
+    # The prefork pool forks its children from this process, each after a full gc.collect().
+    # Freezing (once) what the boot built, modules, tasks and plugins, keeps the collector off
+    # those objects for good: in this process, whose collections would write to every object's
+    # header and so copy the pages its children share, and in the children. It also makes
+    # those collections before each fork short.
+    global _frozen
+    if _frozen:
+        return
+    _frozen = True
+    _warm_prctl()
+    gc.freeze()
+
+
+def _warm_prctl() -> None:
+    # Every pool child sets its parent-death signal through billiard, with cffi when cffi is
+    # imported: cffi parses that C declaration with pycparser, whose parser it builds once per
+    # process (some 0.1 s of CPU and 3 MB). Built here, every child inherits it.
+    cffi = sys.modules.get("cffi")
+    if cffi is not None:
+        cffi.FFI().cdef("int prctl (int __option, ...);")
 
 
 @signals.worker_process_init.connect
