@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Final
 
-from scipy import stats as scipy_stats
-
 if TYPE_CHECKING:
     from workers.pluginhost.callstats import Tally
 
@@ -91,7 +89,7 @@ def _error_rate(new: dict[str, float], old: dict[str, float], alpha: float) -> d
     if new["calls"] == 0 or old["calls"] == 0:
         p_value = float("nan")
     else:
-        p_value = float(scipy_stats.fisher_exact(table, alternative="two-sided").pvalue)
+        p_value = float(_scipy_stats().fisher_exact(table, alternative="two-sided").pvalue)
     rate_new = new["errors"] / new["calls"] if new["calls"] else 0.0
     rate_old = old["errors"] / old["calls"] if old["calls"] else 0.0
     return {
@@ -107,7 +105,8 @@ def _latency(new: dict[str, float], old: dict[str, float], alpha: float) -> dict
         p_value = float("nan")
     else:
         p_value = float(
-            scipy_stats.ttest_ind_from_stats(
+            _scipy_stats()
+            .ttest_ind_from_stats(
                 new["mean"],
                 new["sd"],
                 new["calls"],
@@ -115,7 +114,8 @@ def _latency(new: dict[str, float], old: dict[str, float], alpha: float) -> dict
                 old["sd"],
                 old["calls"],
                 equal_var=False,
-            ).pvalue
+            )
+            .pvalue
         )
     return {
         "metric": "latency_ms_avg",
@@ -134,7 +134,7 @@ def _per_tenant(new: list[Tally], old: list[Tally], alpha: float) -> dict[str, A
         p_value = 1.0  # every tenant alike: nothing to rank
     else:
         p_value = float(
-            scipy_stats.mannwhitneyu(rates_new, rates_old, alternative="two-sided").pvalue
+            _scipy_stats().mannwhitneyu(rates_new, rates_old, alternative="two-sided").pvalue
         )
     return {
         "metric": "error_rate_per_tenant",
@@ -148,3 +148,10 @@ def _per_tenant(new: list[Tally], old: list[Tally], alpha: float) -> dict[str, A
 
 def _rounded(p_value: float) -> float | None:
     return None if math.isnan(p_value) else float(f"{p_value:.6g}")
+
+
+def _scipy_stats() -> Any:
+    """``scipy.stats``, imported on the first test: it costs a worker ~80 MB and seconds at boot."""
+    from scipy import stats
+
+    return stats
