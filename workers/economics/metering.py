@@ -647,10 +647,9 @@ def _lock_tenants(session: Session, tenant_ids: Iterable[str]) -> None:
 
     Two runs of different windows for the same tenant would otherwise both count the usage
     since the same reading. The keys are taken in one sorted order, so runs never deadlock.
-    The same round trip sets what :func:`_by_key` sets, for the reads and writes after it,
-    and lets the commit return before its WAL record is flushed: a database crash may then
-    lose the last chunks' rows and readings together, and their counters are counted from
-    the readings before by the next window, as for a source that could not be read.
+    The same round trip sets what :func:`_by_key` sets, for the reads and writes after it.
+    The commit waits for its WAL flush: usage is what invoices are made of, and a window's
+    memory average and peak storage could not be counted again after a database crash.
     """
     if session.get_bind().dialect.name != "postgresql":
         return
@@ -659,7 +658,6 @@ def _lock_tenants(session: Session, tenant_ids: Iterable[str]) -> None:
         session.execute(
             text(
                 "SELECT set_config('enable_seqscan', 'off', true), "
-                "set_config('synchronous_commit', 'off', true), "
                 "(SELECT count(pg_advisory_xact_lock(:ns, k)) "
                 "FROM unnest(CAST(:keys AS int[])) AS k)"
             ),
