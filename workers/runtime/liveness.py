@@ -179,8 +179,7 @@ class Heartbeat:
                 )
             if not held:
                 return 0
-            steps = cast(
-                "CursorResult[Any]",
+            renewed_ids = set(
                 conn.execute(
                     update(_steps)
                     .where(
@@ -189,13 +188,17 @@ class Heartbeat:
                         _steps.c.status == StepStatus.RUNNING,
                     )
                     .values(heartbeat_at=now)
-                ),
+                    .returning(_steps.c.id)
+                ).scalars()
             )
-        if steps.rowcount < len(held):
+        # A step that finished between the snapshot of ``held`` and the renewal is no longer
+        # held now; one still held but not renewed was taken over.
+        lost = (set(held) - renewed_ids) & self.held
+        if lost:
             # Frozen past the owner timeout, then woken: another process took the step
             # over. This process finishes its body, and the ledger refuses its completion.
-            log.warning("step_ownership_lost", boot_id=self.boot_id, held=len(held))
-        return int(steps.rowcount)
+            log.warning("step_ownership_lost", boot_id=self.boot_id, held=len(lost))
+        return len(renewed_ids)
 
     def stop(self) -> None:
         """Stop beating and mark the process stopped (a clean exit holds nothing)."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from uuid import uuid4
 
 import pytest
+import structlog
 from sqlalchemy import select, update
 
 from tasks import workflows as wf
@@ -279,6 +280,30 @@ def test_the_heartbeat_thread_renews_while_the_process_lives_and_stops_when_told
     with session_scope(db) as session:
         row = session.get(WorkerProcess, beat.boot_id)
         assert row is not None and row.stopped_at is not None and row.node == "t@host"
+
+
+def test_a_beat_warns_of_a_held_step_taken_over_and_not_of_one_that_finished(db: str) -> None:
+    run_id = new_run(db)
+    beat = liveness.Heartbeat(database_url=db, interval=60, node="t@host")
+    mine = claim(db, run_id, STEPS[0], beat.boot_id)
+    assert mine.step_id is not None
+    with beat.holding(mine.step_id, "test"), structlog.testing.capture_logs() as lines:
+        # Given a held step this process still owns: renewed, nothing to tell
+        assert beat.beat() == 1
+        assert not [line for line in lines if line["event"] == "step_ownership_lost"]
+        # When another process takes it over while this one still runs it
+        with session_scope(db) as session:
+            session.execute(
+                update(StepRun).where(StepRun.id == mine.step_id).values(owner_id="heir")
+            )
+        # Then the next beat renews nothing and says the step was lost
+        assert beat.beat() == 0
+        (lost,) = [line for line in lines if line["event"] == "step_ownership_lost"]
+        assert lost["held"] == 1
+    # And once the step is released, a beat renews the process alone and says nothing
+    with structlog.testing.capture_logs() as lines:
+        assert beat.beat() == 0
+    assert lines == []
 
 
 def test_settings_refuse_an_owner_timeout_a_missed_beat_would_trip() -> None:
