@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-import urllib.error
-import urllib.request
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from schemas.platform import InstanceSpec
 from schemas.plugins import HealthReport
@@ -37,8 +36,17 @@ SHARED_TENANT_ID: Final = "_shared"
 #: A tenant id as ``schemas.tasks.TenantId`` accepts it: it fits instance and SQL names.
 TENANT_ID_PATTERN: Final = re.compile(r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$")
 
-#: An opener that never sends loopback probes through an HTTP proxy from the environment.
-_DIRECT: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+@functools.cache
+def _direct() -> Any:
+    """An opener that never sends loopback probes through an HTTP proxy from the environment.
+
+    Built on the first probe: ``urllib.request`` (with ``http.client`` and ``email``) costs
+    every plugin that imports this module tens of milliseconds at load.
+    """
+    import urllib.request
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def check_tenant_id(tenant_id: str) -> str:
@@ -101,11 +109,13 @@ def probe(endpoint: str, *, timeout: float) -> tuple[bool, str]:
     if not loopback:
         # Health traffic stays on this machine: instances publish their port on loopback.
         return False, f"endpoint {endpoint} is not on loopback"
+    from urllib.error import HTTPError
+
     try:
-        with _DIRECT.open(f"http://{endpoint}/health", timeout=timeout) as response:
+        with _direct().open(f"http://{endpoint}/health", timeout=timeout) as response:
             body = response.read(1024)
             return response.status == 200, body.decode(errors="replace")
-    except urllib.error.HTTPError as exc:
+    except HTTPError as exc:
         return False, f"HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         return False, str(exc)

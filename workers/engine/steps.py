@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
-import tenacity
 
 from schemas.states import Phase
 from workers.engine import ledger, takeover
@@ -41,6 +41,9 @@ __all__ = ["Park", "StepFunction", "StepTask", "backoff", "step"]
 log = structlog.get_logger(__name__)
 
 StepFunction = Callable[[StepContext], "dict[str, Any] | None"]
+
+#: Tries of a step's outcome write over a dropped database connection.
+_WRITE_ATTEMPTS = 4
 
 
 class Park(Exception):  # noqa: N818 - control flow, not an error
@@ -313,15 +316,17 @@ def _ledger_write(
     connection would make the step run again. Fenced writes make a retry of a write
     that did commit harmless. If the database stays away, the error propagates, the
     heartbeat stops renewing the step, and reconcile frees it after the owner timeout.
+    A plain loop, not tenacity: this runs once per step, where its machinery costs more
+    than the write's own Python.
     """
-    for attempt in tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(TransientError),
-        stop=tenacity.stop_after_attempt(4),
-        wait=tenacity.wait_exponential_jitter(initial=0.2, max=2.0),
-        reraise=True,
-    ):
-        with attempt, scope() as session:
-            return write(session)
+    for attempt in range(1, _WRITE_ATTEMPTS + 1):
+        try:
+            with scope() as session:
+                return write(session)
+        except TransientError:
+            if attempt == _WRITE_ATTEMPTS:
+                raise
+            time.sleep(backoff(attempt, base=0.2, cap=2.0))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
