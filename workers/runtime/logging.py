@@ -64,7 +64,13 @@ def _configure_structlog() -> None:
     import structlog
 
     structlog.configure(
-        processors=[*_shared(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[
+            # First: a line below the level costs one check, not the whole chain (a step
+            # logs and observes at INFO; a worker at WARNING would otherwise pay for each).
+            structlog.stdlib.filter_by_level,
+            *_shared(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
